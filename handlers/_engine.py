@@ -1,0 +1,261 @@
+"""The batching engine: parallel preprocessing, pipelined micro-batch inference and scatter
+postprocessing for one batch of requests. Plain Python; it knows nothing of TorchServe or torch.
+
+Life of a batch::
+
+    pool:   pre(0) pre(1) pre(2) pre(3) pre(4) pre(5) ... post(0) post(1) ...
+    model:               [infer mb0: 0,1,2]  [infer mb1: 3,4,5] ...
+    caller: waits on mb0's items, hands mb0 to the model, waits on mb1's items, ...
+
+Every request carries an :class:`Outcome` from stage to stage; every wait is bounded by the
+batch deadline; the calling thread gets exactly one outcome per request, in request order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from ._errors import (
+    DeadlineExceeded,
+    InternalError,
+    describe,
+    inference_error,
+    postprocess_error,
+    preprocess_error,
+)
+from ._outcome import Failure, Outcome, Success, attempt
+from ._settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+# A request still preprocessing at this share of the deadline is given up, so that its
+# micro-batch mates keep the rest of the time for inference and postprocessing.
+PREPROCESS_SHARE_OF_DEADLINE = 0.5
+
+Preprocess = Callable[[Any], Any]
+InferMicroBatch = Callable[[list], Sequence[Any]]
+Postprocess = Callable[[Any, Any], Any]
+
+
+def plan_micro_batches(batch_size: int, micro_batch_size: Optional[int]) -> list[range]:
+    """Cut request positions ``0..batch_size-1`` into consecutive micro-batches.
+
+    >>> plan_micro_batches(7, 3)
+    [range(0, 3), range(3, 6), range(6, 7)]
+    """
+    step = micro_batch_size or max(batch_size, 1)
+    return [range(start, min(start + step, batch_size)) for start in range(0, batch_size, step)]
+
+
+class Deadline:
+    """A point in time that every wait of one batch is bounded by."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self._clock = clock
+        self._end = clock() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self._end - self._clock())
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0.0
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What happened to one batch: one outcome per request, in order, and how it was cut."""
+
+    outcomes: list
+    micro_batch_sizes: list
+
+
+class BatchEngine:
+    """Runs batches through ``preprocess`` → ``infer_micro_batch`` → ``postprocess``.
+
+    Args:
+        preprocess: ``request -> item``; runs on the pool, one request at a time.
+        infer_micro_batch: ``[item, ...] -> [output, ...]`` (one output per item, in order); runs
+            on the model thread(s), one micro-batch at a time per model thread.
+        postprocess: ``(output, item) -> response``; runs on the pool, one request at a time.
+        settings: sizes and the deadline.
+
+    Per-request stages must be thread-safe: they run concurrently on the pool. The engine keeps
+    no per-request state on itself, so :meth:`run` may be called from several threads.
+
+    Example::
+
+        with BatchEngine(parse, model_step, format_output, EngineSettings(micro_batch_size=4)) as engine:
+            outcomes = engine.run(requests).outcomes
+    """
+
+    def __init__(
+        self,
+        preprocess: Preprocess,
+        infer_micro_batch: InferMicroBatch,
+        postprocess: Postprocess,
+        settings: EngineSettings = EngineSettings(),
+    ):
+        self.settings = settings
+        self._preprocess = preprocess
+        self._infer_micro_batch = infer_micro_batch
+        self._postprocess = postprocess
+        # Created once: threads are reused across batches, never started per request.
+        self._pool = ThreadPoolExecutor(settings.pool_size, thread_name_prefix="microbatch-pool")
+        self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    # -- public -------------------------------------------------------------------------------
+
+    def run(self, requests: Sequence[Any]) -> BatchReport:
+        """Process one batch; returns exactly one outcome per request, in request order.
+
+        Never raises and never waits past ``settings.deadline_s``: a request whose stage is
+        unfinished at the deadline gets a :class:`DeadlineExceeded` failure.
+        """
+        deadline = Deadline(self.settings.deadline_s)
+        preprocess_deadline = Deadline(self.settings.deadline_s * PREPROCESS_SHARE_OF_DEADLINE)
+        outcomes: list[Optional[Outcome]] = [None] * len(requests)
+        plan = plan_micro_batches(len(requests), self.settings.micro_batch_size)
+        try:
+            self._run_pipeline(requests, plan, preprocess_deadline, deadline, outcomes)
+        except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
+            log.exception("batch of %d failed inside the engine", len(requests))
+            error = InternalError(f"the handler failed on this batch: {describe(exc)}")
+            outcomes = [outcome or Failure(error) for outcome in outcomes]
+        return BatchReport(outcomes=outcomes, micro_batch_sizes=[len(r) for r in plan])
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop the pool and the model thread(s); idempotent.
+
+        Returns True when every thread ended within ``timeout`` seconds (a stage that hangs
+        forever keeps its thread; it is reported here instead of blocking the caller).
+        """
+        with self._close_lock:
+            if self._closed:
+                return True
+            self._closed = True
+        stopper = threading.Thread(target=self._shutdown_executors, name="microbatch-close", daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            log.warning("engine threads still busy %.1f s after close(); a stage is hanging", timeout)
+            return False
+        return True
+
+    def __enter__(self) -> "BatchEngine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- pipeline -----------------------------------------------------------------------------
+
+    def _run_pipeline(self, requests, plan, preprocess_deadline, deadline, outcomes) -> None:
+        preprocessing = [
+            self._pool.submit(attempt, self._preprocess, preprocess_error, request) for request in requests
+        ]
+        # Hand each micro-batch to the model as soon as its own items are ready, while the pool
+        # goes on preprocessing the next ones.
+        on_model: list[tuple[list[int], Future]] = []
+        for positions in plan:
+            ready = []
+            for position in positions:
+                outcome = self._wait(preprocessing[position], preprocess_deadline, "preprocessing")
+                if outcome.ok:
+                    ready.append((position, outcome.value))
+                else:
+                    outcomes[position] = outcome
+            if not ready:
+                continue
+            if deadline.expired():
+                late = self._late("inference", deadline)
+                for position, _ in ready:
+                    outcomes[position] = late
+                continue
+            job = self._model.submit(self._infer_then_postprocess, ready, deadline)
+            on_model.append(([position for position, _ in ready], job))
+
+        for positions, job in on_model:
+            scattered = self._wait(job, deadline, "inference")
+            if not scattered.ok:
+                for position in positions:
+                    outcomes[position] = scattered
+                continue
+            for position, pending in scattered.value:
+                outcomes[position] = (
+                    self._wait(pending, deadline, "postprocessing") if isinstance(pending, Future) else pending
+                )
+
+    def _infer_then_postprocess(self, ready: list, deadline: Deadline) -> Outcome:
+        """On the model thread: infer one micro-batch, then queue each output's postprocessing
+        on the pool. Returns ``Success([(position, Future | Failure), ...])``."""
+        items = dict(ready)
+        scattered = []
+        for position, outcome in self._infer_isolating(ready, deadline):
+            if outcome.ok:
+                pending = self._pool.submit(
+                    attempt, self._postprocess, postprocess_error, outcome.value, items[position]
+                )
+                scattered.append((position, pending))
+            else:
+                scattered.append((position, outcome))
+        return Success(scattered)
+
+    def _infer_isolating(self, ready: list, deadline: Deadline) -> list:
+        """Infer ``ready`` (``[(position, item), ...]``); when that raises, split it in halves and
+        retry each, so that a poison item fails alone and its neighbours still get results."""
+        outcome = attempt(self._infer_checked, inference_error, [item for _, item in ready])
+        if outcome.ok:
+            return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
+        if len(ready) == 1:
+            return [(ready[0][0], outcome)]
+        if deadline.expired():
+            late = self._late("inference", deadline)
+            return [(position, late) for position, _ in ready]
+        log.warning(
+            "inference failed on a micro-batch of %d (%s); retrying its halves to isolate the cause",
+            len(ready),
+            outcome.error.message,
+        )
+        middle = len(ready) // 2
+        return self._infer_isolating(ready[:middle], deadline) + self._infer_isolating(ready[middle:], deadline)
+
+    def _infer_checked(self, items: list) -> list:
+        outputs = list(self._infer_micro_batch(items))
+        if len(outputs) != len(items):
+            # A contract bug in the model step; a real check, not an assert (python -O drops those).
+            raise RuntimeError(f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}")
+        return outputs
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _wait(self, future: Future, deadline: Deadline, stage: str) -> Outcome:
+        try:
+            return future.result(timeout=deadline.remaining())
+        except FutureTimeout:
+            future.cancel()  # drops it if it has not started; a running stage is left to finish
+            return self._late(stage, deadline)
+        except CancelledError:
+            return Failure(InternalError(f"{stage} was cancelled: the handler is shutting down"))
+        except Exception as exc:  # noqa: BLE001 - e.g. the pool was closed under a running batch
+            return Failure(InternalError(f"{stage} failed inside the handler: {describe(exc)}"))
+
+    @staticmethod
+    def _late(stage: str, deadline: Deadline) -> Failure:
+        return Failure(
+            DeadlineExceeded(
+                f"{stage} did not finish within {deadline.seconds:g} s (the handler's deadline_s bounds each batch)"
+            )
+        )
+
+    def _shutdown_executors(self) -> None:
+        self._model.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)

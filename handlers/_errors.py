@@ -1,0 +1,139 @@
+"""Per-request errors: each carries the HTTP status and a JSON body the client can act on."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+
+class RequestError(Exception):
+    """An error that belongs to one request, not to its batch.
+
+    Raise a subclass from a per-request hook (``preprocess_one``, ``postprocess_one``) to give
+    that request its own status code; its batch-mates are not affected.
+
+    Example::
+
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body is {len(body)} bytes, the limit is {limit}")
+    """
+
+    status: int = 500
+    kind: str = "InternalServerError"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def phrase(self) -> str:
+        """The HTTP reason phrase of :attr:`status`."""
+        return HTTPStatus(self.status).phrase
+
+    def to_json(self) -> dict:
+        """The response body: ``{"code": 400, "type": "BadRequest", "message": "..."}``."""
+        return {"code": self.status, "type": self.kind, "message": self.message}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class BadRequest(RequestError):
+    """400: the request is malformed (cannot be decoded, wrong shape, bad value)."""
+
+    status = 400
+    kind = "BadRequest"
+
+
+class PayloadTooLarge(RequestError):
+    """413: the request is over a size limit (bytes, pixels, tokens)."""
+
+    status = 413
+    kind = "PayloadTooLarge"
+
+
+class UnsupportedMediaType(RequestError):
+    """415: the request's content is of a type the handler does not read."""
+
+    status = 415
+    kind = "UnsupportedMediaType"
+
+
+class InferenceFailed(RequestError):
+    """500: the model raised on this request (found alone by splitting its micro-batch)."""
+
+    status = 500
+    kind = "InferenceFailed"
+
+
+class PostprocessFailed(RequestError):
+    """500: turning this request's model output into a response raised."""
+
+    status = 500
+    kind = "PostprocessFailed"
+
+
+class OutOfMemory(RequestError):
+    """507: the model ran out of memory on this request even alone."""
+
+    status = 507
+    kind = "OutOfMemory"
+
+
+class DeadlineExceeded(RequestError):
+    """504: a stage did not finish before the batch deadline."""
+
+    status = 504
+    kind = "DeadlineExceeded"
+
+
+class InternalError(RequestError):
+    """500: a failure of the handler itself, not of this request."""
+
+    status = 500
+    kind = "InternalServerError"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for host or accelerator out-of-memory errors (torch's OOM is matched by name,
+    so that the engine needs no torch import)."""
+    if isinstance(exc, MemoryError):
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line account of an exception for a client: its type and message."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def preprocess_error(exc: BaseException) -> RequestError:
+    """The error a request gets when its preprocessing raised ``exc``.
+
+    Decoding and validation errors (``ValueError`` and its kin, e.g. ``UnicodeDecodeError``,
+    ``json.JSONDecodeError``) mean the input is malformed: 400. Anything else is a bug: 500.
+    """
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, (ValueError, json.JSONDecodeError)):
+        return BadRequest(f"malformed request: {describe(exc)}")
+    return InternalError(f"preprocessing failed: {describe(exc)}")
+
+
+def inference_error(exc: BaseException) -> RequestError:
+    """The error a request gets when inference raised ``exc`` on it alone."""
+    if isinstance(exc, RequestError):
+        return exc
+    if is_out_of_memory(exc):
+        return OutOfMemory(f"out of memory in inference, even for this request alone: {describe(exc)}")
+    return InferenceFailed(f"inference failed on this request: {describe(exc)}")
+
+
+def postprocess_error(exc: BaseException) -> RequestError:
+    """The error a request gets when its postprocessing raised ``exc``."""
+    if isinstance(exc, RequestError):
+        return exc
+    return PostprocessFailed(f"postprocessing failed: {describe(exc)}")

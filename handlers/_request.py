@@ -1,0 +1,59 @@
+"""A request as the per-request hooks see it: its body and headers, nothing shared."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ._errors import BadRequest
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a batch.
+
+    Attributes:
+        body: what TorchServe passed: ``bytes``/``bytearray`` for binary bodies, ``str`` for
+            ``text/*``, already-decoded JSON (dict, list, number) for ``application/json``.
+        headers: the request's headers (names as the client sent them).
+    """
+
+    body: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """A header's value, matched without regard to case."""
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return default
+
+    def json(self) -> Any:
+        """The body as JSON; raises :class:`BadRequest` when it is not JSON."""
+        if isinstance(self.body, (bytes, bytearray, str)):
+            try:
+                return json.loads(self.body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        return self.body
+
+    def bytes(self) -> bytes:
+        """The body as bytes (JSON bodies are re-encoded, text is UTF-8 encoded)."""
+        if isinstance(self.body, (bytes, bytearray)):
+            return bytes(self.body)
+        if isinstance(self.body, str):
+            return self.body.encode("utf-8")
+        return json.dumps(self.body).encode("utf-8")
+
+
+def body_of(row: Mapping[str, Any]) -> Any:
+    """The payload of one row of TorchServe's ``data`` list (``body`` for raw POSTs, ``data`` for
+    form fields); None when the request had neither."""
+    if not isinstance(row, Mapping):
+        return row
+    for key in ("body", "data"):
+        if row.get(key) is not None:
+            return row[key]
+    return None

@@ -1,0 +1,137 @@
+"""Handler settings: read once at start-up from the model config's ``handler:`` section and
+checked with messages that name the key, the rule and the bad value."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+SECTION = "handler"
+TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120.0
+# Leave TorchServe room to send our error answers before it gives up on the worker.
+DEADLINE_SHARE_OF_RESPONSE_TIMEOUT = 0.8
+DEFAULT_DEADLINE_S = 60.0
+
+
+class ConfigError(ValueError):
+    """A setting in the model config is missing, of the wrong type or out of range."""
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (respects CPU affinity, unlike ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the batching engine runs one batch.
+
+    Attributes:
+        micro_batch_size: items per micro-batch; ``None`` runs the whole batch at once.
+        pool_size: threads that preprocess and postprocess requests.
+        inference_workers: micro-batches on the model at the same time.
+        deadline_s: the longest one batch may take; what is unfinished then gets a 504.
+    """
+
+    micro_batch_size: Optional[int] = None
+    pool_size: int = field(default_factory=usable_cores)
+    inference_workers: int = 1
+    deadline_s: float = DEFAULT_DEADLINE_S
+
+    def __post_init__(self):
+        _check_int("micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        _check_int("pool_size", self.pool_size, minimum=1)
+        _check_int("inference_workers", self.inference_workers, minimum=1)
+        _check_number("deadline_s", self.deadline_s, exclusive_minimum=0)
+
+
+ENGINE_KEYS = ("micro_batch_size", "pool_size", "inference_workers", "deadline_s")
+
+
+def read_settings(
+    model_config: Optional[Mapping[str, Any]],
+    option_defaults: Mapping[str, Any] = {},
+) -> tuple[EngineSettings, dict]:
+    """Read the engine settings and a handler's own options from a TorchServe model config.
+
+    Args:
+        model_config: the parsed model-config YAML (``context.model_yaml_config``); may be None.
+        option_defaults: the handler's own options and their defaults; a value read from the
+            config must have the type of its default (an int is accepted for a float).
+
+    Returns:
+        ``(engine_settings, options)``, where ``options`` holds every key of
+        ``option_defaults``, overridden by the config.
+
+    Raises:
+        ConfigError: naming the key, the rule and the bad value.
+    """
+    model_config = model_config or {}
+    section = model_config.get(SECTION) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{SECTION} must be a mapping of settings, got {section!r}")
+    unknown = sorted(set(section) - set(ENGINE_KEYS) - set(option_defaults))
+    if unknown:
+        known = ", ".join(sorted([*ENGINE_KEYS, *option_defaults]))
+        raise ConfigError(f"{SECTION}.{unknown[0]} is not a known setting; known settings: {known}")
+
+    response_timeout_s = _response_timeout(model_config)
+    engine_values = {key: section[key] for key in ENGINE_KEYS if key in section}
+    if engine_values.get("micro_batch_size") == "whole":
+        engine_values["micro_batch_size"] = None
+    engine_values.setdefault(
+        "deadline_s", min(DEFAULT_DEADLINE_S, DEADLINE_SHARE_OF_RESPONSE_TIMEOUT * response_timeout_s)
+    )
+    settings = EngineSettings(**engine_values)
+    if settings.deadline_s >= response_timeout_s:
+        raise ConfigError(
+            f"{SECTION}.deadline_s must be shorter than responseTimeout ({response_timeout_s:g} s) "
+            f"so that late requests get an answer before TorchServe gives up on the worker, "
+            f"got {settings.deadline_s!r}"
+        )
+
+    options = dict(option_defaults)
+    for key, default in option_defaults.items():
+        if key in section:
+            options[key] = _typed_like(key, section[key], default)
+    return settings, options
+
+
+def _response_timeout(model_config: Mapping[str, Any]) -> float:
+    value = model_config.get("responseTimeout", TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S)
+    _check_number("responseTimeout", value, exclusive_minimum=0, prefix="")
+    return float(value)
+
+
+def _typed_like(key: str, value: Any, default: Any) -> Any:
+    if default is None or isinstance(value, type(default)) and not (
+        isinstance(value, bool) and not isinstance(default, bool)
+    ):
+        return value
+    if isinstance(default, float) and _is_int(value):
+        return float(value)
+    raise ConfigError(
+        f"{SECTION}.{key} must be of type {type(default).__name__} (like its default {default!r}), "
+        f"got {value!r}"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(key, value, *, minimum, allow_none=False, prefix=SECTION + "."):
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < minimum:
+        extra = " (or 'whole' for the whole batch)" if allow_none else ""
+        raise ConfigError(f"{prefix}{key} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+def _check_number(key, value, *, exclusive_minimum, prefix=SECTION + "."):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > exclusive_minimum:
+        raise ConfigError(f"{prefix}{key} must be a number > {exclusive_minimum}, got {value!r}")

@@ -1,0 +1,177 @@
+"""The TorchServe adapter: turns ``handle(data, context)`` into a run of the batching engine.
+
+This is the one module that knows TorchServe's contract (the context object, the shape of
+``data``, per-request status and headers). Users subclass :class:`MicroBatchHandler`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import torch
+
+from ._engine import BatchEngine, BatchReport
+from ._errors import BadRequest
+from ._request import Request, body_of
+from ._settings import EngineSettings, read_settings
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE_HEADER = "X-Batch-Size"
+
+
+def device_for(system_properties: Mapping[str, Any]) -> torch.device:
+    """The device TorchServe assigned to this worker: ``cuda:<gpu_id>`` when it gave a GPU id and
+    CUDA is usable, else the CPU."""
+    gpu_id = system_properties.get("gpu_id")
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+class MicroBatchHandler:
+    """Base handler: parallel preprocessing, pipelined micro-batch inference, scatter postprocessing.
+
+    Override the hooks you need; each per-request hook is a pure function of its arguments and
+    runs concurrently on a thread pool, so it must not write to ``self``.
+
+    ``load_model(model_dir, device)``
+        Build the model (default: the TorchScript file named by the archive's serialized file).
+    ``preprocess_one(request) -> item``
+        Decode and validate one :class:`Request` (default: a JSON array → float32 tensor).
+        Raise :class:`BadRequest` (400), :class:`PayloadTooLarge` (413) or
+        :class:`UnsupportedMediaType` (415) to answer this request alone.
+    ``collate(items) -> batch``
+        Join one micro-batch and move it to ``self.device`` (default: ``torch.stack``).
+    ``infer(batch) -> output``
+        Run the model (default: ``self.model(batch)``), under ``torch.inference_mode()``.
+    ``split(output, count) -> [output, ...]``
+        Cut the micro-batch output into one output per item (default: along dim 0, on the CPU).
+    ``postprocess_one(output, item) -> response``
+        Turn one output into a response (default: ``output.tolist()``).
+
+    Settings come from the ``handler:`` section of the archive's model config (see
+    :class:`EngineSettings`); a subclass declares its own in ``options`` with their defaults.
+
+    Example::
+
+        class Doubler(MicroBatchHandler):
+            def load_model(self, model_dir, device):
+                return torch.nn.Identity()
+
+            def postprocess_one(self, output, item):
+                return {"double": (2 * output).tolist()}
+    """
+
+    options: ClassVar[dict] = {}
+
+    def __init__(self):
+        self.initialized = False
+        self.model: Any = None
+        self.device = torch.device("cpu")
+        self.settings: Optional[EngineSettings] = None
+        self.config: dict = {}
+        self.manifest: dict = {}
+        self._engine: Optional[BatchEngine] = None
+
+    # -- TorchServe entry points ----------------------------------------------------------------
+
+    def initialize(self, context) -> None:
+        """Read and check the settings, load the model on its device, start the pools."""
+        self.settings, self.config = read_settings(context.model_yaml_config, self.options)
+        self.device = device_for(context.system_properties)
+        self.manifest = context.manifest or {}
+        model_dir = context.system_properties.get("model_dir", ".")
+        self.model = self.load_model(model_dir, self.device)
+        if isinstance(self.model, torch.nn.Module):
+            self.model = self.model.to(self.device).eval()
+        self._engine = BatchEngine(self.preprocess_one, self._infer_micro_batch, self.postprocess_one, self.settings)
+        self.initialized = True
+        log.info("%s ready on %s with %s", type(self).__name__, self.device, self.settings)
+
+    def handle(self, data: Sequence[Mapping[str, Any]], context) -> list:
+        """Answer one TorchServe batch: exactly one response per request, in order."""
+        if self._engine is None:
+            raise RuntimeError(f"{type(self).__name__}.handle() called before initialize()")
+        requests = [Request(body_of(row), self._headers(context, idx)) for idx, row in enumerate(data)]
+        report = self._engine.run(requests)
+        return self._respond(report, context)
+
+    def close(self) -> None:
+        """Stop the pools; idempotent. Call on unload (TorchServe ends the worker process)."""
+        if self._engine is not None:
+            self._engine.close()
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def load_model(self, model_dir: str, device: torch.device) -> Any:
+        """Load the TorchScript file the archive was built with (``--serialized-file``)."""
+        serialized = self.manifest.get("model", {}).get("serializedFile")
+        if not serialized:
+            raise RuntimeError(
+                f"{type(self).__name__} has no model: override load_model() or archive a TorchScript "
+                f"file with --serialized-file"
+            )
+        return torch.jit.load(os.path.join(model_dir, serialized), map_location=device)
+
+    def preprocess_one(self, request: Request) -> Any:
+        """A JSON array of numbers → a float32 tensor."""
+        payload = request.json()
+        try:
+            return torch.as_tensor(payload, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise BadRequest(f"expected a JSON array of numbers: {exc}") from None
+
+    def collate(self, items: list) -> Any:
+        """Stack the items and move the micro-batch to the model's device."""
+        try:
+            batch = torch.stack(items)
+        except RuntimeError as exc:
+            raise BadRequest(f"items of this micro-batch do not stack: {exc}") from None
+        return batch.to(self.device, non_blocking=True)
+
+    def infer(self, batch: Any) -> Any:
+        """Call the model on one micro-batch."""
+        return self.model(batch)
+
+    def split(self, output: Any, count: int) -> list:
+        """One output per item: cut along the first dimension, after one copy to the CPU."""
+        if isinstance(output, torch.Tensor):
+            return list(output.detach().cpu().unbind(0))
+        return list(output)
+
+    def postprocess_one(self, output: Any, item: Any) -> Any:
+        """A tensor → nested lists (JSON-ready)."""
+        return output.tolist() if isinstance(output, torch.Tensor) else output
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _infer_micro_batch(self, items: list) -> list:
+        # inference_mode is thread-local: enter it on the model thread that runs this.
+        with torch.inference_mode():
+            output = self.infer(self.collate(items))
+            return self.split(output, len(items))
+
+    @staticmethod
+    def _headers(context, idx: int) -> dict:
+        try:
+            return dict(context.get_all_request_header(idx) or {})
+        except (AttributeError, IndexError, TypeError):
+            return {}
+
+    @staticmethod
+    def _respond(report: BatchReport, context) -> list:
+        responses = []
+        batch_size = str(len(report.outcomes))
+        for idx, outcome in enumerate(report.outcomes):
+            context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
+            if outcome.ok:
+                responses.append(outcome.value)
+            else:
+                error = outcome.error
+                context.set_response_status(error.status, error.phrase, idx)
+                context.set_response_content_type(idx, "application/json")
+                responses.append(error.to_json())
+        return responses

@@ -1,0 +1,45 @@
+"""The public surface is on purpose: this list changes only with a decision."""
+
+import subprocess
+import sys
+
+import handlers
+import handlers.testing
+
+
+def test_public_names_are_pinned():
+    assert sorted(handlers.__all__) == [
+        "BadRequest", "BatchEngine", "BatchReport", "ConfigError", "DeadlineExceeded",
+        "EngineSettings", "Failure", "InferenceFailed", "InternalError", "MicroBatchHandler",
+        "OutOfMemory", "PayloadTooLarge", "PostprocessFailed", "Request", "RequestError",
+        "Success", "UnsupportedMediaType", "plan_micro_batches", "read_settings",
+    ]
+    for name in handlers.__all__:
+        assert getattr(handlers, name) is not None
+
+
+def test_testing_kit_names_are_pinned():
+    assert sorted(handlers.testing.__all__) == [
+        "FakeContext", "FakeMetrics", "RecordedMetric", "assert_batch_contract",
+        "assert_isolates_bad_request", "assert_matches_alone", "run_batch", "start_handler",
+    ]
+
+
+def test_the_engine_imports_without_torch_or_torchserve():
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['ts'] = None\n"
+        "from handlers import BatchEngine, EngineSettings\n"
+        "with BatchEngine(int, lambda xs: [x * 2 for x in xs], lambda o, i: o, EngineSettings(pool_size=1)) as e:\n"
+        "    print([o.value for o in e.run(['1', '2']).outcomes])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[2, 4]"
+
+
+def test_only_the_adapter_module_knows_torchserve_contexts():
+    import pathlib
+
+    package = pathlib.Path(handlers.__file__).parent
+    importing_ts = [p.name for p in package.glob("*.py") if "import ts" in p.read_text() or "from ts" in p.read_text()]
+    assert set(importing_ts) <= {"_torchserve.py"}
