@@ -7,13 +7,13 @@ This is the one module that knows TorchServe's contract (the context object, the
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
 from ._engine import BatchEngine, BatchReport
 from ._errors import BadRequest
+from ._loading import load_archived_model
 from ._request import Request, body_of
 from ._settings import EngineSettings, read_settings
 
@@ -38,7 +38,7 @@ class MicroBatchHandler:
     runs concurrently on a thread pool, so it must not write to ``self``.
 
     ``load_model(model_dir, device)``
-        Build the model (default: the TorchScript file named by the archive's serialized file).
+        Build the model (default: the archive's model file + state_dict, or TorchScript).
     ``preprocess_one(request) -> item``
         Decode and validate one :class:`Request` (default: a JSON array → float32 tensor).
         Raise :class:`BadRequest` (400), :class:`PayloadTooLarge` (413) or
@@ -107,14 +107,9 @@ class MicroBatchHandler:
     # -- hooks ----------------------------------------------------------------------------------
 
     def load_model(self, model_dir: str, device: torch.device) -> Any:
-        """Load the TorchScript file the archive was built with (``--serialized-file``)."""
-        serialized = self.manifest.get("model", {}).get("serializedFile")
-        if not serialized:
-            raise RuntimeError(
-                f"{type(self).__name__} has no model: override load_model() or archive a TorchScript "
-                f"file with --serialized-file"
-            )
-        return torch.jit.load(os.path.join(model_dir, serialized), map_location=device)
+        """Load the archive's model: ``--model-file`` + state_dict (``weights_only=True``), or a
+        TorchScript ``--serialized-file``."""
+        return load_archived_model(model_dir, self.manifest, device)
 
     def preprocess_one(self, request: Request) -> Any:
         """A JSON array of numbers → a float32 tensor."""

@@ -164,6 +164,36 @@ def test_the_default_handler_loads_the_torchscript_file_of_the_archive(tmp_path)
         handler.close()
 
 
+def test_the_default_handler_loads_an_eager_model_file_and_its_state_dict(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.linear = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.linear(x)\n"
+    )
+    torch.save({"linear." + k: v for k, v in affine_model().state_dict().items()}, tmp_path / "weights.pt")
+    handler = start_handler(
+        MicroBatchHandler, model_dir=tmp_path,
+        manifest={"model": {"modelFile": "net.py", "serializedFile": "weights.pt"}},
+    )
+    try:
+        responses, _ = run_batch(handler, [row(5)])
+        assert responses == [expected(5)]
+    finally:
+        handler.close()
+
+
+def test_a_model_file_with_two_modules_is_refused_by_name(tmp_path):
+    (tmp_path / "two.py").write_text(
+        "import torch\nclass A(torch.nn.Module): pass\nclass B(torch.nn.Module): pass\n"
+    )
+    with pytest.raises(RuntimeError, match="exactly one torch.nn.Module class, found A, B"):
+        start_handler(MicroBatchHandler, model_dir=tmp_path, manifest={"model": {"modelFile": "two.py"}})
+
+
 def test_the_default_handler_without_a_model_says_what_to_do():
     with pytest.raises(RuntimeError, match="override load_model"):
         start_handler(MicroBatchHandler)

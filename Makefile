@@ -1,0 +1,37 @@
+# make serve: venv, install, build every example and archive, start TorchServe (Ctrl-C stops it)
+# make test:  venv, install, unit tests and integration tests against a real TorchServe
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: serve test unit archives venv java clean
+
+serve: archives java
+	$(PY) -m scripts.serve
+
+test: venv java
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+archives: venv
+	$(PY) -m handlers.archive --model-store model_store
+
+venv: $(INSTALLED)
+
+# torch first, pinned to the CPU build on disk (constraints.txt); the project's own package is
+# not installed: tests import it from the checkout, TorchServe only from the archives.
+$(INSTALLED): pyproject.toml constraints.txt scripts/deps.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) scripts/deps.py serve test > $(VENV)/requirements.txt
+	$(PY) -m pip install -q -c constraints.txt -r $(VENV)/requirements.txt
+	touch $@
+
+java:
+	scripts/ensure-java.sh
+
+clean:
+	rm -rf build model_store/*.mar .serve .pytest_cache

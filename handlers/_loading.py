@@ -1,0 +1,56 @@
+"""Model loading the way TorchServe archives carry models: an eager model (``--model-file`` with
+one ``nn.Module`` class + ``--serialized-file`` state_dict) or a TorchScript file."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any, Mapping
+
+import torch
+
+
+def load_archived_model(model_dir: str, manifest: Mapping[str, Any], device: torch.device) -> Any:
+    """Load the model named by an archive's manifest, on ``device``.
+
+    With a model file: build its one ``nn.Module`` class (no arguments) and load the serialized
+    file into it as a state_dict with ``weights_only=True`` (no pickle code runs). Without one:
+    load the serialized file as TorchScript.
+    """
+    model_info = manifest.get("model", {})
+    serialized = model_info.get("serializedFile")
+    model_file = model_info.get("modelFile")
+    if model_file:
+        model = build_module(os.path.join(model_dir, model_file))
+        if serialized:
+            state = torch.load(os.path.join(model_dir, serialized), map_location=device, weights_only=True)
+            model.load_state_dict(state)
+        return model
+    if serialized:
+        return torch.jit.load(os.path.join(model_dir, serialized), map_location=device)
+    raise RuntimeError(
+        "the archive has no model: archive a --model-file (+ --serialized-file weights) or a "
+        "TorchScript --serialized-file, or override load_model()"
+    )
+
+
+def build_module(path: str) -> torch.nn.Module:
+    """Instantiate the one ``nn.Module`` subclass defined in the Python file at ``path``."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import the model file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__
+    ]
+    if len(classes) != 1:
+        found = ", ".join(c.__name__ for c in classes) or "none"
+        raise RuntimeError(f"{path} must define exactly one torch.nn.Module class, found {found}")
+    return classes[0]()

@@ -1,0 +1,226 @@
+"""Build self-contained ``.mar`` archives from ``archiver_configs/*.yaml`` with the real
+``torch-model-archiver``.
+
+Usage::
+
+    python -m handlers.archive                      # every config in archiver_configs/
+    python -m handlers.archive archiver_configs/digits.yaml --model-store model_store
+
+Each archive carries the ``handlers`` package, so it runs on a stock TorchServe whose Python has
+torch, numpy and Pillow but not this project. Paths in a config are relative to ``--root``
+(default: the current directory, the repository root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ._settings import ConfigError, read_settings
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+# TorchServe's keys of a model config (the ones this tool checks; others pass through).
+POSITIVE_INT_KEYS = ("batchSize", "minWorkers", "maxWorkers", "responseTimeout")
+NON_NEGATIVE_INT_KEYS = ("maxBatchDelay",)
+
+
+@dataclass
+class ArchiveSpec:
+    """One model to archive, as read from its config file."""
+
+    source: Path
+    model_name: str
+    version: str
+    handler: Path
+    model_config: dict
+    serialized_file: Optional[Path] = None
+    model_file: Optional[Path] = None
+    extra_files: list = field(default_factory=list)
+    build: Optional[list] = None
+
+
+class ArchiveConfigError(ValueError):
+    """A config file is wrong; the message names the file, the key and the problem."""
+
+
+def load_spec(path: Path, root: Path) -> ArchiveSpec:
+    """Read and check one archiver config."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ArchiveConfigError(f"{path}: cannot read it as YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ArchiveConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+
+    def fail(key: str, problem: str):
+        raise ArchiveConfigError(f"{path}: {key}: {problem}")
+
+    known = {"model_name", "version", "handler", "serialized_file", "model_file", "extra_files", "build", "model_config"}
+    for key in raw:
+        if key not in known:
+            fail(key, f"not a known key; known keys: {', '.join(sorted(known))}")
+    for key in ("model_name", "version", "handler", "model_config"):
+        if key not in raw:
+            fail(key, "missing (required)")
+    name = raw["model_name"]
+    if not isinstance(name, str) or not NAME_RULE.match(name):
+        fail("model_name", f"must be letters, digits, '_' or '-', starting with a letter, got {name!r}")
+    build = raw.get("build")
+    if build is not None and not (isinstance(build, list) and all(isinstance(a, str) for a in build)):
+        fail("build", f"must be a command as a list of strings, got {build!r}")
+
+    def existing(key: str, value: Any, must_exist: bool) -> Path:
+        if not isinstance(value, str) or not value:
+            fail(key, f"must be a path, got {value!r}")
+        resolved = root / value
+        if must_exist and not resolved.exists():
+            fail(key, f"{resolved} does not exist")
+        return resolved
+
+    # Built artefacts may be missing until the build command has run.
+    built_later = build is not None
+    spec = ArchiveSpec(
+        source=path,
+        model_name=name,
+        version=str(raw["version"]),
+        handler=existing("handler", raw["handler"], True),
+        model_config=_checked_model_config(raw["model_config"], fail),
+        serialized_file=existing("serialized_file", raw["serialized_file"], not built_later)
+        if raw.get("serialized_file")
+        else None,
+        model_file=existing("model_file", raw["model_file"], True) if raw.get("model_file") else None,
+        extra_files=[existing("extra_files", f, not built_later) for f in raw.get("extra_files") or []],
+        build=build,
+    )
+    try:
+        read_settings(spec.model_config, _handler_options(spec.handler))
+    except ConfigError as exc:
+        fail("model_config", str(exc))
+    return spec
+
+
+def _checked_model_config(config: Any, fail) -> dict:
+    if not isinstance(config, dict):
+        fail("model_config", f"must be a mapping, got {config!r}")
+    for key in POSITIVE_INT_KEYS + NON_NEGATIVE_INT_KEYS:
+        if key in config:
+            value = config[key]
+            minimum = 0 if key in NON_NEGATIVE_INT_KEYS else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                fail(f"model_config.{key}", f"must be an integer >= {minimum}, got {value!r}")
+    if config.get("minWorkers", 1) > config.get("maxWorkers", config.get("minWorkers", 1)):
+        fail("model_config.minWorkers", f"must not exceed maxWorkers ({config['maxWorkers']})")
+    return dict(config)
+
+
+def _handler_options(handler_file: Path) -> dict:
+    """The ``options`` declared by the handler class in ``handler_file`` (to check the config)."""
+    spec = importlib.util.spec_from_file_location(f"_archived_handler_{handler_file.stem}", handler_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    return dict(getattr(classes[0], "options", {})) if len(classes) == 1 else {}
+
+
+def build_artefacts(spec: ArchiveSpec, root: Path, force: bool) -> bool:
+    """Run the config's build command when an artefact is missing (or ``force``)."""
+    wanted = [p for p in [spec.serialized_file, *spec.extra_files] if p is not None]
+    if spec.build is None or (not force and all(p.exists() for p in wanted)):
+        return False
+    command = [sys.executable if arg == "python" else arg for arg in spec.build]
+    subprocess.run(command, cwd=root, check=True)
+    missing = [str(p) for p in wanted if not p.exists()]
+    if missing:
+        raise ArchiveConfigError(f"{spec.source}: build: the command ran but did not make {', '.join(missing)}")
+    return True
+
+
+def archive(spec: ArchiveSpec, model_store: Path) -> Path:
+    """Run ``torch-model-archiver`` for ``spec``; returns the path of the written ``.mar``."""
+    model_store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"archive-{spec.model_name}-") as tmp:
+        stage = Path(tmp) / "extra"
+        stage.mkdir()
+        # --extra-files DIR flattens DIR into the archive root: stage a folder that holds handlers/.
+        shutil.copytree(PACKAGE_DIR, stage / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for extra in spec.extra_files:
+            target = stage / extra.name
+            if extra.is_dir():
+                shutil.copytree(extra, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(extra, target)
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
+        command = [
+            _archiver(), "--model-name", spec.model_name, "--version", spec.version,
+            "--handler", str(spec.handler), "--extra-files", str(stage),
+            "--config-file", str(config_file), "--export-path", str(model_store), "--force",
+        ]
+        if spec.serialized_file:
+            command += ["--serialized-file", str(spec.serialized_file)]
+        if spec.model_file:
+            command += ["--model-file", str(spec.model_file)]
+        subprocess.run(command, check=True)
+    return model_store / f"{spec.model_name}.mar"
+
+
+def _archiver() -> str:
+    beside_python = Path(sys.executable).parent / "torch-model-archiver"
+    found = str(beside_python) if beside_python.exists() else shutil.which("torch-model-archiver")
+    if not found:
+        raise SystemExit("torch-model-archiver is not installed: pip install torch-model-archiver")
+    return found
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m handlers.archive", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", type=Path, help="config files (default: archiver_configs/*.yaml)")
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--root", type=Path, default=Path("."), help="where config paths start from")
+    parser.add_argument("--rebuild", action="store_true", help="run build commands even if artefacts exist")
+    parser.add_argument("--check", action="store_true", help="only check the configs")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    configs = args.configs or sorted((root / "archiver_configs").glob("*.yaml"))
+    if not configs:
+        parser.error(f"no configs given and none in {root / 'archiver_configs'}")
+    try:
+        specs = [load_spec(path, root) for path in configs]
+    except ArchiveConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{len(specs)} config(s) OK: {', '.join(s.model_name for s in specs)}")
+        return 0
+    for number, spec in enumerate(specs, 1):
+        started = time.monotonic()
+        prefix = f"[{number}/{len(specs)}] {spec.model_name}"
+        print(f"{prefix}: checking artefacts", flush=True)
+        try:
+            if build_artefacts(spec, root, args.rebuild):
+                print(f"{prefix}: built artefacts with {' '.join(spec.build)}", flush=True)
+            print(f"{prefix}: archiving with torch-model-archiver", flush=True)
+            written = archive(spec, args.model_store)
+        except (ArchiveConfigError, subprocess.CalledProcessError) as exc:
+            print(f"error: {prefix}: {exc}", file=sys.stderr)
+            return 1
+        size_kib = written.stat().st_size / 1024
+        print(f"{prefix}: wrote {written} ({size_kib:,.0f} KiB) in {time.monotonic() - started:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

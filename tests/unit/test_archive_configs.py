@@ -1,0 +1,65 @@
+"""The archive command checks configs before it runs torch-model-archiver."""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from handlers.archive import ArchiveConfigError, load_spec, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_config(tmp_path, **overrides):
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    for key, value in overrides.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model_name": None}, "model_name: missing (required)"),
+    ({"model_name": "bad name!"}, "model_name: must be letters, digits"),
+    ({"handler": "examples/nowhere.py"}, "examples/nowhere.py does not exist"),
+    ({"modelname": "x"}, "modelname: not a known key"),
+    ({"build": "python build.py"}, "build: must be a command as a list of strings"),
+    ({"model_config": {"batchSize": 0}}, "model_config.batchSize: must be an integer >= 1, got 0"),
+    ({"model_config": {"maxBatchDelay": -5}}, "model_config.maxBatchDelay: must be an integer >= 0, got -5"),
+    ({"model_config": {"minWorkers": 3, "maxWorkers": 1}}, "model_config.minWorkers: must not exceed maxWorkers (1)"),
+    ({"model_config": {"handler": {"micro_batch_size": 0}}}, "handler.micro_batch_size must be an integer >= 1"),
+    ({"model_config": {"handler": {"pool": 2}}}, "handler.pool is not a known setting"),
+])
+def test_a_bad_config_is_refused_naming_the_file_and_the_key(tmp_path, overrides, message):
+    path = write_config(tmp_path, **overrides)
+    with pytest.raises(ArchiveConfigError) as caught:
+        load_spec(path, ROOT)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+
+
+def test_check_mode_accepts_every_shipped_config(capsys):
+    assert main(["--check", "--root", str(ROOT)]) == 0
+    assert "config(s) OK" in capsys.readouterr().out
+
+
+def test_the_command_exits_2_with_the_message_on_a_bad_config(tmp_path, capsys):
+    path = write_config(tmp_path, version=None)
+    assert main([str(path), "--root", str(ROOT), "--check"]) == 2
+    assert "version: missing (required)" in capsys.readouterr().err
+
+
+def test_an_archive_carries_the_handlers_package_and_the_model_config(tmp_path):
+    store = tmp_path / "store"
+    assert main([str(ROOT / "archiver_configs" / "quickstart.yaml"), "--root", str(ROOT), "--model-store", str(store)]) == 0
+    with zipfile.ZipFile(store / "quickstart.mar") as mar:
+        names = set(mar.namelist())
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    assert {"handlers/__init__.py", "handlers/_engine.py", "handlers/_torchserve.py", "handler.py"} <= names
+    assert not any("__pycache__" in name for name in names)
+    assert config["batchSize"] == 16 and config["handler"]["micro_batch_size"] == 4
