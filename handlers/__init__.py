@@ -22,7 +22,25 @@ from ._outcome import Failure, Success
 from ._request import Request
 from ._settings import ConfigError, EngineSettings, read_settings
 
-__all__ = [
+# Names whose modules import torch, numpy or Pillow: loaded on first use, so that the engine
+# imports with none of them.
+_LAZY = {
+    "MicroBatchHandler": "._torchserve",
+    "ImageClassifierHandler": "._image_handler",
+    "TensorHandler": "._tensor_handler",
+    "TextHandler": "._text_handler",
+    "SentenceEmbeddingHandler": "._text_handler",
+    "TextClassifierHandler": "._text_handler",
+    "ImageGeometry": "._images",
+    "ImageLimits": "._images",
+    "decode_image": "._images",
+    "TensorSpec": "._tensors",
+    "parse_array": "._tensors",
+    "pad_to_longest": "._text",
+    "request_text": "._text",
+}
+
+__all__ = sorted([
     "BadRequest",
     "BatchEngine",
     "BatchReport",
@@ -32,7 +50,6 @@ __all__ = [
     "Failure",
     "InferenceFailed",
     "InternalError",
-    "MicroBatchHandler",
     "OutOfMemory",
     "PayloadTooLarge",
     "PostprocessFailed",
@@ -42,13 +59,15 @@ __all__ = [
     "UnsupportedMediaType",
     "plan_micro_batches",
     "read_settings",
-]
+    *_LAZY,
+])
 
 
 def __getattr__(name):
-    # The adapter imports torch; load it on first use so that the engine imports without torch.
-    if name == "MicroBatchHandler":
-        from ._torchserve import MicroBatchHandler
+    if name in _LAZY:
+        import importlib
 
-        return MicroBatchHandler
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'handlers' has no attribute {name!r}")

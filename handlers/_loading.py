@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import sys
 from typing import Any, Mapping
 
 import torch
+
+from ._settings import ConfigError
 
 
 def load_archived_model(model_dir: str, manifest: Mapping[str, Any], device: torch.device) -> Any:
@@ -54,3 +57,42 @@ def build_module(path: str) -> torch.nn.Module:
         found = ", ".join(c.__name__ for c in classes) or "none"
         raise RuntimeError(f"{path} must define exactly one torch.nn.Module class, found {found}")
     return classes[0]()
+
+
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def prepare_model(model: Any, device: torch.device, precision: str, channels_last: bool) -> Any:
+    """Put an ``nn.Module`` on ``device`` in eval mode; on a GPU, optionally in half/bfloat16
+    and channels-last memory format (CPUs gain little from either and lose accuracy)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"handler.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not isinstance(model, torch.nn.Module):
+        return model
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        if precision != "float32":
+            model = model.to(PRECISIONS[precision])
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The floating dtype of a model's parameters (float32 when it has none)."""
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+    return torch.float32
+
+
+def read_labels(model_dir: str, filename: str) -> dict:
+    """``index_to_name.json`` as {int index: name}; TorchServe's two styles are accepted:
+    ``{"0": "cat"}`` and ImageNet's ``{"0": ["n02123045", "tabby"]}``. Empty when absent."""
+    path = os.path.join(model_dir, filename)
+    if not filename or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        raw = json.load(f)
+    return {int(key): value[-1] if isinstance(value, list) else str(value) for key, value in raw.items()}

@@ -13,7 +13,7 @@ import torch
 
 from ._engine import BatchEngine, BatchReport
 from ._errors import BadRequest
-from ._loading import load_archived_model
+from ._loading import load_archived_model, prepare_model
 from ._request import Request, body_of
 from ._settings import EngineSettings, read_settings
 
@@ -65,7 +65,8 @@ class MicroBatchHandler:
                 return {"double": (2 * output).tolist()}
     """
 
-    options: ClassVar[dict] = {}
+    # Settings of every handler; a subclass's own ``options`` are added to these.
+    options: ClassVar[dict] = {"precision": "float32", "channels_last": False}
 
     def __init__(self):
         self.initialized = False
@@ -74,19 +75,20 @@ class MicroBatchHandler:
         self.settings: Optional[EngineSettings] = None
         self.config: dict = {}
         self.manifest: dict = {}
+        self.model_dir = "."
         self._engine: Optional[BatchEngine] = None
 
     # -- TorchServe entry points ----------------------------------------------------------------
 
     def initialize(self, context) -> None:
         """Read and check the settings, load the model on its device, start the pools."""
-        self.settings, self.config = read_settings(context.model_yaml_config, self.options)
+        self.settings, self.config = read_settings(context.model_yaml_config, self.all_options())
         self.device = device_for(context.system_properties)
         self.manifest = context.manifest or {}
-        model_dir = context.system_properties.get("model_dir", ".")
-        self.model = self.load_model(model_dir, self.device)
-        if isinstance(self.model, torch.nn.Module):
-            self.model = self.model.to(self.device).eval()
+        self.model_dir = context.system_properties.get("model_dir", ".")
+        self.setup(self.model_dir)
+        model = self.load_model(self.model_dir, self.device)
+        self.model = prepare_model(model, self.device, self.config["precision"], self.config["channels_last"])
         self._engine = BatchEngine(self.preprocess_one, self._infer_micro_batch, self.postprocess_one, self.settings)
         self.initialized = True
         log.info("%s ready on %s with %s", type(self).__name__, self.device, self.settings)
@@ -99,12 +101,24 @@ class MicroBatchHandler:
         report = self._engine.run(requests)
         return self._respond(report, context)
 
+    @classmethod
+    def all_options(cls) -> dict:
+        """The options of this class and of every handler class it derives from."""
+        merged: dict = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("options", {}))
+        return merged
+
     def close(self) -> None:
         """Stop the pools; idempotent. Call on unload (TorchServe ends the worker process)."""
         if self._engine is not None:
             self._engine.close()
 
     # -- hooks ----------------------------------------------------------------------------------
+
+    def setup(self, model_dir: str) -> None:
+        """Load what the per-request hooks need besides the model (labels, a tokenizer, ...);
+        ``self.config`` holds the checked options. Runs once, before ``load_model``."""
 
     def load_model(self, model_dir: str, device: torch.device) -> Any:
         """Load the archive's model: ``--model-file`` + state_dict (``weights_only=True``), or a

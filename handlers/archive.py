@@ -132,7 +132,10 @@ def _handler_options(handler_file: Path) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-    return dict(getattr(classes[0], "options", {})) if len(classes) == 1 else {}
+    if len(classes) != 1:
+        return {}
+    handler_class = classes[0]
+    return handler_class.all_options() if hasattr(handler_class, "all_options") else dict(getattr(handler_class, "options", {}))
 
 
 def build_artefacts(spec: ArchiveSpec, root: Path, force: bool) -> bool:

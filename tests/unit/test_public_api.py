@@ -10,9 +10,12 @@ import handlers.testing
 def test_public_names_are_pinned():
     assert sorted(handlers.__all__) == [
         "BadRequest", "BatchEngine", "BatchReport", "ConfigError", "DeadlineExceeded",
-        "EngineSettings", "Failure", "InferenceFailed", "InternalError", "MicroBatchHandler",
+        "EngineSettings", "Failure", "ImageClassifierHandler", "ImageGeometry", "ImageLimits",
+        "InferenceFailed", "InternalError", "MicroBatchHandler",
         "OutOfMemory", "PayloadTooLarge", "PostprocessFailed", "Request", "RequestError",
-        "Success", "UnsupportedMediaType", "plan_micro_batches", "read_settings",
+        "SentenceEmbeddingHandler", "Success", "TensorHandler", "TensorSpec", "TextClassifierHandler",
+        "TextHandler", "UnsupportedMediaType", "decode_image", "pad_to_longest", "parse_array",
+        "plan_micro_batches", "read_settings", "request_text",
     ]
     for name in handlers.__all__:
         assert getattr(handlers, name) is not None

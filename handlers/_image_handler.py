@@ -1,0 +1,111 @@
+"""Ready-made image classifier: bytes or base64 in, top-k labels with probabilities out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._errors import BadRequest
+from ._images import ImageGeometry, ImageLimits, decode_image, image_bytes
+from ._loading import model_dtype, read_labels
+from ._request import Request
+from ._settings import ConfigError
+from ._torchserve import MicroBatchHandler
+
+TOP_K_HEADER = "X-Top-K"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One decoded request: uint8 (H, W, 3) pixels and how many labels it asked for."""
+
+    pixels: np.ndarray
+    top_k: int
+
+
+class ImageClassifierHandler(MicroBatchHandler):
+    """Classifies images: JPEG, PNG, WebP, GIF, BMP, TIFF (anything Pillow reads).
+
+    A request is the raw image bytes, or JSON ``{"image": "<base64>", "top_k": 3}``; ``top_k``
+    may also come in the ``X-Top-K`` header. The answer is
+    ``[{"label": "tabby", "index": 281, "probability": 0.83}, ...]``, best first.
+
+    Per request, on the pool: limits checked before decoding (413), a reduced-scale JPEG decode
+    when the target is smaller, EXIF orientation, any mode to RGB, resize and centre crop, kept
+    as uint8. Per micro-batch, on the device: to float, normalise, model, softmax.
+    """
+
+    options = {
+        "resize": 256,
+        "crop": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "draft": True,
+        "max_bytes": 16 * 1024 * 1024,
+        "max_pixels": 40_000_000,
+        "top_k": 5,
+        "labels": "index_to_name.json",
+    }
+
+    def setup(self, model_dir: str) -> None:
+        config = self.config
+        if not 1 <= config["crop"] <= config["resize"]:
+            raise_config("crop", f"must be between 1 and resize ({config['resize']})", config["crop"])
+        for key in ("mean", "std"):
+            if len(config[key]) != 3 or not all(isinstance(v, (int, float)) for v in config[key]):
+                raise_config(key, "must be 3 numbers, one per RGB channel", config[key])
+        if any(v <= 0 for v in config["std"]):
+            raise_config("std", "must be > 0", config["std"])
+        self.geometry = ImageGeometry(resize=config["resize"], crop=config["crop"], draft=config["draft"])
+        self.limits = ImageLimits(max_bytes=config["max_bytes"], max_pixels=config["max_pixels"])
+        self.labels = read_labels(model_dir, config["labels"])
+        # 0-255 scaled, so that uint8 pixels are normalised in one fused step per micro-batch.
+        self._mean = torch.tensor(config["mean"]).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0
+
+    def preprocess_one(self, request: Request) -> ImageItem:
+        data = image_bytes(request.body)
+        top_k = requested_top_k(request, self.config["top_k"])
+        return ImageItem(decode_image(data, self.geometry, self.limits), top_k)
+
+    def collate(self, items: list) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # (N, H, W, 3) uint8
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(self.device, non_blocking=True)
+        dtype = model_dtype(self.model)
+        # NHWC → NCHW as a view: the result is already in channels-last memory format.
+        batch = pixels.permute(0, 3, 1, 2).to(dtype)
+        mean, std = self._mean.to(self.device, dtype), self._std.to(self.device, dtype)
+        return (batch - mean) / std
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(batch).float(), dim=1)
+
+    def postprocess_one(self, output: torch.Tensor, item: ImageItem) -> list:
+        k = min(item.top_k, output.shape[0])
+        probabilities, indices = torch.topk(output, k)
+        return [
+            {"label": self.labels.get(i, str(i)), "index": i, "probability": round(p, 6)}
+            for p, i in zip(probabilities.tolist(), indices.tolist())
+        ]
+
+
+def requested_top_k(request: Request, default: int) -> int:
+    """``top_k`` from the JSON body or the X-Top-K header; 400 unless a whole number >= 1."""
+    value: Any = default
+    if isinstance(request.body, dict) and "top_k" in request.body:
+        value = request.body["top_k"]
+    elif request.header(TOP_K_HEADER) is not None:
+        text = request.header(TOP_K_HEADER)
+        value = int(text) if text.strip().isdigit() else text
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadRequest(f"top_k must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def raise_config(key: str, rule: str, value: Any):
+    raise ConfigError(f"handler.{key} {rule}, got {value!r}")

@@ -1,0 +1,142 @@
+"""Image decoding for one request: pure functions on bytes, safe on a thread pool.
+
+Pixels stay uint8 (H, W, 3) here; conversion to float and normalisation happen once per
+micro-batch, on the device (see ``ImageClassifierHandler.collate``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ._errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Guards applied before any pixel is decoded."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Resize the shorter side to ``resize``, then take the centre ``crop`` × ``crop``."""
+
+    resize: int = 256
+    crop: int = 224
+    draft: bool = True  # decode JPEGs at a reduced scale when the target is smaller
+
+
+def image_bytes(body) -> bytes:
+    """The image bytes of a request body: raw bytes, or a base64 string (as text or in JSON
+    under "image", "data" or "b64")."""
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, dict):
+        for key in ("image", "data", "b64"):
+            if key in body:
+                return image_bytes_from_base64(body[key])
+        raise BadRequest('expected image bytes, or JSON with a base64 "image" field')
+    if isinstance(body, str):
+        return image_bytes_from_base64(body)
+    raise BadRequest(f"expected image bytes or base64 text, got {type(body).__name__}")
+
+
+def image_bytes_from_base64(text) -> bytes:
+    if not isinstance(text, str):
+        raise BadRequest(f"the base64 image must be a string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"the image is not valid base64: {exc}") from None
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Open (not decode) an image, refusing what is too large before allocating its pixels."""
+    if not data:
+        raise BadRequest("the body is empty: expected an image")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"the image is {len(data):,} bytes; the limit is {limits.max_bytes:,}")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"the image declares too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        raise UnsupportedMediaType(
+            "the body is not an image format this handler reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
+        ) from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,}"
+        )
+    if width < 1 or height < 1:
+        raise BadRequest(f"the image has no pixels ({width}x{height})")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB: 16-bit and float greyscale rescaled, transparency flattened
+    onto white, palette and CMYK converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in TRANSPARENT_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, geometry: ImageGeometry, limits: ImageLimits) -> np.ndarray:
+    """Bytes → a uint8 (crop, crop, 3) RGB array: upright (EXIF), resized, centre-cropped.
+
+    Raises BadRequest (400), PayloadTooLarge (413) or UnsupportedMediaType (415).
+    """
+    image = open_image(data, limits)
+    try:
+        if geometry.draft and image.format == "JPEG":
+            # The decoder scales by 1/2, 1/4 or 1/8 while keeping both sides >= resize.
+            image.draft("RGB", (geometry.resize, geometry.resize))
+        image = ImageOps.exif_transpose(image)  # also the first frame of an animation
+        image = to_rgb(image)
+        image = resize_shorter_side(image, geometry.resize)
+        image = center_crop(image, geometry.crop)
+        return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated or corrupt data while decoding, after the header looked fine.
+        raise BadRequest(f"the image data is corrupt or truncated: {exc}") from None
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if target == image.size:
+        return image
+    # reducing_gap: reduce by an integer factor first (fast), then resample the rest.
+    return image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    left = max(0, (width - size) // 2)
+    top = max(0, (height - size) // 2)
+    cropped = image.crop((left, top, left + size, top + size))
+    return cropped

@@ -1,0 +1,44 @@
+"""Ready-made handler for numeric models: a JSON array (or .npy bytes) of a declared shape and
+dtype in, the model's output as JSON out."""
+
+from __future__ import annotations
+
+import torch
+
+from ._request import Request
+from ._settings import ConfigError
+from ._tensors import TensorSpec, check_spec, parse_array
+from ._torchserve import MicroBatchHandler
+
+
+class TensorHandler(MicroBatchHandler):
+    """For tabular and other numeric models.
+
+    A request is a JSON array (or ``{"inputs": [...]}``, or ``.npy`` bytes) of ``shape`` and
+    ``dtype``; a wrong shape, dtype, a NaN/Inf or a ragged array gets a 400 that says what was
+    expected. The answer is the model's output for that request, as nested lists.
+
+    Settings (``handler:`` section): ``shape`` (e.g. ``[4]``; ``-1`` for any length on an axis,
+    ``[]`` for any shape), ``dtype``, ``allow_non_finite``, ``max_elements``.
+    """
+
+    options = {"shape": [], "dtype": "float32", "allow_non_finite": False, "max_elements": 1_000_000}
+
+    def setup(self, model_dir: str) -> None:
+        problem = check_spec(self.config["shape"], self.config["dtype"])
+        if problem:
+            raise ConfigError(problem)
+        self.spec = TensorSpec(
+            shape=tuple(self.config["shape"]),
+            dtype=self.config["dtype"],
+            allow_non_finite=self.config["allow_non_finite"],
+            max_elements=self.config["max_elements"],
+        )
+
+    def preprocess_one(self, request: Request) -> torch.Tensor:
+        return torch.from_numpy(parse_array(request.body, self.spec))
+
+    def collate(self, items: list) -> torch.Tensor:
+        # Arrays of one declared shape stack; with -1 axes, differing lengths are a micro-batch
+        # the engine splits and retries, so each request still gets its own answer.
+        return torch.stack(items).to(self.device, non_blocking=True)

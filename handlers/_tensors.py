@@ -1,0 +1,117 @@
+"""Numeric input for one request: a JSON array or ``.npy`` bytes, checked against a declared
+shape and dtype. Pure functions, safe on a thread pool."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ._errors import BadRequest, PayloadTooLarge
+
+NPY_MAGIC = b"\x93NUMPY"
+DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one request must hold: ``shape`` (``-1`` for any length on that axis; empty for any
+    shape), ``dtype``, whether NaN/Inf may appear, and a bound on the element count."""
+
+    shape: Sequence[int] = ()
+    dtype: str = "float32"
+    allow_non_finite: bool = False
+    max_elements: int = 1_000_000
+
+    def describe(self) -> str:
+        shape = "any shape" if not self.shape else "shape [" + ", ".join("*" if d == -1 else str(d) for d in self.shape) + "]"
+        return f"{shape} of {self.dtype}"
+
+
+def parse_array(body: Any, spec: TensorSpec) -> np.ndarray:
+    """A request body → an array of ``spec``'s dtype and shape; 400/413 naming what was expected."""
+    if isinstance(body, (bytes, bytearray)) and bytes(body[:6]) == NPY_MAGIC:
+        array = _load_npy(bytes(body), spec)
+    else:
+        array = _from_json(_json_payload(body), spec)
+    _check_shape(array, spec)
+    if array.dtype.kind == "f" and not spec.allow_non_finite:
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise BadRequest(f"the input has {bad} NaN or infinite value(s); expected finite numbers ({spec.describe()})")
+    return array
+
+
+def _json_payload(body: Any) -> Any:
+    if isinstance(body, (bytes, bytearray, str)):
+        if isinstance(body, (bytes, bytearray)) and not body:
+            raise BadRequest("the body is empty: expected a JSON array or .npy bytes")
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the body is neither a JSON array nor .npy bytes: {exc}") from None
+    if isinstance(body, dict):
+        if "inputs" not in body:
+            raise BadRequest('expected a JSON array, or an object with the array under "inputs"')
+        body = body["inputs"]
+    return body
+
+
+def _from_json(payload: Any, spec: TensorSpec) -> np.ndarray:
+    if not isinstance(payload, (list, int, float)) or isinstance(payload, bool) and spec.dtype != "bool":
+        raise BadRequest(f"expected a JSON array of numbers ({spec.describe()}), got {type(payload).__name__}")
+    try:
+        array = np.asarray(payload)
+    except ValueError as exc:  # ragged nesting
+        raise BadRequest(f"the array is ragged (rows of different lengths); expected {spec.describe()}: {exc}") from None
+    if array.size > spec.max_elements:
+        raise PayloadTooLarge(f"the input has {array.size:,} elements; the limit is {spec.max_elements:,}")
+    return _cast(array, spec)
+
+
+def _load_npy(data: bytes, spec: TensorSpec) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle client data
+    except ValueError as exc:
+        raise BadRequest(f"the .npy data cannot be read without pickle (object arrays are refused): {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise BadRequest(f"the .npy data is corrupt or truncated: {exc}") from None
+    if array.size > spec.max_elements:
+        raise PayloadTooLarge(f"the input has {array.size:,} elements; the limit is {spec.max_elements:,}")
+    return _cast(array, spec)
+
+
+def _cast(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    target = np.dtype(spec.dtype)
+    if array.dtype.kind not in "biuf":
+        raise BadRequest(f"expected numbers ({spec.describe()}), got values of type {array.dtype}")
+    if array.dtype.kind == "b" and target.kind != "b":
+        raise BadRequest(f"expected {spec.dtype} numbers, got booleans")
+    if not np.can_cast(array.dtype, target, casting="same_kind"):
+        raise BadRequest(f"expected {spec.dtype} values, got {array.dtype} (would lose precision or sign)")
+    if target.kind in "iu" and array.size:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise BadRequest(f"values out of range for {spec.dtype} [{info.min}, {info.max}]")
+    return array.astype(target, copy=False)
+
+
+def _check_shape(array: np.ndarray, spec: TensorSpec) -> None:
+    if not spec.shape:
+        return
+    expected = tuple(spec.shape)
+    matches = len(array.shape) == len(expected) and all(e in (-1, a) for a, e in zip(array.shape, expected))
+    if not matches:
+        raise BadRequest(f"expected {spec.describe()}, got shape {list(array.shape)}")
+
+
+def check_spec(shape: Any, dtype: Any) -> Optional[str]:
+    """A reason the declared shape/dtype settings are wrong, or None."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1) for d in shape):
+        return f"handler.shape must be a list of sizes >= 1 (or -1 for any), got {shape!r}"
+    if dtype not in DTYPES:
+        return f"handler.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}"
+    return None

@@ -1,0 +1,41 @@
+"""Text input for one request, and padding per micro-batch. Pure functions, pool-safe."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._errors import BadRequest, PayloadTooLarge
+
+
+def request_text(body: Any, max_chars: int) -> str:
+    """The text of a request: a plain/UTF-8 body, a JSON string, or JSON ``{"text": "..."}``."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"the text is not valid UTF-8: {exc}") from None
+    if isinstance(body, dict):
+        if "text" not in body:
+            raise BadRequest('expected text, a JSON string, or JSON {"text": "..."}')
+        body = body["text"]
+    if not isinstance(body, str):
+        raise BadRequest(f"expected text, got {type(body).__name__}")
+    if len(body) > max_chars:
+        raise PayloadTooLarge(f"the text is {len(body):,} characters; the limit is {max_chars:,}")
+    if not body.strip():
+        raise BadRequest("the text is empty")
+    return body
+
+
+def pad_to_longest(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of one micro-batch → ``(ids, attention_mask)``, both (N, longest) int64: padded
+    to the longest sequence of this micro-batch, not to a global maximum."""
+    longest = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return ids, mask
