@@ -40,7 +40,8 @@ def load_archived_model(model_dir: str, manifest: Mapping[str, Any], device: tor
 
 
 def build_module(path: str) -> torch.nn.Module:
-    """Instantiate the one ``nn.Module`` subclass defined in the Python file at ``path``."""
+    """Instantiate the one public ``nn.Module`` subclass defined in the Python file at ``path``
+    (helpers named with a leading underscore may sit beside it)."""
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -51,11 +52,11 @@ def build_module(path: str) -> torch.nn.Module:
     classes = [
         cls
         for _, cls in inspect.getmembers(module, inspect.isclass)
-        if issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__
+        if issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__ and not cls.__name__.startswith("_")
     ]
     if len(classes) != 1:
         found = ", ".join(c.__name__ for c in classes) or "none"
-        raise RuntimeError(f"{path} must define exactly one torch.nn.Module class, found {found}")
+        raise RuntimeError(f"{path} must define exactly one public torch.nn.Module class, found {found}")
     return classes[0]()
 
 

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sample_request(model: str):
-    """The example's sample request file (examples/<model>/sample.*), if it has one."""
-    samples = sorted((ROOT / "examples" / model).glob("sample.*"))
+    """The example's sample request (examples/<model>/sample.* or build/<model>/sample.*)."""
+    samples = sorted((ROOT / "examples" / model).glob("sample.*")) + sorted((ROOT / "build" / model).glob("sample.*"))
     return samples[0] if samples else None
 
 

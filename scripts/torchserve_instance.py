@@ -137,7 +137,9 @@ class TorchServe:
             str(self.python_bin / "torchserve"), "--start", "--ncs",
             "--ts-config", str(self.config_path), "--model-store", str(self.model_store),
         ]
-        subprocess.run(command, cwd=self.workdir, env=self.env(), check=True, stdout=subprocess.DEVNULL)
+        # TorchServe's own console output goes to a file; its logs are in logs/ as usual.
+        with open(self.workdir / "console.log", "ab") as console:
+            subprocess.run(command, cwd=self.workdir, env=self.env(), check=True, stdout=console, stderr=console)
 
     def stop(self) -> None:
         """Stop the TorchServe whose pid file is in this instance's temp dir (and only it)."""
