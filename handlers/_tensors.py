@@ -73,14 +73,22 @@ def _from_json(payload: Any, spec: TensorSpec) -> np.ndarray:
 
 
 def _load_npy(data: bytes, spec: TensorSpec) -> np.ndarray:
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadRequest(f"the .npy header is corrupt: {exc}") from None
+    if dtype.hasobject:
+        raise BadRequest("the .npy data holds Python objects; object arrays are refused (they need pickle)")
+    elements = int(np.prod(shape, dtype=np.int64))
+    if elements > spec.max_elements:  # checked from the header, before any allocation
+        raise PayloadTooLarge(f"the input has {elements:,} elements; the limit is {spec.max_elements:,}")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle client data
-    except ValueError as exc:
-        raise BadRequest(f"the .npy data cannot be read without pickle (object arrays are refused): {exc}") from None
-    except (OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise BadRequest(f"the .npy data is corrupt or truncated: {exc}") from None
-    if array.size > spec.max_elements:
-        raise PayloadTooLarge(f"the input has {array.size:,} elements; the limit is {spec.max_elements:,}")
     return _cast(array, spec)
 
 

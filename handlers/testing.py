@@ -22,6 +22,7 @@ __all__ = [
     "FakeMetrics",
     "RecordedMetric",
     "start_handler",
+    "start_archived_handler",
     "run_batch",
     "assert_batch_contract",
     "assert_matches_alone",
@@ -232,3 +233,40 @@ def assert_isolates_bad_request(
                 raise AssertionError(f"good request {idx} changed next to a bad one: {got!r:.200} != {want!r:.200}")
         error = responses[position]
     return error
+
+
+def start_archived_handler(mar_path, workdir, **system_properties):
+    """Unpack a ``.mar`` into ``workdir`` and start its handler as a TorchServe worker would:
+    the archive's own handler file, manifest and model config, with ``workdir`` as model_dir.
+    Returns the initialized handler; remember to ``close()`` it."""
+    import importlib.util
+    import inspect
+    import json
+    import uuid
+    import zipfile
+    from pathlib import Path
+
+    import yaml
+
+    workdir = Path(workdir)
+    with zipfile.ZipFile(mar_path) as archive:
+        archive.extractall(workdir)
+    manifest = json.loads((workdir / "MAR-INF" / "MANIFEST.json").read_text())
+    config_file = manifest["model"].get("configFile")
+    model_config = yaml.safe_load((workdir / config_file).read_text()) if config_file else {}
+    handler_file = workdir / manifest["model"]["handler"]
+    spec = importlib.util.spec_from_file_location(f"archived_handler_{uuid.uuid4().hex}", handler_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise AssertionError(f"{handler_file.name} must define exactly one class, found {[c.__name__ for c in classes]}")
+    context = FakeContext(
+        model_yaml_config=model_config,
+        system_properties={"model_dir": str(workdir), **system_properties},
+        manifest=manifest,
+        model_name=manifest["model"]["modelName"],
+    )
+    handler = classes[0]()
+    handler.initialize(context)
+    return handler

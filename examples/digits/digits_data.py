@@ -14,7 +14,7 @@ def digit_png(pixels_8x8: np.ndarray) -> bytes:
     """One digit as an 8×8 greyscale PNG (ink is white on black, as in the data set)."""
     grey = np.clip(np.asarray(pixels_8x8, dtype=np.float64) * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(grey.reshape(8, 8), mode="L").save(buffer, format="PNG")
+    Image.fromarray(grey.reshape(8, 8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -1,7 +1,5 @@
 """One real TorchServe (Java) per test session, serving archives built by the real command."""
 
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -10,17 +8,6 @@ import pytest
 from scripts.torchserve_instance import Ports, TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
-    result = subprocess.run(
-        [sys.executable, "-m", "handlers.archive", "--model-store", str(store)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return store
 
 
 @pytest.fixture(scope="session")

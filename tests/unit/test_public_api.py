@@ -24,7 +24,8 @@ def test_public_names_are_pinned():
 def test_testing_kit_names_are_pinned():
     assert sorted(handlers.testing.__all__) == [
         "FakeContext", "FakeMetrics", "RecordedMetric", "assert_batch_contract",
-        "assert_isolates_bad_request", "assert_matches_alone", "run_batch", "start_handler",
+        "assert_isolates_bad_request", "assert_matches_alone", "run_batch", "start_archived_handler",
+        "start_handler",
     ]
 
 
