@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ._errors import (
@@ -68,12 +68,46 @@ class Deadline:
         return self.remaining() <= 0.0
 
 
+class StageTimes:
+    """Seconds spent per stage in one batch, summed over requests (preprocess, postprocess, and
+    ``queue``: waiting for a pool thread) or micro-batches (inference). Written from several
+    threads, hence the lock."""
+
+    STAGES = ("queue", "preprocess", "inference", "postprocess")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.model_calls = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+            if stage == "inference":
+                self.model_calls += 1
+
+    def timed(self, stage: str, queued_at: Optional[float], function: Callable, *args):
+        """Run ``function(*args)``, adding its time to ``stage`` (and, given when it was queued,
+        the wait for a thread to ``queue``)."""
+        started = time.perf_counter()
+        if queued_at is not None:
+            self.add("queue", started - queued_at)
+        try:
+            return function(*args)
+        finally:
+            self.add(stage, time.perf_counter() - started)
+
+
 @dataclass(frozen=True)
 class BatchReport:
-    """What happened to one batch: one outcome per request, in order, and how it was cut."""
+    """What happened to one batch: one outcome per request, in order, how it was cut into
+    micro-batches, how many model calls that took (retries of failed micro-batches included),
+    and the seconds spent per stage."""
 
     outcomes: list
     micro_batch_sizes: list
+    model_calls: int = 0
+    stage_seconds: dict = field(default_factory=dict)
 
 
 class BatchEngine:
@@ -120,17 +154,23 @@ class BatchEngine:
         Never raises and never waits past ``settings.deadline_s``: a request whose stage is
         unfinished at the deadline gets a :class:`DeadlineExceeded` failure.
         """
+        times = StageTimes()
         deadline = Deadline(self.settings.deadline_s)
         preprocess_deadline = Deadline(self.settings.deadline_s * PREPROCESS_SHARE_OF_DEADLINE)
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
         plan = plan_micro_batches(len(requests), self.settings.micro_batch_size)
         try:
-            self._run_pipeline(requests, plan, preprocess_deadline, deadline, outcomes)
+            self._run_pipeline(requests, plan, preprocess_deadline, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
             log.exception("batch of %d failed inside the engine", len(requests))
             error = InternalError(f"the handler failed on this batch: {describe(exc)}")
             outcomes = [outcome or Failure(error) for outcome in outcomes]
-        return BatchReport(outcomes=outcomes, micro_batch_sizes=[len(r) for r in plan])
+        return BatchReport(
+            outcomes=outcomes,
+            micro_batch_sizes=[len(r) for r in plan],
+            model_calls=times.model_calls,
+            stage_seconds=dict(times.seconds),
+        )
 
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the pool and the model thread(s); idempotent.
@@ -158,9 +198,12 @@ class BatchEngine:
 
     # -- pipeline -----------------------------------------------------------------------------
 
-    def _run_pipeline(self, requests, plan, preprocess_deadline, deadline, outcomes) -> None:
+    def _run_pipeline(self, requests, plan, preprocess_deadline, deadline, outcomes, times) -> None:
         preprocessing = [
-            self._pool.submit(attempt, self._preprocess, preprocess_error, request) for request in requests
+            self._pool.submit(
+                times.timed, "preprocess", time.perf_counter(), attempt, self._preprocess, preprocess_error, request
+            )
+            for request in requests
         ]
         # Hand each micro-batch to the model as soon as its own items are ready, while the pool
         # goes on preprocessing the next ones.
@@ -180,7 +223,7 @@ class BatchEngine:
                 for position, _ in ready:
                     outcomes[position] = late
                 continue
-            job = self._model.submit(self._infer_then_postprocess, ready, deadline)
+            job = self._model.submit(self._infer_then_postprocess, ready, deadline, times)
             on_model.append(([position for position, _ in ready], job))
 
         for positions, job in on_model:
@@ -194,25 +237,27 @@ class BatchEngine:
                     self._wait(pending, deadline, "postprocessing") if isinstance(pending, Future) else pending
                 )
 
-    def _infer_then_postprocess(self, ready: list, deadline: Deadline) -> Outcome:
+    def _infer_then_postprocess(self, ready: list, deadline: Deadline, times: StageTimes) -> Outcome:
         """On the model thread: infer one micro-batch, then queue each output's postprocessing
         on the pool. Returns ``Success([(position, Future | Failure), ...])``."""
         items = dict(ready)
         scattered = []
-        for position, outcome in self._infer_isolating(ready, deadline):
+        for position, outcome in self._infer_isolating(ready, deadline, times):
             if outcome.ok:
                 pending = self._pool.submit(
-                    attempt, self._postprocess, postprocess_error, outcome.value, items[position]
+                    times.timed, "postprocess", time.perf_counter(),
+                    attempt, self._postprocess, postprocess_error, outcome.value, items[position],
                 )
                 scattered.append((position, pending))
             else:
                 scattered.append((position, outcome))
         return Success(scattered)
 
-    def _infer_isolating(self, ready: list, deadline: Deadline) -> list:
+    def _infer_isolating(self, ready: list, deadline: Deadline, times: StageTimes) -> list:
         """Infer ``ready`` (``[(position, item), ...]``); when that raises, split it in halves and
         retry each, so that a poison item fails alone and its neighbours still get results."""
-        outcome = attempt(self._infer_checked, inference_error, [item for _, item in ready])
+        items = [item for _, item in ready]
+        outcome = times.timed("inference", None, attempt, self._infer_checked, inference_error, items)
         if outcome.ok:
             return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
         if len(ready) == 1:
@@ -226,7 +271,9 @@ class BatchEngine:
             outcome.error.message,
         )
         middle = len(ready) // 2
-        return self._infer_isolating(ready[:middle], deadline) + self._infer_isolating(ready[middle:], deadline)
+        return self._infer_isolating(ready[:middle], deadline, times) + self._infer_isolating(
+            ready[middle:], deadline, times
+        )
 
     def _infer_checked(self, items: list) -> list:
         outputs = list(self._infer_micro_batch(items))

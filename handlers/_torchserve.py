@@ -15,6 +15,7 @@ from ._engine import BatchEngine, BatchReport
 from ._errors import BadRequest
 from ._loading import load_archived_model, prepare_model
 from ._request import Request, body_of
+from ._metrics import report_metrics
 from ._settings import EngineSettings, read_settings
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class MicroBatchHandler:
             raise RuntimeError(f"{type(self).__name__}.handle() called before initialize()")
         requests = [Request(body_of(row), self._headers(context, idx)) for idx, row in enumerate(data)]
         report = self._engine.run(requests)
+        report_metrics(context, report)
         return self._respond(report, context)
 
     @classmethod
@@ -172,15 +174,16 @@ class MicroBatchHandler:
 
     @staticmethod
     def _respond(report: BatchReport, context) -> list:
-        responses = []
-        batch_size = str(len(report.outcomes))
-        for idx, outcome in enumerate(report.outcomes):
-            context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
-            if outcome.ok:
-                responses.append(outcome.value)
-            else:
-                error = outcome.error
-                context.set_response_status(error.status, error.phrase, idx)
-                context.set_response_content_type(idx, "application/json")
-                responses.append(error.to_json())
-        return responses
+        outcomes = report.outcomes
+        requests = len(getattr(context, "request_processor", None) or outcomes)
+        for idx in range(requests):
+            context.set_response_header(idx, BATCH_SIZE_HEADER, str(requests))
+        failures = [(idx, outcome.error) for idx, outcome in enumerate(outcomes) if not outcome.ok]
+        if requests != len(outcomes):
+            # Behind a KServe envelope the items are the instances of one request: its status is
+            # that of the first failed instance; every instance keeps its own answer or error.
+            failures = [(0, error) for _, error in failures[:1]]
+        for idx, error in failures:
+            context.set_response_status(error.status, error.phrase, idx)
+            context.set_response_content_type(idx, "application/json")
+        return [outcome.value if outcome.ok else outcome.error.to_json() for outcome in outcomes]

@@ -110,6 +110,11 @@ class FakeContext:
     def system_properties(self) -> dict:
         return self._system_properties
 
+    @property
+    def request_processor(self) -> list:
+        """One entry per request of the batch, as TorchServe's context has."""
+        return [{"headers": headers} for headers in self._request_headers]
+
     # -- what a handler reads --
 
     def get_request_id(self, idx: int = 0) -> Optional[str]:

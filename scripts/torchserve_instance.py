@@ -49,12 +49,15 @@ class Ports:
     inference: int
     management: int
     metrics: int
+    grpc_inference: int
+    grpc_management: int
     first_worker: int
 
     @classmethod
     def free(cls) -> "Ports":
-        # Worker ports count up from first_worker, one per worker: leave a gap above it.
-        return cls(free_port(), free_port(), free_port(), 20000 + free_port() % 20000)
+        # Worker "ports" name the sockets /tmp/.ts.sock.<port>, one per worker counting up from
+        # first_worker: pick a free TCP port so that two instances on one machine differ.
+        return cls(*(free_port() for _ in range(6)))
 
 
 class TorchServe:
@@ -87,9 +90,15 @@ class TorchServe:
                 inference_address=f"http://127.0.0.1:{ports.inference}",
                 management_address=f"http://127.0.0.1:{ports.management}",
                 metrics_address=f"http://127.0.0.1:{ports.metrics}",
+                grpc_inference_port=str(ports.grpc_inference),
+                grpc_management_port=str(ports.grpc_management),
                 initial_worker_port=str(ports.first_worker),
             )
         props["model_store"] = str(self.model_store)
+        # TorchServe reads paths from where it starts (our workdir): anchor them to the config's folder.
+        for key in ("metrics_config",):
+            if key in props and not Path(props[key]).is_absolute():
+                props[key] = str((Path(base_config).resolve().parent / props[key]).resolve())
         props.update(extra_properties or {})
         self.properties = props
         self.config_path = self.workdir / "config.properties"
