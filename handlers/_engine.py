@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._outcome import Failure, Outcome, Success, attempt
 from ._settings import EngineSettings
+from ._sizing import make_sizing
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,20 @@ class StageTimes:
     def __init__(self):
         self._lock = threading.Lock()
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
-        self.model_calls = 0
+        self.calls: list = []  # (micro-batch size, seconds) of each model call
+
+    @property
+    def model_calls(self) -> int:
+        return len(self.calls)
 
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.seconds[stage] += seconds
-            if stage == "inference":
-                self.model_calls += 1
+
+    def add_call(self, size: int, seconds: float) -> None:
+        with self._lock:
+            self.seconds["inference"] += seconds
+            self.calls.append((size, seconds))
 
     def timed(self, stage: str, queued_at: Optional[float], function: Callable, *args):
         """Run ``function(*args)``, adding its time to ``stage`` (and, given when it was queued,
@@ -140,6 +148,7 @@ class BatchEngine:
         self._preprocess = preprocess
         self._infer_micro_batch = infer_micro_batch
         self._postprocess = postprocess
+        self._sizing = make_sizing(settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size)
         # Created once: threads are reused across batches, never started per request.
         self._pool = ThreadPoolExecutor(settings.pool_size, thread_name_prefix="microbatch-pool")
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
@@ -158,13 +167,14 @@ class BatchEngine:
         deadline = Deadline(self.settings.deadline_s)
         preprocess_deadline = Deadline(self.settings.deadline_s * PREPROCESS_SHARE_OF_DEADLINE)
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
-        plan = plan_micro_batches(len(requests), self.settings.micro_batch_size)
+        plan = plan_micro_batches(len(requests), self._sizing.size_for(len(requests)))
         try:
             self._run_pipeline(requests, plan, preprocess_deadline, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
             log.exception("batch of %d failed inside the engine", len(requests))
             error = InternalError(f"the handler failed on this batch: {describe(exc)}")
             outcomes = [outcome or Failure(error) for outcome in outcomes]
+        self._sizing.observe(len(requests), times.seconds["preprocess"], list(times.calls))
         return BatchReport(
             outcomes=outcomes,
             micro_batch_sizes=[len(r) for r in plan],
@@ -257,7 +267,9 @@ class BatchEngine:
         """Infer ``ready`` (``[(position, item), ...]``); when that raises, split it in halves and
         retry each, so that a poison item fails alone and its neighbours still get results."""
         items = [item for _, item in ready]
-        outcome = times.timed("inference", None, attempt, self._infer_checked, inference_error, items)
+        started = time.perf_counter()
+        outcome = attempt(self._infer_checked, inference_error, items)
+        times.add_call(len(items), time.perf_counter() - started)
         if outcome.ok:
             return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
         if len(ready) == 1:

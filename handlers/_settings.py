@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from ._sizing import STRATEGIES
+
 SECTION = "handler"
 TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120.0
 # Leave TorchServe room to send our error answers before it gives up on the worker.
@@ -32,24 +34,32 @@ class EngineSettings:
 
     Attributes:
         micro_batch_size: items per micro-batch; ``None`` runs the whole batch at once.
+        micro_batch_strategy: ``static`` (``micro_batch_size``), ``dynamic`` (one micro-batch per
+            pool thread, at least two) or ``adaptive`` (learned from measured costs).
         pool_size: threads that preprocess and postprocess requests.
         inference_workers: micro-batches on the model at the same time.
         deadline_s: the longest one batch may take; what is unfinished then gets a 504.
     """
 
     micro_batch_size: Optional[int] = None
+    micro_batch_strategy: str = "static"
     pool_size: int = field(default_factory=usable_cores)
     inference_workers: int = 1
     deadline_s: float = DEFAULT_DEADLINE_S
 
     def __post_init__(self):
         _check_int("micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        if self.micro_batch_strategy not in STRATEGIES:
+            raise ConfigError(
+                f"{SECTION}.micro_batch_strategy must be one of {', '.join(STRATEGIES)}, "
+                f"got {self.micro_batch_strategy!r}"
+            )
         _check_int("pool_size", self.pool_size, minimum=1)
         _check_int("inference_workers", self.inference_workers, minimum=1)
         _check_number("deadline_s", self.deadline_s, exclusive_minimum=0)
 
 
-ENGINE_KEYS = ("micro_batch_size", "pool_size", "inference_workers", "deadline_s")
+ENGINE_KEYS = ("micro_batch_size", "micro_batch_strategy", "pool_size", "inference_workers", "deadline_s")
 
 
 def read_settings(

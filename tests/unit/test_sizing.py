@@ -1,0 +1,73 @@
+"""Micro-batch sizing strategies: pure rules, checked on costs you can reason about."""
+
+import pytest
+
+from handlers import BatchEngine, ConfigError, EngineSettings
+from handlers._sizing import (
+    AdaptiveSizing,
+    DynamicSizing,
+    StaticSizing,
+    best_micro_batch_size,
+    predicted_batch_seconds,
+)
+
+
+def test_static_keeps_its_size():
+    assert StaticSizing(4).size_for(32) == 4 and StaticSizing(None).size_for(32) is None
+
+
+@pytest.mark.parametrize("batch, pool, expected", [(32, 2, 16), (32, 4, 8), (7, 2, 4), (1, 2, 1), (32, 1, 16)])
+def test_dynamic_makes_one_micro_batch_per_pool_thread_and_at_least_two(batch, pool, expected):
+    assert DynamicSizing(pool).size_for(batch) == expected
+
+
+def test_the_makespan_model_on_hand_computed_cases():
+    # 4 items, 1 thread, 1 s each to preprocess, model free: 4 s whatever the size.
+    assert predicted_batch_seconds(4, 1, 1, 1.0, 0.0, 0.0) == 4.0
+    # Model calls cost 1 s fixed: whole batch = 4 s preprocess + 1 s; size 1 = 1 s + 4 calls = 5 s.
+    assert predicted_batch_seconds(4, 4, 1, 1.0, 1.0, 0.0) == 5.0
+    assert predicted_batch_seconds(4, 1, 1, 1.0, 1.0, 0.0) == 5.0
+    assert predicted_batch_seconds(4, 2, 1, 1.0, 1.0, 0.0) == 5.0
+
+
+def test_cheap_model_calls_favour_small_micro_batches():
+    # Preprocessing dominates and each call is nearly free per item: overlap wins.
+    assert best_micro_batch_size(32, 2, per_item_pre=0.05, call_fixed=0.0005, call_per_item=0.001) <= 4
+
+
+def test_a_costly_fixed_call_favours_large_micro_batches():
+    assert best_micro_batch_size(32, 2, per_item_pre=0.001, call_fixed=0.2, call_per_item=0.001) == 32
+
+
+def test_adaptive_learns_the_costs_and_moves_to_the_best_size():
+    sizing = AdaptiveSizing(pool_size=2)
+    first = sizing.size_for(32)
+    assert first == DynamicSizing(2).size_for(32)  # no data yet: the dynamic rule
+    for _ in range(30):
+        size = sizing.size_for(32)
+        calls = []
+        remaining = 32
+        while remaining:
+            m = min(size, remaining)
+            calls.append((m, 0.2 + 0.001 * m))  # a model with a big fixed cost per call
+            remaining -= m
+        sizing.observe(32, preprocess_seconds=32 * 0.001, calls=calls)
+    assert sizing.size_for(32) == 32
+
+
+def test_the_engine_cuts_batches_with_its_strategy():
+    seen = []
+
+    def infer(items):
+        seen.append(len(items))
+        return items
+
+    settings = EngineSettings(micro_batch_strategy="dynamic", pool_size=4, deadline_s=10)
+    with BatchEngine(lambda r: r, infer, lambda o, i: o, settings) as engine:
+        report = engine.run(list(range(32)))
+    assert report.micro_batch_sizes == [8, 8, 8, 8] and sorted(seen) == [8, 8, 8, 8]
+
+
+def test_an_unknown_strategy_is_refused_by_name():
+    with pytest.raises(ConfigError, match="handler.micro_batch_strategy must be one of static, dynamic, adaptive, got 'smart'"):
+        EngineSettings(micro_batch_strategy="smart")
