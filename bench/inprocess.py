@@ -26,7 +26,7 @@ CONTENDERS = ("sequential", "microbatching", "ours", "model-alone", "preprocess-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(workload_name: str, contender: str, rounds: int, handler_config: dict) -> dict:
+def measure(workload_name: str, contender: str, rounds: int, handler_config: dict, batch_size=None) -> dict:
     """Run one contender in this process; returns its timings and peak memory."""
     import torch
 
@@ -37,6 +37,7 @@ def measure(workload_name: str, contender: str, rounds: int, handler_config: dic
     from handlers.testing import FakeContext
 
     workload = WORKLOADS[workload_name]()
+    workload.batch_size = batch_size or workload.batch_size
     config = {**workload.handler_config, **handler_config}
     init_context = FakeContext(
         model_yaml_config={"handler": config},
@@ -100,11 +101,13 @@ def measure(workload_name: str, contender: str, rounds: int, handler_config: dic
     }
 
 
-def run_isolated(workload: str, contender: str, rounds: int, handler_config: dict) -> dict:
+def run_isolated(workload: str, contender: str, rounds: int, handler_config: dict, batch_size=None) -> dict:
     command = [
         sys.executable, "-m", "bench.inprocess", "--one", workload, contender,
         "--rounds", str(rounds), "--handler-config", json.dumps(handler_config),
     ]
+    if batch_size:
+        command += ["--batch-size", str(batch_size)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{workload}/{contender} failed:\n{result.stderr[-3000:]}")
@@ -135,19 +138,20 @@ def main(argv=None) -> int:
     parser.add_argument("--contenders", nargs="*", default=list(CONTENDERS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--handler-config", default="{}", help="JSON merged into our handler's settings")
+    parser.add_argument("--batch-size", type=int, help="override each workload's batch size")
     parser.add_argument("--out", type=Path, help="folder for results.json and results.md")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     handler_config = json.loads(args.handler_config)
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], args.rounds, handler_config)))
+        print(json.dumps(measure(args.one[0], args.one[1], args.rounds, handler_config, args.batch_size)))
         return 0
     results = []
     total = len(args.workloads) * len(args.contenders)
     for workload in args.workloads:
         for contender in args.contenders:
             print(f"[{len(results) + 1}/{total}] {workload} / {contender} ...", file=sys.stderr, flush=True)
-            results.append(run_isolated(workload, contender, args.rounds, handler_config))
+            results.append(run_isolated(workload, contender, args.rounds, handler_config, args.batch_size))
     report = table(results)
     print(report)
     if args.out:

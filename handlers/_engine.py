@@ -69,6 +69,46 @@ class Deadline:
         return self.remaining() <= 0.0
 
 
+def chunked(positions: Sequence[int], length: int) -> list:
+    """``positions`` in consecutive pieces of ``length`` (the last may be shorter)."""
+    positions = list(positions)
+    return [positions[i : i + length] for i in range(0, len(positions), length)]
+
+
+class PerItemCost:
+    """Seconds one request takes in a pool stage (a moving average), and from it how many
+    requests one pool task should carry: one each while a request costs a millisecond or more
+    (balance, and a hung request delays nobody else), enough to amortise the hand-off to a
+    thread (tens of microseconds) when requests are cheap."""
+
+    ONE_PER_TASK_ABOVE_S = 1e-3
+    TASK_TARGET_S = 1e-3
+    MAX_PER_TASK = 256
+    INLINE_BELOW_S = 50e-6
+
+    def __init__(self, memory: float = 0.8):
+        self._memory = memory
+        self._lock = threading.Lock()
+        self.seconds: Optional[float] = None
+
+    def update(self, count: int, seconds: float) -> None:
+        if count:
+            with self._lock:
+                value = seconds / count
+                self.seconds = value if self.seconds is None else self._memory * self.seconds + (1 - self._memory) * value
+
+    def is_cheap(self, count: int) -> bool:
+        """True when ``count`` requests cost less than handing them to a pool thread."""
+        value = self.seconds
+        return value is not None and value * count < self.INLINE_BELOW_S
+
+    def chunk_length(self) -> int:
+        value = self.seconds
+        if value is None or value >= self.ONE_PER_TASK_ABOVE_S:
+            return 1
+        return max(1, min(self.MAX_PER_TASK, int(self.TASK_TARGET_S / max(value, 1e-9))))
+
+
 class StageTimes:
     """Seconds spent per stage in one batch, summed over requests (preprocess, postprocess, and
     ``queue``: waiting for a pool thread) or micro-batches (inference). Written from several
@@ -93,17 +133,6 @@ class StageTimes:
         with self._lock:
             self.seconds["inference"] += seconds
             self.calls.append((size, seconds))
-
-    def timed(self, stage: str, queued_at: Optional[float], function: Callable, *args):
-        """Run ``function(*args)``, adding its time to ``stage`` (and, given when it was queued,
-        the wait for a thread to ``queue``)."""
-        started = time.perf_counter()
-        if queued_at is not None:
-            self.add("queue", started - queued_at)
-        try:
-            return function(*args)
-        finally:
-            self.add(stage, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -148,6 +177,8 @@ class BatchEngine:
         self._preprocess = preprocess
         self._infer_micro_batch = infer_micro_batch
         self._postprocess = postprocess
+        self._preprocess_cost = PerItemCost()
+        self._postprocess_cost = PerItemCost()
         self._sizing = make_sizing(settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size)
         # Created once: threads are reused across batches, never started per request.
         self._pool = ThreadPoolExecutor(settings.pool_size, thread_name_prefix="microbatch-pool")
@@ -209,23 +240,26 @@ class BatchEngine:
     # -- pipeline -----------------------------------------------------------------------------
 
     def _run_pipeline(self, requests, plan, preprocess_deadline, deadline, outcomes, times) -> None:
+        # Queue every micro-batch's preprocessing at once (in order), so that the pool works
+        # ahead while the model runs: inference of micro-batch k overlaps preprocessing of k+1.
+        chunk = self._preprocess_cost.chunk_length()
         preprocessing = [
-            self._pool.submit(
-                times.timed, "preprocess", time.perf_counter(), attempt, self._preprocess, preprocess_error, request
-            )
-            for request in requests
+            [
+                (part, self._submit_chunk("preprocess", self._preprocess, preprocess_error,
+                                          [(requests[p],) for p in part], times, self._preprocess_cost))
+                for part in chunked(positions, chunk)
+            ]
+            for positions in plan
         ]
-        # Hand each micro-batch to the model as soon as its own items are ready, while the pool
-        # goes on preprocessing the next ones.
         on_model: list[tuple[list[int], Future]] = []
-        for positions in plan:
+        for parts in preprocessing:
             ready = []
-            for position in positions:
-                outcome = self._wait(preprocessing[position], preprocess_deadline, "preprocessing")
-                if outcome.ok:
-                    ready.append((position, outcome.value))
-                else:
-                    outcomes[position] = outcome
+            for part, pending in parts:
+                for position, outcome in self._collect(part, pending, preprocess_deadline, "preprocessing"):
+                    if outcome.ok:
+                        ready.append((position, outcome.value))
+                    else:
+                        outcomes[position] = outcome
             if not ready:
                 continue
             if deadline.expired():
@@ -242,26 +276,59 @@ class BatchEngine:
                 for position in positions:
                     outcomes[position] = scattered
                 continue
-            for position, pending in scattered.value:
-                outcomes[position] = (
-                    self._wait(pending, deadline, "postprocessing") if isinstance(pending, Future) else pending
-                )
+            failed, postprocessing = scattered.value
+            for position, failure in failed:
+                outcomes[position] = failure
+            for part, pending in postprocessing:
+                for position, outcome in self._collect(part, pending, deadline, "postprocessing"):
+                    outcomes[position] = outcome
 
     def _infer_then_postprocess(self, ready: list, deadline: Deadline, times: StageTimes) -> Outcome:
-        """On the model thread: infer one micro-batch, then queue each output's postprocessing
-        on the pool. Returns ``Success([(position, Future | Failure), ...])``."""
+        """On the model thread: infer one micro-batch, then queue its outputs' postprocessing on
+        the pool. Returns ``Success(([(position, Failure)], [(positions, Future)]))``."""
         items = dict(ready)
-        scattered = []
+        failed, succeeded = [], []
         for position, outcome in self._infer_isolating(ready, deadline, times):
-            if outcome.ok:
-                pending = self._pool.submit(
-                    times.timed, "postprocess", time.perf_counter(),
-                    attempt, self._postprocess, postprocess_error, outcome.value, items[position],
-                )
-                scattered.append((position, pending))
-            else:
-                scattered.append((position, outcome))
-        return Success(scattered)
+            (succeeded if outcome.ok else failed).append((position, outcome))
+        outputs = dict((position, outcome.value) for position, outcome in succeeded)
+        positions = [position for position, _ in succeeded]
+        arguments = lambda part: [(outputs[p], items[p]) for p in part]  # noqa: E731
+        if self._postprocess_cost.is_cheap(len(positions)):
+            # Cheaper than handing it to a thread: finish here, on the model thread.
+            done: Future = Future()
+            done.set_result(self._run_chunk("postprocess", self._postprocess, postprocess_error,
+                                            arguments(positions), times, self._postprocess_cost, time.perf_counter()))
+            return Success((failed, [(positions, done)] if positions else []))
+        chunk = self._postprocess_cost.chunk_length()
+        postprocessing = [
+            (part, self._submit_chunk("postprocess", self._postprocess, postprocess_error,
+                                      arguments(part), times, self._postprocess_cost))
+            for part in chunked(positions, chunk)
+        ]
+        return Success((failed, postprocessing))
+
+    def _submit_chunk(self, stage, function, classify, argument_lists, times, cost) -> Future:
+        return self._pool.submit(
+            self._run_chunk, stage, function, classify, argument_lists, times, cost, time.perf_counter()
+        )
+
+    @staticmethod
+    def _run_chunk(stage, function, classify, argument_lists, times, cost, queued_at) -> Outcome:
+        """On a pool thread: one stage for a few requests, each with its own outcome."""
+        started = time.perf_counter()
+        times.add("queue", started - queued_at)
+        results = [attempt(function, classify, *arguments) for arguments in argument_lists]
+        elapsed = time.perf_counter() - started
+        times.add(stage, elapsed)
+        cost.update(len(argument_lists), elapsed)
+        return Success(results)
+
+    def _collect(self, part: list, pending: Future, deadline: Deadline, stage: str) -> list:
+        """``[(position, outcome)]`` for one chunk; all of it late if the chunk is."""
+        result = self._wait(pending, deadline, stage)
+        if not result.ok:
+            return [(position, result) for position in part]
+        return list(zip(part, result.value))
 
     def _infer_isolating(self, ready: list, deadline: Deadline, times: StageTimes) -> list:
         """Infer ``ready`` (``[(position, item), ...]``); when that raises, split it in halves and

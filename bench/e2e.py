@@ -1,0 +1,142 @@
+"""End-to-end benchmark through a real TorchServe: our handler and the stock-style sequential
+baseline, archived with the same model, served side by side by one TorchServe, driven by the
+closed-loop load generator at several concurrency levels.
+
+    python -m bench.e2e --workloads photo-12mp photo-vga --concurrency 1 8 32 64 --seconds 20 --out bench/results
+
+For photo-vga it also measures the limit in the same run: the model alone (in-process) at the
+batch size TorchServe actually served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from bench.inprocess import run_isolated
+from bench.loadgen import run_closed_loop
+from bench.workloads import ROOT, WORK, WORKLOADS
+from handlers.archive import ArchiveSpec, archive
+from scripts.torchserve_instance import Ports, TorchServe
+
+KIND = {"photo-12mp": "image", "photo-vga": "image", "text": "text", "tensor": "tensor"}
+SERVE_HANDLERS = ROOT / "bench" / "serve_handlers"
+
+
+def model_name(workload: str, contender: str) -> str:
+    return f"{workload.replace('-', '_')}_{contender}"
+
+
+def build_archive(workload_name: str, contender: str, store: Path, batch_size: int, max_delay_ms: int,
+                  handler_config: dict) -> str:
+    workload = WORKLOADS[workload_name]()
+    model_dir = workload.model_dir()
+    name = model_name(workload_name, contender)
+    kind = KIND[workload_name]
+    extra = [ROOT / "bench" / "baselines.py"]
+    if workload.model_file is None:  # a Hugging Face folder
+        extra += [model_dir / f for f in ("config.json", "model.safetensors", "tokenizer.json")]
+    else:
+        extra.append(model_dir / "index_to_name.json")
+    config = {
+        "batchSize": batch_size, "maxBatchDelay": max_delay_ms, "minWorkers": 1, "maxWorkers": 1,
+        "responseTimeout": 120,
+    }
+    if contender == "ours":
+        config["handler"] = {**workload.handler_config, **handler_config}
+    spec = ArchiveSpec(
+        source=Path(f"<bench {name}>"), model_name=name, version="1.0",
+        handler=SERVE_HANDLERS / f"{contender}_{kind}.py", model_config=config,
+        serialized_file=model_dir / "weights.pt" if workload.model_file else None,
+        model_file=model_dir / workload.model_file.name if workload.model_file else None,
+        extra_files=extra,
+    )
+    archive(spec, store)
+    return name
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="*", default=["photo-12mp", "photo-vga"])
+    parser.add_argument("--contenders", nargs="*", default=["sequential", "ours"])
+    parser.add_argument("--concurrency", nargs="*", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-delay-ms", type=int, default=50)
+    parser.add_argument("--handler-config", default="{}")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    work = WORK / "e2e"
+    shutil.rmtree(work, ignore_errors=True)
+    store = work / "model_store"
+    models = {}
+    for workload in args.workloads:
+        for contender in args.contenders:
+            print(f"archiving {workload} / {contender}", file=sys.stderr, flush=True)
+            models[(workload, contender)] = build_archive(
+                workload, contender, store, args.batch_size, args.max_delay_ms, json.loads(args.handler_config)
+            )
+    server = TorchServe(work / "server", store, ROOT / "config.properties", ports=Ports.free())
+    server.start()
+    results = []
+    try:
+        server.wait_ready(models.values())
+        total = len(models) * len(args.concurrency)
+        for (workload, contender), name in models.items():
+            spec = WORKLOADS[workload]()
+            bodies = spec.make_inputs(max(64, spec.batch_size))
+            headers = {"Content-Type": spec.content_type, **server.auth()}
+            for concurrency in args.concurrency:
+                print(f"[{len(results) + 1}/{total}] {workload} / {contender} at concurrency {concurrency}",
+                      file=sys.stderr, flush=True)
+                load = run_closed_loop(
+                    f"{server.inference_url}/predictions/{name}", bodies, headers, concurrency, args.seconds
+                )
+                results.append({"workload": workload, "contender": contender, **load.summary()})
+        for workload in args.workloads:
+            if workload == "photo-vga":
+                results.extend(model_limits(workload, results))
+    finally:
+        server.stop()
+    report = table(results)
+    print(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "e2e.json").write_text(json.dumps(results, indent=1))
+        (args.out / "e2e.md").write_text(report + "\n")
+    return 0
+
+
+def model_limits(workload: str, results: list) -> list:
+    """The model alone, in-process, at the (rounded) mean batch size ours was served at."""
+    limits = []
+    for row in [r for r in results if r["workload"] == workload and r["contender"] == "ours"]:
+        size = max(1, round(row["mean_batch_size"]))
+        measured = run_isolated(workload, "model-alone", 5, {}, batch_size=size)
+        limits.append({
+            "workload": workload, "contender": f"limit: model alone at batch {size}",
+            "concurrency": row["concurrency"], "throughput_rps": round(measured["items_per_s"], 2),
+        })
+    return limits
+
+
+def table(results: list) -> str:
+    lines = [
+        "| workload | contender | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors | mean batch | batches by size | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['workload']} | {r['contender']} | {r['concurrency']} | {r['throughput_rps']} "
+            f"| {r.get('p50_ms', '')} | {r.get('p90_ms', '')} | {r.get('p99_ms', '')} | {r.get('errors', '')} "
+            f"| {r.get('mean_batch_size', '')} | {r.get('batches_by_size', '')} | {r.get('client_cpu_share', '')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

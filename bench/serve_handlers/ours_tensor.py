@@ -1,0 +1,6 @@
+"""Benchmark archive handler: ours, the tensor handler."""
+from handlers import TensorHandler
+
+
+class OursTensor(TensorHandler):
+    pass

@@ -1,0 +1,6 @@
+"""Benchmark archive handler: ours, sentence embeddings."""
+from handlers import SentenceEmbeddingHandler
+
+
+class OursText(SentenceEmbeddingHandler):
+    pass

@@ -1,0 +1,6 @@
+"""Benchmark archive handler: the hand-written sequential loop (bench/baselines.py)."""
+from baselines import SequentialTensorHandler
+
+
+class SequentialTensor(SequentialTensorHandler):
+    pass
