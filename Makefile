@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test unit archives venv java clean
+.PHONY: serve test unit archives venv java clean bench
 
 serve: archives java
 	$(PY) -m scripts.serve
@@ -35,3 +35,10 @@ java:
 
 clean:
 	rm -rf build model_store/*.mar .serve .pytest_cache
+
+# Benchmarks (minutes; results and tables in bench/results/). See bench/README.md.
+bench: venv java
+	$(PY) -m bench.inprocess --rounds 5 --out bench/results
+	$(PY) -m bench.overhead --out bench/results
+	$(PY) -m bench.sizing --out bench/results
+	$(PY) -m bench.e2e --out bench/results

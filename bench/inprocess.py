@@ -24,9 +24,10 @@ from pathlib import Path
 
 CONTENDERS = ("sequential", "microbatching", "ours", "model-alone", "preprocess-alone")
 ROOT = Path(__file__).resolve().parents[1]
+MIN_MEASURED_S = 3.0
 
 
-def measure(workload_name: str, contender: str, rounds: int, handler_config: dict, batch_size=None) -> dict:
+def measure(workload_name: str, contender: str, rounds: int, handler_config: dict, batch_size=None, warmup=1) -> dict:
     """Run one contender in this process; returns its timings and peak memory."""
     import torch
 
@@ -80,9 +81,10 @@ def measure(workload_name: str, contender: str, rounds: int, handler_config: dic
         def one_round():
             list(pool.map(handler.preprocess_one, requests))
 
-    one_round()  # warm-up: lazy initialisation, allocator, caches
+    for _ in range(warmup):  # lazy initialisation, allocator, caches, adaptive sizing's first guesses
+        one_round()
     seconds = []
-    for _ in range(rounds):
+    while len(seconds) < rounds or sum(seconds) < MIN_MEASURED_S:  # short rounds are noisy: take many
         started = time.perf_counter()
         one_round()
         seconds.append(time.perf_counter() - started)
@@ -101,13 +103,14 @@ def measure(workload_name: str, contender: str, rounds: int, handler_config: dic
     }
 
 
-def run_isolated(workload: str, contender: str, rounds: int, handler_config: dict, batch_size=None) -> dict:
+def run_isolated(workload: str, contender: str, rounds: int, handler_config: dict, batch_size=None, warmup=1) -> dict:
     command = [
         sys.executable, "-m", "bench.inprocess", "--one", workload, contender,
         "--rounds", str(rounds), "--handler-config", json.dumps(handler_config),
     ]
     if batch_size:
         command += ["--batch-size", str(batch_size)]
+    command += ["--warmup", str(warmup)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{workload}/{contender} failed:\n{result.stderr[-3000:]}")
@@ -139,12 +142,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--handler-config", default="{}", help="JSON merged into our handler's settings")
     parser.add_argument("--batch-size", type=int, help="override each workload's batch size")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--out", type=Path, help="folder for results.json and results.md")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     handler_config = json.loads(args.handler_config)
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], args.rounds, handler_config, args.batch_size)))
+        print(json.dumps(measure(args.one[0], args.one[1], args.rounds, handler_config, args.batch_size, args.warmup)))
         return 0
     results = []
     total = len(args.workloads) * len(args.contenders)

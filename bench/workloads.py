@@ -102,17 +102,17 @@ def text_model_dir() -> Path:
 WORKLOADS = {
     "photo-12mp": lambda: Workload(
         "photo-12mp", 32, ROOT / "bench" / "models" / "small_cnn.py", ImageClassifierHandler,
-        SequentialImageClassifier, lambda n: photos(4032, 3024, n), {"micro_batch_size": 8},
+        SequentialImageClassifier, lambda n: photos(4032, 3024, n), {"micro_batch_strategy": "adaptive"},
         content_type="image/jpeg",
     ),
     "photo-vga": lambda: Workload(
         "photo-vga", 16, ROOT / "examples" / "image_classifier" / "model.py", ImageClassifierHandler,
-        SequentialImageClassifier, lambda n: photos(640, 480, n), {"micro_batch_size": 8},
+        SequentialImageClassifier, lambda n: photos(640, 480, n), {"micro_batch_strategy": "adaptive"},
         content_type="image/jpeg",
     ),
     "text": lambda: Workload(
         "text", 32, None, SentenceEmbeddingHandler, SequentialTextEmbedder, sentences,
-        {"micro_batch_size": 8}, model_dir_source=text_model_dir(), content_type="text/plain",
+        {"micro_batch_strategy": "adaptive"}, model_dir_source=text_model_dir(), content_type="text/plain",
     ),
     "tensor": lambda: Workload(
         "tensor", 64, ROOT / "bench" / "models" / "tiny_linear.py", TensorHandler, SequentialTensorHandler,

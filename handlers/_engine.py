@@ -156,6 +156,8 @@ class BatchEngine:
             on the model thread(s), one micro-batch at a time per model thread.
         postprocess: ``(output, item) -> response``; runs on the pool, one request at a time.
         settings: sizes and the deadline.
+        inference_on_cpu: the model shares the CPU cores with the pool (no accelerator); the
+            adaptive micro-batch sizing then stops expecting overlap to pay.
 
     Per-request stages must be thread-safe: they run concurrently on the pool. The engine keeps
     no per-request state on itself, so :meth:`run` may be called from several threads.
@@ -172,6 +174,7 @@ class BatchEngine:
         infer_micro_batch: InferMicroBatch,
         postprocess: Postprocess,
         settings: EngineSettings = EngineSettings(),
+        inference_on_cpu: bool = False,
     ):
         self.settings = settings
         self._preprocess = preprocess
@@ -179,7 +182,9 @@ class BatchEngine:
         self._postprocess = postprocess
         self._preprocess_cost = PerItemCost()
         self._postprocess_cost = PerItemCost()
-        self._sizing = make_sizing(settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size)
+        self._sizing = make_sizing(
+            settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size, shared_cores=inference_on_cpu
+        )
         # Created once: threads are reused across batches, never started per request.
         self._pool = ThreadPoolExecutor(settings.pool_size, thread_name_prefix="microbatch-pool")
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")

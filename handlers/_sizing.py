@@ -35,23 +35,31 @@ class DynamicSizing(StaticSizing):
         return max(1, math.ceil(batch_size / max(2, self.pool_size)))
 
 
-def predicted_batch_seconds(n: int, m: int, pool: int, per_item_pre: float, call_fixed: float, call_per_item: float) -> float:
-    """Makespan of a batch of ``n`` in micro-batches of ``m``: the longer of (all preprocessing,
-    then the last micro-batch's inference) and (the first micro-batch's preprocessing, then every
-    inference back to back)."""
+def predicted_batch_seconds(n: int, m: int, pool: int, per_item_pre: float, call_fixed: float,
+                            call_per_item: float, shared_cores: bool = False) -> float:
+    """Makespan of a batch of ``n`` in micro-batches of ``m``.
+
+    With an accelerator: the longer of (all preprocessing, then the last micro-batch's
+    inference) and (the first micro-batch's preprocessing, then every inference back to back).
+    With the model on the same CPU cores as the pool (``shared_cores``), the stages compete for
+    those cores rather than overlap: the work simply adds up.
+    """
     count = math.ceil(n / m)
     preprocess_all = n * per_item_pre / pool
+    all_calls = count * call_fixed + n * call_per_item
+    if shared_cores:
+        return preprocess_all + all_calls
     last_call = call_fixed + call_per_item * min(m, n - (count - 1) * m)
     first_ready = min(m, n) * per_item_pre / pool
-    all_calls = count * call_fixed + n * call_per_item
     return max(preprocess_all + last_call, first_ready + all_calls)
 
 
-def best_micro_batch_size(n: int, pool: int, per_item_pre: float, call_fixed: float, call_per_item: float) -> int:
+def best_micro_batch_size(n: int, pool: int, per_item_pre: float, call_fixed: float, call_per_item: float,
+                          shared_cores: bool = False) -> int:
     """The micro-batch size with the shortest predicted makespan (the larger one on a tie)."""
     best, best_time = n, math.inf
     for m in range(n, 0, -1):
-        t = predicted_batch_seconds(n, m, pool, per_item_pre, call_fixed, call_per_item)
+        t = predicted_batch_seconds(n, m, pool, per_item_pre, call_fixed, call_per_item, shared_cores)
         if t < best_time * (1 - 1e-9):
             best, best_time = m, t
     return best
@@ -60,10 +68,12 @@ def best_micro_batch_size(n: int, pool: int, per_item_pre: float, call_fixed: fl
 class AdaptiveSizing(DynamicSizing):
     """Learns the per-item preprocessing time and the model's cost ``fixed + per_item × size``
     from every batch (exponentially weighted least squares), and picks the size with the
-    shortest predicted makespan. Starts, and explores, from the dynamic rule."""
+    shortest predicted makespan. Starts, and explores, from the dynamic rule. ``shared_cores``:
+    the model runs on the pool's CPU cores (no accelerator), so overlap buys nothing."""
 
-    def __init__(self, pool_size: int, memory: float = 0.9):
+    def __init__(self, pool_size: int, memory: float = 0.9, shared_cores: bool = False):
         super().__init__(pool_size)
+        self.shared_cores = shared_cores
         self._lock = threading.Lock()
         self._memory = memory
         self._pre = None  # EWMA of seconds per preprocessed item (one thread's time)
@@ -82,7 +92,7 @@ class AdaptiveSizing(DynamicSizing):
                 return max(1, guess // 2) if guess > 1 else min(batch_size, 2)
             return guess
         fixed, per_item = model
-        return best_micro_batch_size(batch_size, self.pool_size, pre, fixed, per_item)
+        return best_micro_batch_size(batch_size, self.pool_size, pre, fixed, per_item, self.shared_cores)
 
     def observe(self, batch_size: int, preprocess_seconds: float, calls: Sequence[tuple]) -> None:
         with self._lock:
@@ -108,9 +118,9 @@ class AdaptiveSizing(DynamicSizing):
         return fixed, per_item
 
 
-def make_sizing(strategy: str, micro_batch_size: Optional[int], pool_size: int):
+def make_sizing(strategy: str, micro_batch_size: Optional[int], pool_size: int, shared_cores: bool = False):
     if strategy == "static":
         return StaticSizing(micro_batch_size)
     if strategy == "dynamic":
         return DynamicSizing(pool_size)
-    return AdaptiveSizing(pool_size)
+    return AdaptiveSizing(pool_size, shared_cores=shared_cores)

@@ -90,7 +90,10 @@ class MicroBatchHandler:
         self.setup(self.model_dir)
         model = self.load_model(self.model_dir, self.device)
         self.model = prepare_model(model, self.device, self.config["precision"], self.config["channels_last"])
-        self._engine = BatchEngine(self.preprocess_one, self._infer_micro_batch, self.postprocess_one, self.settings)
+        self._engine = BatchEngine(
+            self.preprocess_one, self._infer_micro_batch, self.postprocess_one, self.settings,
+            inference_on_cpu=self.device.type == "cpu",
+        )
         self.initialized = True
         log.info("%s ready on %s with %s", type(self).__name__, self.device, self.settings)
 

@@ -71,3 +71,14 @@ def test_the_engine_cuts_batches_with_its_strategy():
 def test_an_unknown_strategy_is_refused_by_name():
     with pytest.raises(ConfigError, match="handler.micro_batch_strategy must be one of static, dynamic, adaptive, got 'smart'"):
         EngineSettings(micro_batch_strategy="smart")
+
+
+def test_on_shared_cpu_cores_adaptive_runs_the_whole_batch():
+    sizing = AdaptiveSizing(pool_size=2, shared_cores=True)
+    for _ in range(10):
+        size = sizing.size_for(32) or 32
+        calls = [(min(size, 32 - i), 0.001 + 0.0005 * min(size, 32 - i)) for i in range(0, 32, size)]
+        sizing.observe(32, preprocess_seconds=32 * 0.05, calls=calls)
+    # On an accelerator this cost profile favours small micro-batches; sharing the cores it does not.
+    assert sizing.size_for(32) == 32
+    assert best_micro_batch_size(32, 2, 0.05, 0.001, 0.0005, shared_cores=False) < 32
