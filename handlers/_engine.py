@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 from ._errors import (
     DeadlineExceeded,
     InternalError,
+    OutOfMemory,
     describe,
     inference_error,
     postprocess_error,
@@ -190,6 +191,10 @@ class BatchEngine:
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
         self._close_lock = threading.Lock()
         self._closed = False
+        self._safe_size_lock = threading.Lock()
+        self._safe_size: Optional[int] = None
+        self._smallest_oom: Optional[int] = None
+        self._sizes_that_fit: set = set()
 
     # -- public -------------------------------------------------------------------------------
 
@@ -203,7 +208,7 @@ class BatchEngine:
         deadline = Deadline(self.settings.deadline_s)
         preprocess_deadline = Deadline(self.settings.deadline_s * PREPROCESS_SHARE_OF_DEADLINE)
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
-        plan = plan_micro_batches(len(requests), self._sizing.size_for(len(requests)))
+        plan = plan_micro_batches(len(requests), self._micro_batch_size(len(requests)))
         try:
             self._run_pipeline(requests, plan, preprocess_deadline, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
@@ -217,6 +222,11 @@ class BatchEngine:
             model_calls=times.model_calls,
             stage_seconds=dict(times.seconds),
         )
+
+    @property
+    def safe_micro_batch_size(self) -> Optional[int]:
+        """The largest micro-batch known to fit in memory, once the model ran out of it (else None)."""
+        return self._safe_size
 
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the pool and the model thread(s); idempotent.
@@ -243,6 +253,34 @@ class BatchEngine:
         self.close()
 
     # -- pipeline -----------------------------------------------------------------------------
+
+    def _micro_batch_size(self, batch_size: int) -> Optional[int]:
+        size = self._sizing.size_for(batch_size)
+        safe = self._safe_size
+        if safe is not None and (size is None or size > safe):
+            return safe
+        return size
+
+    def _remember_out_of_memory(self, size: int) -> None:
+        with self._safe_size_lock:
+            self._smallest_oom = size if self._smallest_oom is None else min(size, self._smallest_oom)
+            self._update_safe_size()
+
+    def _remember_fit(self, size: int) -> None:
+        with self._safe_size_lock:
+            if size not in self._sizes_that_fit:
+                self._sizes_that_fit.add(size)
+                if self._smallest_oom is not None:
+                    self._update_safe_size()
+
+    def _update_safe_size(self) -> None:
+        # The largest size seen to fit below the smallest that ran out of memory (until one is
+        # seen: one less than that).
+        below = [s for s in self._sizes_that_fit if s < self._smallest_oom]
+        safe = max(below) if below else max(1, self._smallest_oom - 1)
+        if safe != self._safe_size:
+            self._safe_size = safe
+            log.warning("out of memory in inference: micro-batches are capped at %d from now on", safe)
 
     def _run_pipeline(self, requests, plan, preprocess_deadline, deadline, outcomes, times) -> None:
         # Queue every micro-batch's preprocessing at once (in order), so that the pool works
@@ -343,9 +381,12 @@ class BatchEngine:
         outcome = attempt(self._infer_checked, inference_error, items)
         times.add_call(len(items), time.perf_counter() - started)
         if outcome.ok:
+            self._remember_fit(len(ready))
             return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
         if len(ready) == 1:
             return [(ready[0][0], outcome)]
+        if isinstance(outcome.error, OutOfMemory):
+            self._remember_out_of_memory(len(ready))
         if deadline.expired():
             late = self._late("inference", deadline)
             return [(position, late) for position, _ in ready]

@@ -128,7 +128,7 @@ def inference_error(exc: BaseException) -> RequestError:
     if isinstance(exc, RequestError):
         return exc
     if is_out_of_memory(exc):
-        return OutOfMemory(f"out of memory in inference, even for this request alone: {describe(exc)}")
+        return OutOfMemory(f"the model ran out of memory: {describe(exc)}")
     return InferenceFailed(f"inference failed on this request: {describe(exc)}")
 
 

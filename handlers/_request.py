@@ -31,12 +31,18 @@ class Request:
         return default
 
     def json(self) -> Any:
-        """The body as JSON; raises :class:`BadRequest` when it is not JSON."""
-        if isinstance(self.body, (bytes, bytearray, str)):
+        """The body as JSON; raises :class:`BadRequest` when it is not JSON.
+
+        TorchServe has already decoded ``application/json`` bodies (a JSON string arrives as a
+        ``str``); anything else still in bytes or text is parsed here."""
+        already_decoded = (self.header("Content-Type") or "").startswith("application/json")
+        if isinstance(self.body, (bytes, bytearray)) or (isinstance(self.body, str) and not already_decoded):
             try:
                 return json.loads(self.body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise BadRequest(f"the body is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise BadRequest("the body is not valid JSON: nested too deeply") from None
         return self.body
 
     def bytes(self) -> bytes:

@@ -53,6 +53,8 @@ def _json_payload(body: Any) -> Any:
             body = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the body is neither a JSON array nor .npy bytes: {exc}") from None
+        except RecursionError:
+            raise BadRequest("the body is neither a JSON array nor .npy bytes: JSON nested too deeply") from None
     if isinstance(body, dict):
         if "inputs" not in body:
             raise BadRequest('expected a JSON array, or an object with the array under "inputs"')

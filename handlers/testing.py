@@ -175,11 +175,33 @@ def start_handler(
     return handler
 
 
+def as_torchserve_delivers(body: Any, content_type: Optional[str]) -> Any:
+    """A body as TorchServe's worker hands it to a handler: ``application/json`` decoded (left as
+    bytes when it does not parse), ``text/*`` decoded to ``str`` (bytes when not UTF-8)."""
+    if not isinstance(body, (bytes, bytearray)) or not content_type:
+        return body
+    try:
+        if content_type.startswith("application/json"):
+            import json
+
+            return json.loads(bytes(body).decode("utf-8"))
+        if content_type.startswith("text"):
+            return bytes(body).decode("utf-8")
+    except (ValueError, RecursionError):
+        pass
+    return body
+
+
 def run_batch(handler, bodies: Sequence[Any], headers: Optional[Sequence[Mapping[str, str]]] = None):
-    """Send ``bodies`` as one TorchServe batch; returns ``(responses, context)``."""
+    """Send ``bodies`` as one TorchServe batch; returns ``(responses, context)``. A body in bytes
+    is decoded as TorchServe would for its request's ``Content-Type`` header."""
     headers = list(headers) if headers is not None else [{} for _ in bodies]
     context = FakeContext(request_headers=headers)
-    responses = handler.handle([{"body": body} for body in bodies], context)
+    rows = [
+        {"body": as_torchserve_delivers(body, next((v for k, v in h.items() if k.lower() == "content-type"), None))}
+        for body, h in zip(bodies, headers)
+    ]
+    responses = handler.handle(rows, context)
     assert_batch_contract(responses, context, len(bodies))
     return responses, context
 

@@ -5,13 +5,29 @@ from pathlib import Path
 
 import pytest
 
+from handlers.archive import archive, build_artefacts, load_spec
 from scripts.torchserve_instance import Ports, TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def torchserve(model_store, tmp_path_factory):
+def fault_archive(model_store):
+    """The test-only faulty model (fault_handler.py) beside the examples, as ``faults``."""
+    spec = load_spec(ROOT / "archiver_configs" / "quickstart.yaml", ROOT)
+    build_artefacts(spec, ROOT, force=False)
+    spec.model_name = "faults"
+    spec.handler = Path(__file__).resolve().parent / "fault_handler.py"
+    spec.model_config = {
+        "batchSize": 8, "maxBatchDelay": 100, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30,
+        "handler": {"micro_batch_size": 8, "pool_size": 2, "deadline_s": 2.0},
+    }
+    archive(spec, model_store)
+    return "faults"
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store, fault_archive, tmp_path_factory):
     server = TorchServe(
         tmp_path_factory.mktemp("torchserve"), model_store, ROOT / "config.properties", ports=Ports.free()
     )

@@ -273,3 +273,24 @@ def test_a_batch_after_close_gets_500s_not_an_exception():
     report = e.run([1.0, 2.0])
     assert [o.error.status for o in report.outcomes] == [500, 500]
     assert "the handler failed on this batch" in report.outcomes[0].error.message
+
+
+def test_out_of_memory_splits_the_micro_batch_and_caps_later_ones(caplog):
+    sizes = []
+
+    def fits_four(items):
+        sizes.append(len(items))
+        if len(items) > 4:
+            raise MemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return affine(items)
+
+    with engine(None, infer=fits_four) as e:
+        first = e.run([float(i) for i in range(16)])
+        assert all(o.ok for o in first.outcomes)  # 16 → 8 → 4: everyone answered
+        assert e.safe_micro_batch_size == 4  # 8 ran out of memory, 4 fitted
+        assert "capped at 4" in caplog.text
+        sizes.clear()
+        second = e.run([float(i) for i in range(16)])
+    assert all(o.ok for o in second.outcomes)
+    assert sizes == [4, 4, 4, 4]  # no more failing attempts at 16
+    assert second.micro_batch_sizes == [4, 4, 4, 4]

@@ -225,3 +225,12 @@ def test_close_leaves_no_thread_behind():
     handler.close()
     left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert left == []
+
+
+def test_a_json_string_already_decoded_by_torchserve_is_not_parsed_again():
+    from handlers import Request
+
+    assert Request("just a string", {"Content-Type": "application/json"}).json() == "just a string"
+    assert Request('"quoted"', {"content-type": "text/plain"}).json() == "quoted"
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        Request("just a string", {"Content-Type": "text/plain"}).json()

@@ -1,0 +1,40 @@
+"""A test-only handler with faults on request: the quickstart model, plus
+- ``"fault": "poison"``: inference raises on any micro-batch holding this request;
+- ``"fault": "slow"``: preprocessing takes 3× the batch deadline (then finishes);
+- out of memory on every micro-batch larger than 2 (as a too-small GPU would).
+"""
+
+import threading
+
+import torch
+
+from handlers import BadRequest, MicroBatchHandler
+
+POISON = 13.0
+FITS_IN_MEMORY = 2
+
+
+class FaultyHandler(MicroBatchHandler):
+    def preprocess_one(self, request):
+        payload = request.json()
+        if not isinstance(payload, dict) or "x" not in payload:
+            raise BadRequest('expected {"id": ..., "x": [4 numbers], "fault": ...}')
+        if payload.get("fault") == "slow":
+            threading.Event().wait(3 * self.settings.deadline_s)  # slow, not forever
+        x = torch.tensor(payload["x"], dtype=torch.float32)
+        if payload.get("fault") == "poison":
+            x = torch.full_like(x, POISON)
+        return {"id": payload.get("id"), "x": x}
+
+    def collate(self, items):
+        return super().collate([item["x"] for item in items])
+
+    def infer(self, batch):
+        if batch.shape[0] > FITS_IN_MEMORY:
+            raise MemoryError(f"CUDA out of memory (simulated) on a micro-batch of {batch.shape[0]}")
+        if (batch == POISON).all(dim=1).any():
+            raise RuntimeError("the model cannot handle the poison value")
+        return super().infer(batch)
+
+    def postprocess_one(self, output, item):
+        return {"id": item["id"], "y": output.tolist()}

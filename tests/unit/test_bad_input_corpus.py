@@ -1,0 +1,30 @@
+"""The bad-input corpus through each example's handler (unpacked from its archive): every bad
+request gets its status and a message naming the problem; its batch-mates are answered right."""
+
+import pytest
+
+from handlers.testing import run_batch
+
+from ..corpus.bad_inputs import corpus
+from ..good_inputs import good_request
+
+CASES = [item for item in corpus() if not item.frontend_only]
+
+
+def test_the_corpus_has_at_least_25_kinds_across_the_handlers():
+    assert len(corpus()) >= 25
+    assert {item.model for item in corpus()} == {"digits", "tabular", "text_embedding", "quickstart"}
+
+
+@pytest.mark.parametrize("item", CASES, ids=[item.kind for item in CASES])
+def test_a_bad_input_gets_its_answer_and_its_batch_mates_theirs(archived_handler, item):
+    handler = archived_handler(item.model)
+    good, _, is_right = good_request(item.model)
+    bodies = [good, good, item.body, good]
+    responses, context = run_batch(handler, bodies, headers=[{"Content-Type": item.content_type}] * 4)
+    assert context.statuses() == [200, 200, item.status, 200], responses[2]
+    for position in (0, 1, 3):
+        assert is_right(responses[position])
+    if item.status != 200:
+        assert responses[2]["code"] == item.status
+        assert item.words in responses[2]["message"]
