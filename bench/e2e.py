@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.inprocess import run_isolated
 from bench.loadgen import run_closed_loop
+from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
 from handlers.archive import ArchiveSpec, archive
 from scripts.torchserve_instance import Ports, TorchServe
@@ -103,11 +104,7 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     report = table(results)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "e2e.json").write_text(json.dumps(results, indent=1))
-        (args.out / "e2e.md").write_text(report + "\n")
+    publish(args.out, "e2e", results, report)
     return 0
 
 

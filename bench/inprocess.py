@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.report import publish
+
 CONTENDERS = ("sequential", "microbatching", "ours", "model-alone", "preprocess-alone")
 ROOT = Path(__file__).resolve().parents[1]
 MIN_MEASURED_S = 3.0
@@ -157,11 +159,7 @@ def main(argv=None) -> int:
             print(f"[{len(results) + 1}/{total}] {workload} / {contender} ...", file=sys.stderr, flush=True)
             results.append(run_isolated(workload, contender, args.rounds, handler_config, args.batch_size))
     report = table(results)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "inprocess.json").write_text(json.dumps(results, indent=1))
-        (args.out / "inprocess.md").write_text(report + "\n")
+    publish(args.out, "inprocess", results, report)
     return 0
 
 

@@ -7,13 +7,13 @@ hand-written loop at several batch sizes, fitted as ``per_batch + per_request ×
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from bench.inprocess import run_isolated
+from bench.report import publish
 
 
 def main(argv=None) -> int:
@@ -35,13 +35,8 @@ def main(argv=None) -> int:
     lines += [f"| {r['batch_size']} | {r['loop_ms']:.3f} ms | {r['ours_ms']:.3f} ms | {r['ours_ms'] - r['loop_ms']:.3f} ms |" for r in rows]
     lines.append(f"\nFitted overhead: {per_batch_ms * 1000:.0f} µs per batch + {per_request_ms * 1000:.1f} µs per request "
                  f"(targets: 500 µs and 30 µs).")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overhead.json").write_text(json.dumps(
-            {"rows": rows, "per_batch_us": per_batch_ms * 1000, "per_request_us": per_request_ms * 1000}, indent=1))
-        (args.out / "overhead.md").write_text(report + "\n")
+    data = {"rows": rows, "per_batch_us": per_batch_ms * 1000, "per_request_us": per_request_ms * 1000}
+    publish(args.out, "overhead", data, "\n".join(lines))
     return 0
 
 

@@ -7,9 +7,10 @@ worker): static sizes, dynamic and adaptive, in-process, each in its own subproc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from bench.report import publish
 
 from bench.inprocess import run_isolated
 
@@ -43,11 +44,7 @@ def main(argv=None) -> int:
             lines.append(f"| {workload} | {batch} | " + " | ".join(f"{cells[n]:.1f}" for n, _ in strategies)
                          + f" | {cells['adaptive'] / best_static:.2f} |")
     report = "items/s (median of rounds)\n\n" + "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sizing.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "sizing.md").write_text(report + "\n")
+    publish(args.out, "sizing", rows, report)
     return 0
 
 

@@ -3,11 +3,11 @@
 import json
 import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
+from .helpers import concurrently
 
 pytestmark = pytest.mark.integration
 
@@ -16,18 +16,6 @@ def predict(server, body, auth=True, content_type="application/json"):
     headers = {"Content-Type": content_type, **(server.auth() if auth else {})}
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return requests.post(f"{server.inference_url}/predictions/quickstart", data=data, headers=headers, timeout=60)
-
-
-def concurrently(count, call):
-    """Run ``call(i)`` for i in range(count) from ``count`` threads released together."""
-    gate = threading.Barrier(count)
-
-    def gated(i):
-        gate.wait(timeout=30)
-        return call(i)
-
-    with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(gated, range(count)))
 
 
 def test_a_request_gets_its_answer_and_the_batch_size_header(torchserve):
