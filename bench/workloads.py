@@ -112,7 +112,7 @@ WORKLOADS = {
     ),
     "text": lambda: Workload(
         "text", 32, None, SentenceEmbeddingHandler, SequentialTextEmbedder, sentences,
-        {"micro_batch_strategy": "adaptive"}, model_dir_source=text_model_dir(), content_type="text/plain",
+        {"micro_batch_size": 8}, model_dir_source=text_model_dir(), content_type="text/plain",
     ),
     "tensor": lambda: Workload(
         "tensor", 64, ROOT / "bench" / "models" / "tiny_linear.py", TensorHandler, SequentialTensorHandler,

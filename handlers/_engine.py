@@ -159,6 +159,9 @@ class BatchEngine:
         settings: sizes and the deadline.
         inference_on_cpu: the model shares the CPU cores with the pool (no accelerator); the
             adaptive micro-batch sizing then stops expecting overlap to pay.
+        size_hint: ``request -> number``, cheap, before preprocessing (e.g. a text's length):
+            micro-batches are then cut from requests in that order, so that each one holds
+            requests of like size (less padding). Answers still come back in request order.
 
     Per-request stages must be thread-safe: they run concurrently on the pool. The engine keeps
     no per-request state on itself, so :meth:`run` may be called from several threads.
@@ -176,11 +179,13 @@ class BatchEngine:
         postprocess: Postprocess,
         settings: EngineSettings = EngineSettings(),
         inference_on_cpu: bool = False,
+        size_hint: Optional[Callable[[Any], float]] = None,
     ):
         self.settings = settings
         self._preprocess = preprocess
         self._infer_micro_batch = infer_micro_batch
         self._postprocess = postprocess
+        self._size_hint = size_hint
         self._preprocess_cost = PerItemCost()
         self._postprocess_cost = PerItemCost()
         self._sizing = make_sizing(
@@ -208,7 +213,7 @@ class BatchEngine:
         deadline = Deadline(self.settings.deadline_s)
         preprocess_deadline = Deadline(self.settings.deadline_s * PREPROCESS_SHARE_OF_DEADLINE)
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
-        plan = plan_micro_batches(len(requests), self._micro_batch_size(len(requests)))
+        plan = self._plan(requests)
         try:
             self._run_pipeline(requests, plan, preprocess_deadline, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
@@ -253,6 +258,20 @@ class BatchEngine:
         self.close()
 
     # -- pipeline -----------------------------------------------------------------------------
+
+    def _plan(self, requests: Sequence[Any]) -> list:
+        """Positions of each micro-batch: consecutive, or grouped by size hint."""
+        ranges = plan_micro_batches(len(requests), self._micro_batch_size(len(requests)))
+        if self._size_hint is None or len(ranges) < 2:
+            return [list(r) for r in ranges]
+        order = sorted(range(len(requests)), key=lambda position: self._hint(requests[position]))
+        return [[order[i] for i in r] for r in ranges]
+
+    def _hint(self, request: Any) -> float:
+        try:
+            return float(self._size_hint(request))
+        except Exception:  # noqa: BLE001 - a hint is advice: a bad request is judged by preprocessing
+            return 0.0
 
     def _micro_batch_size(self, batch_size: int) -> Optional[int]:
         size = self._sizing.size_for(batch_size)

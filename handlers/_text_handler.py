@@ -45,6 +45,13 @@ class TextHandler(MicroBatchHandler):
 
         return AutoModel.from_pretrained(model_dir)
 
+    def size_hint(self, request: Request) -> float:
+        """The text's length: micro-batches of like lengths pad less."""
+        body = request.body
+        if isinstance(body, dict):
+            body = body.get("text", "")
+        return float(len(body)) if isinstance(body, (str, bytes, bytearray)) else 0.0
+
     def preprocess_one(self, request: Request) -> TextItem:
         text = request_text(request.body, self.config["max_chars"])
         return TextItem(self.tokenizer.encode(text).ids)

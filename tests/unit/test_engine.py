@@ -294,3 +294,30 @@ def test_out_of_memory_splits_the_micro_batch_and_caps_later_ones(caplog):
     assert all(o.ok for o in second.outcomes)
     assert sizes == [4, 4, 4, 4]  # no more failing attempts at 16
     assert second.micro_batch_sizes == [4, 4, 4, 4]
+
+
+def test_a_size_hint_groups_like_sized_requests_and_answers_stay_in_order():
+    seen = []
+
+    def infer(items):
+        seen.append(sorted(items))
+        return affine(items)
+
+    settings = EngineSettings(micro_batch_size=3, pool_size=2, deadline_s=10)
+    requests = [50.0, 1.0, 40.0, 2.0, 60.0, 3.0]
+    with BatchEngine(parse, infer, as_dict, settings, size_hint=lambda r: r) as e:
+        report = e.run(requests)
+    assert sorted(seen) == [[1.0, 2.0, 3.0], [40.0, 50.0, 60.0]]
+    assert values(report) == [{"input": r, "output": 2 * r + 1} for r in requests]
+
+
+def test_a_size_hint_that_raises_does_not_fail_the_batch():
+    def picky_hint(request):
+        if not isinstance(request, float):
+            raise TypeError("no size for that")
+        return request
+
+    settings = EngineSettings(micro_batch_size=2, pool_size=2, deadline_s=10)
+    with BatchEngine(parse, affine, as_dict, settings, size_hint=picky_hint) as e:
+        report = e.run([3.0, "bad", 1.0])
+    assert values(report) == [{"input": 3.0, "output": 7.0}, 400, {"input": 1.0, "output": 3.0}]
