@@ -234,3 +234,15 @@ def test_a_json_string_already_decoded_by_torchserve_is_not_parsed_again():
     assert Request('"quoted"', {"content-type": "text/plain"}).json() == "quoted"
     with pytest.raises(BadRequest, match="not valid JSON"):
         Request("just a string", {"Content-Type": "text/plain"}).json()
+
+
+def test_precision_and_channels_last_apply_on_a_gpu_only_and_bad_values_are_refused():
+    from handlers._loading import model_dtype, prepare_model
+
+    model = prepare_model(affine_model(), torch.device("cpu"), "bfloat16", channels_last=True)
+    assert model_dtype(model) == torch.float32 and not model.training  # the CPU keeps float32
+    with pytest.raises(ConfigError, match="handler.precision must be one of float32, float16, bfloat16, got 'fp8'"):
+        prepare_model(affine_model(), torch.device("cpu"), "fp8", channels_last=False)
+    if torch.cuda.is_available():
+        half = prepare_model(affine_model(), torch.device("cuda:0"), "float16", channels_last=False)
+        assert model_dtype(half) == torch.float16
