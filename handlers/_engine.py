@@ -192,7 +192,9 @@ class BatchEngine:
             settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size, shared_cores=inference_on_cpu
         )
         # Created once: threads are reused across batches, never started per request.
-        self._pool = ThreadPoolExecutor(settings.pool_size, thread_name_prefix="microbatch-pool")
+        self._pool = self._new_pool()
+        self._overdue_lock = threading.Lock()
+        self._overdue: set = set()
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
         self._close_lock = threading.Lock()
         self._closed = False
@@ -389,6 +391,8 @@ class BatchEngine:
         """``[(position, outcome)]`` for one chunk; all of it late if the chunk is."""
         result = self._wait(pending, deadline, stage)
         if not result.ok:
+            if pending.running():
+                self._note_overdue(pending)
             return [(position, result) for position in part]
         return list(zip(part, result.value))
 
@@ -427,6 +431,27 @@ class BatchEngine:
         return outputs
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _note_overdue(self, future: Future) -> None:
+        """A pool task still running past its deadline holds its thread. When every pool thread
+        is held so, start a fresh pool: the worker keeps serving (the old threads end, and are
+        let go, when their stages return)."""
+        with self._overdue_lock:
+            self._overdue.add(future)
+            future.add_done_callback(self._forget_overdue)
+            if len(self._overdue) < self.settings.pool_size:
+                return
+            stuck, self._pool = self._pool, self._new_pool()
+            self._overdue.clear()
+        stuck.shutdown(wait=False)
+        log.warning("all %d pool threads are stuck past the deadline: started a fresh pool", self.settings.pool_size)
+
+    def _forget_overdue(self, future: Future) -> None:
+        with self._overdue_lock:
+            self._overdue.discard(future)
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.settings.pool_size, thread_name_prefix="microbatch-pool")
 
     def _wait(self, future: Future, deadline: Deadline, stage: str) -> Outcome:
         try:

@@ -321,3 +321,24 @@ def test_a_size_hint_that_raises_does_not_fail_the_batch():
     with BatchEngine(parse, affine, as_dict, settings, size_hint=picky_hint) as e:
         report = e.run([3.0, "bad", 1.0])
     assert values(report) == [{"input": 3.0, "output": 7.0}, 400, {"input": 1.0, "output": 3.0}]
+
+
+@pytest.mark.timeout(30)
+def test_when_every_pool_thread_hangs_a_fresh_pool_keeps_the_worker_serving(caplog):
+    release = threading.Event()
+
+    def hangs_on_negative(request):
+        if request < 0:
+            release.wait(60)
+        return float(request)
+
+    settings = EngineSettings(pool_size=1, deadline_s=1.0)
+    e = BatchEngine(hangs_on_negative, affine, as_dict, settings)
+    try:
+        assert values(e.run([-1.0])) == [504]
+        # Its one pool thread is still held by the hung request; the next batch is answered.
+        assert values(e.run([2.0, 3.0])) == [{"input": 2.0, "output": 5.0}, {"input": 3.0, "output": 7.0}]
+        assert "started a fresh pool" in caplog.text
+    finally:
+        release.set()
+        assert e.close(timeout=10)
