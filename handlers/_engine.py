@@ -21,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ._clocks import Deadline, PerItemCost, StageTimes
 from ._errors import (
     DeadlineExceeded,
     InternalError,
@@ -55,85 +56,10 @@ def plan_micro_batches(batch_size: int, micro_batch_size: Optional[int]) -> list
     return [range(start, min(start + step, batch_size)) for start in range(0, batch_size, step)]
 
 
-class Deadline:
-    """A point in time that every wait of one batch is bounded by."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
-        self.seconds = seconds
-        self._clock = clock
-        self._end = clock() + seconds
-
-    def remaining(self) -> float:
-        return max(0.0, self._end - self._clock())
-
-    def expired(self) -> bool:
-        return self.remaining() <= 0.0
-
-
 def chunked(positions: Sequence[int], length: int) -> list:
     """``positions`` in consecutive pieces of ``length`` (the last may be shorter)."""
     positions = list(positions)
     return [positions[i : i + length] for i in range(0, len(positions), length)]
-
-
-class PerItemCost:
-    """Seconds one request takes in a pool stage (a moving average), and from it how many
-    requests one pool task should carry: one each while a request costs a millisecond or more
-    (balance, and a hung request delays nobody else), enough to amortise the hand-off to a
-    thread (tens of microseconds) when requests are cheap."""
-
-    ONE_PER_TASK_ABOVE_S = 1e-3
-    TASK_TARGET_S = 1e-3
-    MAX_PER_TASK = 256
-    INLINE_BELOW_S = 50e-6
-
-    def __init__(self, memory: float = 0.8):
-        self._memory = memory
-        self._lock = threading.Lock()
-        self.seconds: Optional[float] = None
-
-    def update(self, count: int, seconds: float) -> None:
-        if count:
-            with self._lock:
-                value = seconds / count
-                self.seconds = value if self.seconds is None else self._memory * self.seconds + (1 - self._memory) * value
-
-    def is_cheap(self, count: int) -> bool:
-        """True when ``count`` requests cost less than handing them to a pool thread."""
-        value = self.seconds
-        return value is not None and value * count < self.INLINE_BELOW_S
-
-    def chunk_length(self) -> int:
-        value = self.seconds
-        if value is None or value >= self.ONE_PER_TASK_ABOVE_S:
-            return 1
-        return max(1, min(self.MAX_PER_TASK, int(self.TASK_TARGET_S / max(value, 1e-9))))
-
-
-class StageTimes:
-    """Seconds spent per stage in one batch, summed over requests (preprocess, postprocess, and
-    ``queue``: waiting for a pool thread) or micro-batches (inference). Written from several
-    threads, hence the lock."""
-
-    STAGES = ("queue", "preprocess", "inference", "postprocess")
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.seconds = dict.fromkeys(self.STAGES, 0.0)
-        self.calls: list = []  # (micro-batch size, seconds) of each model call
-
-    @property
-    def model_calls(self) -> int:
-        return len(self.calls)
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[stage] += seconds
-
-    def add_call(self, size: int, seconds: float) -> None:
-        with self._lock:
-            self.seconds["inference"] += seconds
-            self.calls.append((size, seconds))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 
 GOOD = {
     "tabular": ([5.1, 3.5, 1.4, 0.2], lambda answer: answer["species"] == "setosa"),

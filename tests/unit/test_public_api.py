@@ -60,5 +60,5 @@ def test_only_the_adapter_knows_torchserve_and_the_engine_needs_no_torch():
     package = pathlib.Path(handlers.__file__).parent
     importing_ts = {p.name for p in package.glob("*.py") if "ts" in imported_roots(p)}
     assert importing_ts == {"_metrics.py"}  # the adapter's metrics (optional import)
-    for name in ("_engine.py", "_outcome.py", "_errors.py", "_settings.py", "_request.py"):
+    for name in ("_engine.py", "_clocks.py", "_sizing.py", "_outcome.py", "_errors.py", "_settings.py", "_request.py"):
         assert not imported_roots(package / name) & {"torch", "ts", "numpy", "PIL"}, name

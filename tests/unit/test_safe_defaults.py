@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from handlers import ImageClassifierHandler, ImageLimits, MicroBatchHandler, TensorSpec
 from handlers.testing import run_batch, start_handler
