@@ -97,7 +97,7 @@ def soak(server, model: str = "quickstart", total: int = 20000, concurrency: int
 
 
 def main(argv=None) -> int:
-    from handlers.archive import archive, build_artefacts, load_spec
+    from handlers.archive import archive_config
     from scripts.torchserve_instance import Ports, TorchServe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -107,9 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     work = ROOT / "bench" / ".work" / "soak"
-    spec = load_spec(ROOT / "archiver_configs" / "quickstart.yaml", ROOT)
-    build_artefacts(spec, ROOT, force=False)
-    archive(spec, work / "model_store")
+    archive_config(ROOT / "archiver_configs" / "quickstart.yaml", ROOT, work / "model_store")
     server = TorchServe(work / "server", work / "model_store", ROOT / "config.properties", ports=Ports.free())
     server.start()
     try:

@@ -14,6 +14,7 @@ torch, numpy and Pillow but not this project. Paths in a config are relative to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import inspect
 import re
@@ -178,6 +179,19 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
             command += ["--model-file", str(spec.model_file)]
         subprocess.run(command, check=True)
     return model_store / f"{spec.model_name}.mar"
+
+
+def archive_config(path: Path, root: Path, model_store: Path, model_config_updates: Optional[dict] = None,
+                   **changes) -> Path:
+    """Check one config, build its artefacts if missing, archive it into ``model_store``. For a
+    variant of a shipped model, ``changes`` replace fields of the spec (e.g. ``model_name``,
+    ``handler``) and ``model_config_updates`` are merged into its model config. Returns the
+    path of the ``.mar``."""
+    spec = load_spec(path, root)
+    build_artefacts(spec, root, force=False)
+    if model_config_updates:
+        changes["model_config"] = {**spec.model_config, **model_config_updates}
+    return archive(dataclasses.replace(spec, **changes), model_store)
 
 
 def _archiver() -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.archive import archive, build_artefacts, load_spec
+from handlers.archive import archive_config
 from scripts.torchserve_instance import Ports, TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,15 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def fault_archive(model_store):
     """The test-only faulty model (fault_handler.py) beside the examples, as ``faults``."""
-    spec = load_spec(ROOT / "archiver_configs" / "quickstart.yaml", ROOT)
-    build_artefacts(spec, ROOT, force=False)
-    spec.model_name = "faults"
-    spec.handler = Path(__file__).resolve().parent / "fault_handler.py"
-    spec.model_config = {
-        "batchSize": 8, "maxBatchDelay": 100, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30,
-        "handler": {"micro_batch_size": 8, "pool_size": 2, "deadline_s": 2.0},
-    }
-    archive(spec, model_store)
+    archive_config(
+        ROOT / "archiver_configs" / "quickstart.yaml", ROOT, model_store,
+        model_name="faults",
+        handler=Path(__file__).resolve().parent / "fault_handler.py",
+        model_config={
+            "batchSize": 8, "maxBatchDelay": 100, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30,
+            "handler": {"micro_batch_size": 8, "pool_size": 2, "deadline_s": 2.0},
+        },
+    )
     return "faults"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers.archive import archive, build_artefacts, load_spec
+from handlers.archive import archive_config
 from scripts.torchserve_instance import Ports, TorchServe
 
 pytestmark = pytest.mark.integration
@@ -53,12 +53,11 @@ def kserve_v2(tmp_path_factory):
     """A second TorchServe, with the KServe v2 envelope (a server-wide setting) and the tabular
     model archived with batchSize 1: TorchServe's envelopes read only the first request of a
     batch; the instances of that one request are the handler's batch."""
-    spec = load_spec(ROOT / "archiver_configs" / "tabular.yaml", ROOT)
-    build_artefacts(spec, ROOT, force=False)
-    spec.model_name = "tabular_kserve"
-    spec.model_config = {**spec.model_config, "batchSize": 1, "maxBatchDelay": 1}
     store = tmp_path_factory.mktemp("kserve_store")
-    archive(spec, store)
+    archive_config(
+        ROOT / "archiver_configs" / "tabular.yaml", ROOT, store,
+        model_name="tabular_kserve", model_config_updates={"batchSize": 1, "maxBatchDelay": 1},
+    )
     server = TorchServe(
         tmp_path_factory.mktemp("kserve"), store, ROOT / "config.properties", ports=Ports.free(),
         extra_properties={"service_envelope": "kservev2"},
