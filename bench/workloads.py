@@ -38,7 +38,7 @@ class Workload:
         """A folder laid out as TorchServe unpacks an archive: model file, weights, labels."""
         if self.model_dir_source is not None:
             return self.model_dir_source
-        folder = WORK / self.name
+        folder = WORK / self.name / self.model_file.stem
         weights = folder / "weights.pt"
         if not weights.exists():
             folder.mkdir(parents=True, exist_ok=True)
@@ -97,6 +97,25 @@ def text_model_dir() -> Path:
 
         subprocess.run([sys.executable, "examples/text_embedding/build.py", str(folder)], cwd=ROOT, check=True)
     return folder
+
+
+# Models a photo workload can run instead of its own (``--model``): the GPU benchmark uses ResNet-50.
+IMAGE_MODELS = {
+    "small-cnn": ROOT / "bench" / "models" / "small_cnn.py",
+    "resnet18": ROOT / "examples" / "image_classifier" / "model.py",
+    "resnet50": ROOT / "bench" / "models" / "resnet50.py",
+}
+
+
+def load_workload(name: str, model: str | None = None) -> Workload:
+    """The workload ``name``; for a photo workload, with ``model`` (a key of IMAGE_MODELS) instead
+    of its own."""
+    workload = WORKLOADS[name]()
+    if model is not None:
+        if workload.ours is not ImageClassifierHandler:
+            raise ValueError(f"--model applies to the photo workloads, not {name}")
+        workload.model_file = IMAGE_MODELS[model]
+    return workload
 
 
 WORKLOADS = {

@@ -65,6 +65,7 @@ class ImageClassifierHandler(MicroBatchHandler):
         # 0-255 scaled, so that uint8 pixels are normalised in one fused step per micro-batch.
         self._mean = torch.tensor(config["mean"]).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0
+        self._on_device: dict = {}
 
     def preprocess_one(self, request: Request) -> ImageItem:
         data = image_bytes(request.body)
@@ -79,18 +80,33 @@ class ImageClassifierHandler(MicroBatchHandler):
         dtype = model_dtype(self.model)
         # NHWC → NCHW as a view: the result is already in channels-last memory format.
         batch = pixels.permute(0, 3, 1, 2).to(dtype)
-        mean, std = self._mean.to(self.device, dtype), self._std.to(self.device, dtype)
+        mean, std = self._normalisation(dtype)
         return (batch - mean) / std
 
-    def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(batch).float(), dim=1)
+    def _normalisation(self, dtype: torch.dtype) -> tuple:
+        """Mean and std on the model's device, copied there once (a blocking copy per
+        micro-batch would stall the model thread)."""
+        key = (self.device, dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self._mean.to(self.device, dtype), self._std.to(self.device, dtype))
+        return self._on_device[key]
 
-    def postprocess_one(self, output: torch.Tensor, item: ImageItem) -> list:
-        k = min(item.top_k, output.shape[0])
-        probabilities, indices = torch.topk(output, k)
+    def infer(self, batch: torch.Tensor):
+        """Class probabilities, ranked best first once per micro-batch on the device (a
+        ``torch.return_types.sort``: values and indices), so that each request only slices."""
+        probabilities = torch.softmax(self.model(batch).float(), dim=1)
+        return torch.sort(probabilities, dim=1, descending=True)
+
+    def split(self, output, count: int) -> list:
+        values, indices = output.values.cpu(), output.indices.cpu()
+        return list(zip(values.unbind(0), indices.unbind(0)))
+
+    def postprocess_one(self, output: tuple, item: ImageItem) -> list:
+        values, indices = output
+        k = min(item.top_k, values.shape[0])
         return [
             {"label": self.labels.get(i, str(i)), "index": i, "probability": round(p, 6)}
-            for p, i in zip(probabilities.tolist(), indices.tolist())
+            for p, i in zip(values[:k].tolist(), indices[:k].tolist())
         ]
 
 

@@ -65,17 +65,29 @@ def best_micro_batch_size(n: int, pool: int, per_item_pre: float, call_fixed: fl
     return best
 
 
-class AdaptiveSizing(DynamicSizing):
+class AdaptiveSizing:
     """Learns the per-item preprocessing time and the model's cost ``fixed + per_item × size``
     from every batch (exponentially weighted least squares), and picks the size with the
-    shortest predicted makespan. Starts, and explores, from the dynamic rule. ``shared_cores``:
-    the model runs on the pool's CPU cores (no accelerator), so overlap buys nothing."""
+    shortest predicted makespan. ``shared_cores``: the model runs on the pool's CPU cores (no
+    accelerator), so overlap buys nothing.
+
+    Exploring: the first batch pays for lazy initialisation (cuDNN, allocators, caches) and
+    teaches nothing; then the whole batch (never worse than not cutting it), then a quarter of
+    it. Sizes far apart tell a fixed cost per call from a cost per item; two near ones, measured
+    with noise, can make a GPU's flat cost look per-item and pin the choice at size 1. Every
+    ``PROBE_EVERY`` batches it tries half, then double, its choice, so the fit follows changes
+    and never rests on one size alone.
+    """
+
+    PROBE_EVERY = 32
 
     def __init__(self, pool_size: int, memory: float = 0.9, shared_cores: bool = False):
-        super().__init__(pool_size)
+        self.pool_size = pool_size
         self.shared_cores = shared_cores
         self._lock = threading.Lock()
         self._memory = memory
+        self._batches = 0  # batches sized so far
+        self._observed = 0  # batches observed so far
         self._pre = None  # EWMA of seconds per preprocessed item (one thread's time)
         # Weighted sums for least squares of call seconds on micro-batch size.
         self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
@@ -85,17 +97,23 @@ class AdaptiveSizing(DynamicSizing):
         with self._lock:
             model = self._cost_model()
             pre = self._pre
+            self._batches += 1
+            batch_number = self._batches
+            quarter = max(1, batch_size // 4)
+            explore_quarter = bool(self._sizes_seen) and quarter not in self._sizes_seen
         if pre is None or model is None:
-            guess = super().size_for(batch_size)
-            # Explore: a second size makes the model's fixed cost identifiable.
-            if self._sizes_seen and guess in self._sizes_seen and batch_size > 1:
-                return max(1, guess // 2) if guess > 1 else min(batch_size, 2)
-            return guess
+            return quarter if explore_quarter else batch_size
         fixed, per_item = model
-        return best_micro_batch_size(batch_size, self.pool_size, pre, fixed, per_item, self.shared_cores)
+        best = best_micro_batch_size(batch_size, self.pool_size, pre, fixed, per_item, self.shared_cores)
+        if batch_number % self.PROBE_EVERY == 0:
+            return beside(best, batch_size, upward=(batch_number // self.PROBE_EVERY) % 2 == 0)
+        return best
 
     def observe(self, batch_size: int, preprocess_seconds: float, calls: Sequence[tuple]) -> None:
         with self._lock:
+            self._observed += 1
+            if self._observed == 1:
+                return  # the first batch's times are mostly lazy initialisation
             if batch_size:
                 per_item = preprocess_seconds / batch_size
                 self._pre = per_item if self._pre is None else self._memory * self._pre + (1 - self._memory) * per_item
@@ -116,6 +134,14 @@ class AdaptiveSizing(DynamicSizing):
         per_item = max(0.0, (self._w * self._sxy - self._sx * self._sy) / variance)
         fixed = max(0.0, (self._sy - per_item * self._sx) / self._w)
         return fixed, per_item
+
+
+def beside(size: int, batch_size: int, upward: bool) -> int:
+    """Double (or halve) ``size`` within 1..batch_size; the other way where that is the same size."""
+    up, down = min(batch_size, size * 2), max(1, size // 2)
+    if upward:
+        return up if up != size else down
+    return down if down != size else up
 
 
 def make_sizing(strategy: str, micro_batch_size: Optional[int], pool_size: int, shared_cores: bool = False):

@@ -6,7 +6,9 @@ This is the one module that knows TorchServe's contract (the context object, the
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
@@ -78,6 +80,7 @@ class MicroBatchHandler:
         self.manifest: dict = {}
         self.model_dir = "."
         self._engine: Optional[BatchEngine] = None
+        self._model_thread = threading.local()  # each model thread's own CUDA stream
 
     # -- TorchServe entry points ----------------------------------------------------------------
 
@@ -90,6 +93,8 @@ class MicroBatchHandler:
         self.setup(self.model_dir)
         model = self.load_model(self.model_dir, self.device)
         self.model = prepare_model(model, self.device, self.config["precision"], self.config["channels_last"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the weights are in place before other streams read them
         self._engine = BatchEngine(
             self.preprocess_one, self._infer_micro_batch, self.postprocess_one, self.settings,
             inference_on_cpu=self.device.type == "cpu",
@@ -170,9 +175,26 @@ class MicroBatchHandler:
 
     def _infer_micro_batch(self, items: list) -> list:
         # inference_mode is thread-local: enter it on the model thread that runs this.
-        with torch.inference_mode():
-            output = self.infer(self.collate(items))
-            return self.split(output, len(items))
+        with torch.inference_mode(), self._own_stream() as stream:
+            outputs = self.split(self.infer(self.collate(items)), len(items))
+            if stream is not None:
+                # Outputs a custom split leaves on the GPU are read by pool threads, on other streams.
+                stream.synchronize()
+            return outputs
+
+    @contextlib.contextmanager
+    def _own_stream(self):
+        """On a GPU, each model thread queues its copies and kernels on a CUDA stream of its own,
+        so that with ``inference_workers`` > 1 one micro-batch's host-to-device copy overlaps
+        another's kernels. Yields the stream (None on the CPU)."""
+        if self.device.type != "cuda":
+            yield None
+            return
+        stream = getattr(self._model_thread, "stream", None)
+        if stream is None:
+            stream = self._model_thread.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            yield stream
 
     @staticmethod
     def _headers(context, idx: int) -> dict:
