@@ -38,7 +38,7 @@ clean:
 
 # Benchmarks (minutes; results and tables in bench/results/). See bench/README.md.
 bench: venv java
-	$(PY) -m bench.inprocess --rounds 5 --out bench/results
+	$(PY) -m bench.inprocess --rounds 5 --warmup 3 --out bench/results
 	$(PY) -m bench.overhead --out bench/results
 	$(PY) -m bench.sizing --out bench/results
 	$(PY) -m bench.e2e --out bench/results

@@ -5,13 +5,18 @@ closed-loop load generator at several concurrency levels.
     python -m bench.e2e --workloads photo-12mp photo-vga --concurrency 1 8 32 64 --seconds 20 --out bench/results
 
 For photo-vga it also measures the limit in the same run: the model alone (in-process) at the
-batch size TorchServe actually served.
+batch size TorchServe actually served. For ours, every point also has the worker's model busy
+share: the time its model calls took (the handler's ``StageTimeMs{Stage="inference"}`` counter
+on TorchServe's Prometheus endpoint) over the measured time. It is the same ratio measured
+inside the worker, during the load, so the VM's drift between two measurements drops out; it
+counts batches as they finish, so it is exact to about one batch in the window.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -32,7 +37,7 @@ def model_name(workload: str, contender: str) -> str:
 
 
 def build_archive(workload_name: str, contender: str, store: Path, batch_size: int, max_delay_ms: int,
-                  handler_config: dict) -> str:
+                  handler_config: dict, workers: int = 1) -> str:
     workload = WORKLOADS[workload_name]()
     model_dir = workload.model_dir()
     name = model_name(workload_name, contender)
@@ -43,7 +48,7 @@ def build_archive(workload_name: str, contender: str, store: Path, batch_size: i
     else:
         extra.append(model_dir / "index_to_name.json")
     config = {
-        "batchSize": batch_size, "maxBatchDelay": max_delay_ms, "minWorkers": 1, "maxWorkers": 1,
+        "batchSize": batch_size, "maxBatchDelay": max_delay_ms, "minWorkers": workers, "maxWorkers": workers,
         "responseTimeout": 120,
     }
     if contender == "ours":
@@ -67,7 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-delay-ms", type=int, default=50)
-    parser.add_argument("--handler-config", default="{}")
+    parser.add_argument("--handler-config", default="{}", help="JSON merged into ours' handler settings")
+    parser.add_argument("--workers", type=int, default=1, help="TorchServe workers per model")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -79,7 +85,8 @@ def main(argv=None) -> int:
         for contender in args.contenders:
             print(f"archiving {workload} / {contender}", file=sys.stderr, flush=True)
             models[(workload, contender)] = build_archive(
-                workload, contender, store, args.batch_size, args.max_delay_ms, json.loads(args.handler_config)
+                workload, contender, store, args.batch_size, args.max_delay_ms, json.loads(args.handler_config),
+                args.workers,
             )
     server = TorchServe(work / "server", store, ROOT / "config.properties", ports=Ports.free())
     server.start()
@@ -94,10 +101,15 @@ def main(argv=None) -> int:
             for concurrency in args.concurrency:
                 print(f"[{len(results) + 1}/{total}] {workload} / {contender} at concurrency {concurrency}",
                       file=sys.stderr, flush=True)
+                inference_ms = (lambda: stage_ms(server, name, "inference")) if contender == "ours" else None
                 load = run_closed_loop(
-                    f"{server.inference_url}/predictions/{name}", bodies, headers, concurrency, args.seconds
+                    f"{server.inference_url}/predictions/{name}", bodies, headers, concurrency, args.seconds,
+                    server_counter=inference_ms,
                 )
-                results.append({"workload": workload, "contender": contender, **load.summary()})
+                row = {"workload": workload, "contender": contender, **load.summary()}
+                if load.server_counter_delta is not None:
+                    row["model_busy_share"] = round(load.server_counter_delta / (load.seconds * 1000), 3)
+                results.append(row)
         for workload in args.workloads:
             if workload == "photo-vga":
                 results.extend(model_limits(workload, results))
@@ -106,6 +118,21 @@ def main(argv=None) -> int:
     report = table(results)
     publish(args.out, "e2e", results, report)
     return 0
+
+
+def stage_ms(server: TorchServe, model: str, stage: str) -> float:
+    """The handler's summed ``StageTimeMs`` of ``stage`` for ``model``, from Prometheus."""
+    status, body = server.get(f"{server.metrics_url}/metrics", api=None)
+    if status != 200:
+        raise RuntimeError(f"the metrics endpoint answered {status}")
+    total = 0.0
+    for line in body.decode().splitlines():
+        match = re.match(r"^StageTimeMs\{(.*)\} ([0-9.eE+-]+)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+            if labels.get("ModelName") == model and labels.get("Stage") == stage:
+                total += float(match.group(2))
+    return total
 
 
 def model_limits(workload: str, results: list) -> list:
@@ -123,14 +150,16 @@ def model_limits(workload: str, results: list) -> list:
 
 def table(results: list) -> str:
     lines = [
-        "| workload | contender | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors | mean batch | batches by size | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | contender | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors | mean batch | batches by size "
+        "| client CPU | model busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['workload']} | {r['contender']} | {r['concurrency']} | {r['throughput_rps']} "
             f"| {r.get('p50_ms', '')} | {r.get('p90_ms', '')} | {r.get('p99_ms', '')} | {r.get('errors', '')} "
-            f"| {r.get('mean_batch_size', '')} | {r.get('batches_by_size', '')} | {r.get('client_cpu_share', '')} |"
+            f"| {r.get('mean_batch_size', '')} | {r.get('batches_by_size', '')} | {r.get('client_cpu_share', '')} "
+            f"| {r.get('model_busy_share', '')} |"
         )
     return "\n".join(lines)
 

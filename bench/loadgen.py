@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import requests
@@ -22,6 +23,7 @@ class LoadResult:
     statuses: Counter = field(default_factory=Counter)
     batch_sizes: Counter = field(default_factory=Counter)  # requests seen per served batch size
     client_cpu_s: float = 0.0
+    server_counter_delta: Optional[float] = None  # what ``server_counter`` rose by while measuring
 
     @property
     def ok(self) -> int:
@@ -62,8 +64,10 @@ class LoadResult:
 
 
 def run_closed_loop(url: str, bodies: list, headers: dict, concurrency: int, seconds: float,
-                    warmup_s: float = 2.0, timeout_s: float = 120.0) -> LoadResult:
-    """Drive ``url`` with ``concurrency`` clients for ``seconds`` (after ``warmup_s`` not counted)."""
+                    warmup_s: float = 2.0, timeout_s: float = 120.0,
+                    server_counter: Optional[Callable[[], float]] = None) -> LoadResult:
+    """Drive ``url`` with ``concurrency`` clients for ``seconds`` (after ``warmup_s`` not counted).
+    ``server_counter``: read when measuring starts and ends (e.g. a Prometheus counter)."""
     result = LoadResult(concurrency=concurrency, seconds=seconds)
     lock = threading.Lock()
     start_gate = threading.Barrier(concurrency + 1)
@@ -98,11 +102,14 @@ def run_closed_loop(url: str, bodies: list, headers: dict, concurrency: int, sec
     start_gate.wait()
     time.sleep(warmup_s)  # a timed window: the clients' own loops do the waiting on responses
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    counter_before = server_counter() if server_counter else None
     measuring.set()
     started = time.perf_counter()
     stop.wait(seconds)
     stop.set()
     result.seconds = time.perf_counter() - started
+    if server_counter:
+        result.server_counter_delta = server_counter() - counter_before
     usage_after = resource.getrusage(resource.RUSAGE_SELF)
     result.client_cpu_s = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
     for thread in threads:

@@ -18,7 +18,7 @@ from ._errors import BadRequest
 from ._loading import load_archived_model, prepare_model
 from ._request import Request, body_of
 from ._metrics import report_metrics
-from ._settings import EngineSettings, read_settings
+from ._settings import ConfigError, EngineSettings, read_settings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ class MicroBatchHandler:
     """
 
     # Settings of every handler; a subclass's own ``options`` are added to these.
-    options: ClassVar[dict] = {"precision": "float32", "channels_last": False}
+    # torch_threads: torch's CPU threads in this worker (0: torch's default, one per core). With
+    # several workers on one machine, cores / workers keeps them from oversubscribing the cores.
+    options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0}
 
     def __init__(self):
         self.initialized = False
@@ -87,6 +89,10 @@ class MicroBatchHandler:
     def initialize(self, context) -> None:
         """Read and check the settings, load the model on its device, start the pools."""
         self.settings, self.config = read_settings(context.model_yaml_config, self.all_options())
+        if self.config["torch_threads"] < 0:
+            raise ConfigError(f"handler.torch_threads must be >= 0 (0: torch's default), got {self.config['torch_threads']!r}")
+        if self.config["torch_threads"]:
+            torch.set_num_threads(self.config["torch_threads"])  # process-wide: a worker is one process
         self.device = device_for(context.system_properties)
         self.manifest = context.manifest or {}
         self.model_dir = context.system_properties.get("model_dir", ".")

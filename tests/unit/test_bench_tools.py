@@ -27,3 +27,29 @@ def test_the_sweep_recommends_the_fastest_configuration_within_the_p99_budget():
     assert recommend(rows, 500)["name"] == "good"
     assert recommend(rows, 1000)["name"] == "fast-but-slow-tail"
     assert recommend(rows, 50) is None
+
+
+class FakeMetricsServer:
+    metrics_url = "http://metrics"
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def get(self, url, api="inference", headers=None):
+        assert url == "http://metrics/metrics"
+        return 200, self.text.encode()
+
+
+def test_the_model_busy_counter_sums_one_stage_of_one_model_from_prometheus_text():
+    from bench.e2e import stage_ms
+
+    text = "\n".join([
+        "# TYPE StageTimeMs counter",
+        'StageTimeMs{Stage="inference",ModelName="vga_ours",Level="Model",Hostname="a",} 1500.5',
+        'StageTimeMs{Stage="inference",ModelName="vga_ours",Level="Model",Hostname="b",} 499.5',
+        'StageTimeMs{Stage="preprocess",ModelName="vga_ours",Level="Model",Hostname="a",} 77.0',
+        'StageTimeMs{Stage="inference",ModelName="other",Level="Model",Hostname="a",} 9.0',
+    ])
+    assert stage_ms(FakeMetricsServer(text), "vga_ours", "inference") == 2000.0
+    assert stage_ms(FakeMetricsServer(text), "vga_ours", "preprocess") == 77.0
+    assert stage_ms(FakeMetricsServer(text), "missing", "inference") == 0.0

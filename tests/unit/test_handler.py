@@ -246,3 +246,18 @@ def test_precision_and_channels_last_apply_on_a_gpu_only_and_bad_values_are_refu
     if torch.cuda.is_available():
         half = prepare_model(affine_model(), torch.device("cuda:0"), "float16", channels_last=False)
         assert model_dtype(half) == torch.float16
+
+
+def test_torch_threads_sets_the_workers_cpu_threads_and_refuses_a_negative_count():
+    before = torch.get_num_threads()
+    try:
+        handler = start_handler(AffineHandler, handler_config={"torch_threads": 1})
+        handler.close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match=r"handler.torch_threads must be >= 0 \(0: torch's default\), got -2"):
+        start_handler(AffineHandler, handler_config={"torch_threads": -2})
+    assert torch.get_num_threads() == before  # the default leaves torch alone
+    start_handler(AffineHandler).close()
+    assert torch.get_num_threads() == before
