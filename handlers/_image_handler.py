@@ -35,7 +35,8 @@ class ImageClassifierHandler(MicroBatchHandler):
 
     Per request, on the pool: limits checked before decoding (413), a reduced-scale JPEG decode
     when the target is smaller, EXIF orientation, any mode to RGB, resize and centre crop, kept
-    as uint8. Per micro-batch, on the device: to float, normalise, model, softmax.
+    as uint8. Per micro-batch, on the device: to float, normalise, model, softmax, and the
+    classes ranked once; each request then takes its first ``top_k``.
     """
 
     options = {

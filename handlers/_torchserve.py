@@ -89,10 +89,11 @@ class MicroBatchHandler:
     def initialize(self, context) -> None:
         """Read and check the settings, load the model on its device, start the pools."""
         self.settings, self.config = read_settings(context.model_yaml_config, self.all_options())
-        if self.config["torch_threads"] < 0:
-            raise ConfigError(f"handler.torch_threads must be >= 0 (0: torch's default), got {self.config['torch_threads']!r}")
-        if self.config["torch_threads"]:
-            torch.set_num_threads(self.config["torch_threads"])  # process-wide: a worker is one process
+        threads = self.config["torch_threads"]
+        if threads < 0:
+            raise ConfigError(f"handler.torch_threads must be >= 0 (0: torch's default), got {threads!r}")
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: a worker is one process
         self.device = device_for(context.system_properties)
         self.manifest = context.manifest or {}
         self.model_dir = context.system_properties.get("model_dir", ".")
