@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--handler-config", default="{}", help="JSON merged into ours' handler settings")
     parser.add_argument("--workers", type=int, default=1, help="TorchServe workers per model")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--name", default="e2e", help="file name of the results in --out")
     args = parser.parse_args(argv)
 
     work = WORK / "e2e"
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     report = table(results)
-    publish(args.out, "e2e", results, report)
+    publish(args.out, args.name, results, report)
     return 0
 
 

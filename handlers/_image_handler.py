@@ -79,8 +79,12 @@ class ImageClassifierHandler(MicroBatchHandler):
             pixels = pixels.pin_memory()
         pixels = pixels.to(self.device, non_blocking=True)
         dtype = model_dtype(self.model)
-        # NHWC → NCHW as a view: the result is already in channels-last memory format.
-        batch = pixels.permute(0, 3, 1, 2).to(dtype)
+        # NHWC → NCHW as a view: the result is already in channels-last memory format, which
+        # cuDNN and, from two images up, oneDNN run faster; one image on the CPU runs faster as
+        # a contiguous NCHW tensor (ResNet-18 on 2 cores: 30 vs 40 ms).
+        one_image_on_cpu = self.device.type == "cpu" and len(items) == 1
+        layout = torch.contiguous_format if one_image_on_cpu else torch.preserve_format
+        batch = pixels.permute(0, 3, 1, 2).to(dtype, memory_format=layout)
         mean, std = self._normalisation(dtype)
         return (batch - mean) / std
 

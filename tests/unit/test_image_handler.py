@@ -111,3 +111,14 @@ def test_a_response_is_the_same_alone_or_in_a_batch_of_32(digits, held_out_digit
 def test_a_bad_image_among_good_ones_gets_its_4xx_and_the_others_their_answer(digits, held_out_digits, bad_body, status):
     pngs, _ = held_out_digits
     assert_isolates_bad_request(digits, pngs[:6], bad_body, status)
+
+
+def test_one_image_goes_to_the_cpu_model_contiguous_and_a_batch_channels_last(resnet):
+    # Measured on the 2-core VM with ResNet-18: one image runs ~20% faster as contiguous NCHW,
+    # two or more faster channels-last (the layout the decoded pixels already have).
+    pixels = [decode_image(encode(photo(i), "JPEG"), resnet.geometry, resnet.limits) for i in (0, 1)]
+    one = resnet.collate([ImageItem(pixels[0], top_k=1)])
+    both = resnet.collate([ImageItem(p, top_k=1) for p in pixels])
+    assert one.is_contiguous() and not both.is_contiguous()
+    assert both.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(one[0], both[0])  # the same values either way
