@@ -72,7 +72,8 @@ def measure(workload_name: str, contender: str, rounds: int, handler_config: dic
             responses = handler.handle(data, context)
             if context.statuses() != [200] * len(data) or len(responses) != len(data):
                 raise RuntimeError(f"{contender} failed requests: {context.statuses()}")
-            engine_metrics.append(context.metrics.records)
+            if kind == "ours":
+                engine_metrics.append(context.metrics.records)
     elif kind == "microbatching":
         handler = MicroBatchedBaseline(handler)
 
