@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from handlers import BatchEngine, ConfigError, EngineSettings
+from handlers import BatchEngine, ConfigError, EngineSettings, plan_micro_batches
 from handlers._sizing import (
     AdaptiveSizing,
     DynamicSizing,
@@ -47,7 +47,7 @@ def serve(sizing, batches: int, batch_size: int, call_seconds, per_item_pre: flo
     for _ in range(batches):
         size = sizing.size_for(batch_size) or batch_size
         chosen.append(size)
-        calls = [(min(size, batch_size - i), call_seconds(min(size, batch_size - i))) for i in range(0, batch_size, size)]
+        calls = [(len(r), call_seconds(len(r))) for r in plan_micro_batches(batch_size, size)]
         sizing.observe(batch_size, preprocess_seconds=batch_size * per_item_pre, calls=calls)
     return chosen
 
@@ -115,10 +115,7 @@ def test_an_unknown_strategy_is_refused_by_name():
 
 def test_on_shared_cpu_cores_adaptive_runs_the_whole_batch():
     sizing = AdaptiveSizing(pool_size=2, shared_cores=True)
-    for _ in range(10):
-        size = sizing.size_for(32) or 32
-        calls = [(min(size, 32 - i), 0.001 + 0.0005 * min(size, 32 - i)) for i in range(0, 32, size)]
-        sizing.observe(32, preprocess_seconds=32 * 0.05, calls=calls)
+    serve(sizing, 10, 32, lambda m: 0.001 + 0.0005 * m, per_item_pre=0.05)
     # On an accelerator this cost profile favours small micro-batches; sharing the cores it does not.
     assert sizing.size_for(32) == 32
     assert best_micro_batch_size(32, 2, 0.05, 0.001, 0.0005, shared_cores=False) < 32
