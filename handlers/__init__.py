@@ -16,6 +16,8 @@ from ._errors import (
     PayloadTooLarge,
     PostprocessFailed,
     RequestError,
+    ServiceUnavailable,
+    SplitFailed,
     UnsupportedMediaType,
 )
 from ._outcome import Failure, Success
@@ -55,6 +57,8 @@ __all__ = sorted([
     "PostprocessFailed",
     "Request",
     "RequestError",
+    "ServiceUnavailable",
+    "SplitFailed",
     "Success",
     "UnsupportedMediaType",
     "plan_micro_batches",

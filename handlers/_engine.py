@@ -26,20 +26,28 @@ from ._errors import (
     DeadlineExceeded,
     InternalError,
     OutOfMemory,
+    ServiceUnavailable,
+    SplitFailed,
     describe,
     inference_error,
     postprocess_error,
     preprocess_error,
 )
 from ._outcome import Failure, Outcome, Success, attempt
+from ._pool import CallChunk, StagePool
 from ._settings import EngineSettings
 from ._sizing import make_sizing
 
 log = logging.getLogger(__name__)
 
 # A request still preprocessing at this share of the deadline is given up, so that its
-# micro-batch mates keep the rest of the time for inference and postprocessing.
+# micro-batch mates keep the rest of the time for inference and postprocessing. Once a stuck
+# stage is found, requests still to collect get this share of what is left (they may have been
+# queued behind it).
 PREPROCESS_SHARE_OF_DEADLINE = 0.5
+# Once out of memory capped the micro-batch size, every this many batches one runs uncapped:
+# memory freed since (another model unloaded, fragmentation gone) lifts the cap.
+PROBE_CAPPED_SIZE_EVERY = 16
 
 Preprocess = Callable[[Any], Any]
 InferMicroBatch = Callable[[list], Sequence[Any]]
@@ -117,17 +125,17 @@ class BatchEngine:
         self._sizing = make_sizing(
             settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size, shared_cores=inference_on_cpu
         )
-        # Created once: threads are reused across batches, never started per request.
-        self._pool = self._new_pool()
-        self._overdue_lock = threading.Lock()
-        self._overdue: set = set()
+        # Created once: threads are reused across batches, never started per request. Up to
+        # pool_size threads held by hung stages are replaced; past that the engine is unhealthy.
+        self._pool = StagePool(settings.pool_size, max_stuck=settings.pool_size)
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
-        self._close_lock = threading.Lock()
-        self._closed = False
+        self._stuck_model_calls: set = set()
+        self._health_lock = threading.Lock()
         self._safe_size_lock = threading.Lock()
         self._safe_size: Optional[int] = None
         self._smallest_oom: Optional[int] = None
         self._sizes_that_fit: set = set()
+        self._capped_batches = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -135,47 +143,65 @@ class BatchEngine:
         """Process one batch; returns exactly one outcome per request, in request order.
 
         Never raises and never waits past ``settings.deadline_s``: a request whose stage is
-        unfinished at the deadline gets a :class:`DeadlineExceeded` failure.
+        unfinished at the deadline gets a :class:`DeadlineExceeded` failure. While the engine is
+        unhealthy (see :attr:`unhealthy_reason`) every request gets a 503 at once.
         """
         times = StageTimes()
         deadline = Deadline(self.settings.deadline_s)
-        preprocess_deadline = Deadline(self.settings.deadline_s * PREPROCESS_SHARE_OF_DEADLINE)
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
-        plan = self._plan(requests)
+        plan: list = []
         try:
-            self._run_pipeline(requests, plan, preprocess_deadline, deadline, outcomes, times)
+            reason = self.unhealthy_reason
+            if reason is not None:
+                refused = Failure(ServiceUnavailable(f"this worker cannot serve now: {reason}"))
+                return self._report([refused] * len(requests), plan, times)
+            plan = self._plan(requests)
+            self._run_pipeline(requests, plan, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
             log.exception("batch of %d failed inside the engine", len(requests))
             error = InternalError(f"the handler failed on this batch: {describe(exc)}")
             outcomes = [outcome or Failure(error) for outcome in outcomes]
-        self._sizing.observe(len(requests), times.seconds["preprocess"], list(times.calls))
-        return BatchReport(
-            outcomes=outcomes,
-            micro_batch_sizes=[len(r) for r in plan],
-            model_calls=times.model_calls,
-            stage_seconds=dict(times.seconds),
-        )
+        try:
+            self._sizing.observe(len(requests), times.seconds["preprocess"], list(times.calls))
+        except Exception:  # noqa: BLE001 - sizing is advice; the answers stand
+            log.exception("the micro-batch sizing strategy failed to learn from a batch")
+        return self._report(outcomes, plan, times)
 
     @property
     def safe_micro_batch_size(self) -> Optional[int]:
         """The largest micro-batch known to fit in memory, once the model ran out of it (else None)."""
         return self._safe_size
 
+    @property
+    def unhealthy_reason(self) -> Optional[str]:
+        """Why this engine cannot serve (a model call hung past its deadline and still running,
+        or every pool thread held by hung stages); None when it can. A server should replace a
+        worker whose engine stays unhealthy."""
+        with self._health_lock:
+            if self._stuck_model_calls:
+                return "the model is stuck in a call that outlived its batch's deadline"
+        if self._pool.saturated:
+            return f"every stage thread is held by a hung stage ({', '.join(self._pool.stuck_threads)})"
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_reason is None
+
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the pool and the model thread(s); idempotent.
 
-        Returns True when every thread ended within ``timeout`` seconds (a stage that hangs
-        forever keeps its thread; it is reported here instead of blocking the caller).
+        Returns True when every thread ended within ``timeout`` seconds; False when a hung stage
+        still holds one (they are named in the log; threads cannot be killed).
         """
-        with self._close_lock:
-            if self._closed:
-                return True
-            self._closed = True
-        stopper = threading.Thread(target=self._shutdown_executors, name="microbatch-close", daemon=True)
-        stopper.start()
-        stopper.join(timeout)
-        if stopper.is_alive():
-            log.warning("engine threads still busy %.1f s after close(); a stage is hanging", timeout)
+        end = time.monotonic() + timeout
+        self._model.shutdown(wait=False, cancel_futures=True)
+        lingering = self._pool.close(timeout)
+        for thread in self._model_threads():
+            thread.join(max(0.0, end - time.monotonic()))
+        lingering += [t.name for t in self._model_threads() if t.is_alive()]
+        if lingering:
+            log.warning("engine threads still busy after close(), held by hung stages: %s", ", ".join(lingering))
             return False
         return True
 
@@ -186,6 +212,15 @@ class BatchEngine:
         self.close()
 
     # -- pipeline -----------------------------------------------------------------------------
+
+    def _report(self, outcomes: list, plan: list, times: StageTimes) -> BatchReport:
+        log_server_errors(outcomes)
+        return BatchReport(
+            outcomes=outcomes,
+            micro_batch_sizes=[len(r) for r in plan],
+            model_calls=times.model_calls,
+            stage_seconds=dict(times.seconds),
+        )
 
     def _plan(self, requests: Sequence[Any]) -> list:
         """Positions of each micro-batch: consecutive, or grouped by size hint."""
@@ -203,10 +238,14 @@ class BatchEngine:
 
     def _micro_batch_size(self, batch_size: int) -> Optional[int]:
         size = self._sizing.size_for(batch_size)
-        safe = self._safe_size
-        if safe is not None and (size is None or size > safe):
+        with self._safe_size_lock:
+            safe = self._safe_size
+            if safe is None or (size is not None and size <= safe):
+                return size
+            self._capped_batches += 1
+            if self._capped_batches % PROBE_CAPPED_SIZE_EVERY == 0:
+                return size  # a probe: if it fits now, the cap is lifted
             return safe
-        return size
 
     def _remember_out_of_memory(self, size: int) -> None:
         with self._safe_size_lock:
@@ -215,6 +254,11 @@ class BatchEngine:
 
     def _remember_fit(self, size: int) -> None:
         with self._safe_size_lock:
+            if self._smallest_oom is not None and size >= self._smallest_oom:
+                log.warning("a micro-batch of %d fitted in memory again: the cap of %s is lifted", size, self._safe_size)
+                self._smallest_oom = self._safe_size = None
+                self._sizes_that_fit.clear()
+                self._capped_batches = 0
             if size not in self._sizes_that_fit:
                 self._sizes_that_fit.add(size)
                 if self._smallest_oom is not None:
@@ -229,7 +273,7 @@ class BatchEngine:
             self._safe_size = safe
             log.warning("out of memory in inference: micro-batches are capped at %d from now on", safe)
 
-    def _run_pipeline(self, requests, plan, preprocess_deadline, deadline, outcomes, times) -> None:
+    def _run_pipeline(self, requests, plan, deadline, outcomes, times) -> None:
         # Queue every micro-batch's preprocessing at once (in order), so that the pool works
         # ahead while the model runs: inference of micro-batch k overlaps preprocessing of k+1.
         chunk = self._preprocess_cost.chunk_length()
@@ -241,11 +285,19 @@ class BatchEngine:
             ]
             for positions in plan
         ]
+        preprocess_deadline = Deadline(deadline.remaining() * PREPROCESS_SHARE_OF_DEADLINE)
+
+        def after_a_stuck_stage() -> Deadline:
+            return Deadline(deadline.remaining() * PREPROCESS_SHARE_OF_DEADLINE)
+
         on_model: list[tuple[list[int], Future]] = []
         for parts in preprocessing:
             ready = []
-            for part, pending in parts:
-                for position, outcome in self._collect(part, pending, preprocess_deadline, "preprocessing"):
+            for part, calls in parts:
+                collected, preprocess_deadline = self._collect(
+                    part, calls, preprocess_deadline, "preprocessing", after_a_stuck_stage
+                )
+                for position, outcome in collected:
                     if outcome.ok:
                         ready.append((position, outcome.value))
                     else:
@@ -263,19 +315,22 @@ class BatchEngine:
         for positions, job in on_model:
             scattered = self._wait(job, deadline, "inference")
             if not scattered.ok:
+                if job.running():
+                    self._note_stuck_model_call(job)
                 for position in positions:
                     outcomes[position] = scattered
                 continue
             failed, postprocessing = scattered.value
             for position, failure in failed:
                 outcomes[position] = failure
-            for part, pending in postprocessing:
-                for position, outcome in self._collect(part, pending, deadline, "postprocessing"):
+            for part, calls in postprocessing:
+                collected, _ = self._collect(part, calls, deadline, "postprocessing")
+                for position, outcome in collected:
                     outcomes[position] = outcome
 
     def _infer_then_postprocess(self, ready: list, deadline: Deadline, times: StageTimes) -> Outcome:
         """On the model thread: infer one micro-batch, then queue its outputs' postprocessing on
-        the pool. Returns ``Success(([(position, Failure)], [(positions, Future)]))``."""
+        the pool. Returns ``Success(([(position, Failure)], [(positions, CallChunk)]))``."""
         items = dict(ready)
         failed, succeeded = [], []
         for position, outcome in self._infer_isolating(ready, deadline, times):
@@ -285,10 +340,9 @@ class BatchEngine:
         arguments = lambda part: [(outputs[p], items[p]) for p in part]  # noqa: E731
         if self._postprocess_cost.is_cheap(len(positions)):
             # Cheaper than handing it to a thread: finish here, on the model thread.
-            done: Future = Future()
-            done.set_result(self._run_chunk("postprocess", self._postprocess, postprocess_error,
-                                            arguments(positions), times, self._postprocess_cost, time.perf_counter()))
-            return Success((failed, [(positions, done)] if positions else []))
+            calls = self._chunk(self._postprocess, postprocess_error, arguments(positions))
+            self._run_chunk(calls, "postprocess", times, self._postprocess_cost, time.perf_counter())
+            return Success((failed, [(positions, calls)] if positions else []))
         chunk = self._postprocess_cost.chunk_length()
         postprocessing = [
             (part, self._submit_chunk("postprocess", self._postprocess, postprocess_error,
@@ -297,34 +351,49 @@ class BatchEngine:
         ]
         return Success((failed, postprocessing))
 
-    def _submit_chunk(self, stage, function, classify, argument_lists, times, cost) -> Future:
-        return self._pool.submit(
-            self._run_chunk, stage, function, classify, argument_lists, times, cost, time.perf_counter()
-        )
+    @staticmethod
+    def _chunk(function, classify, argument_lists) -> CallChunk:
+        return CallChunk(lambda *args: attempt(function, classify, *args), argument_lists)
+
+    def _submit_chunk(self, stage, function, classify, argument_lists, times, cost) -> CallChunk:
+        calls = self._chunk(function, classify, argument_lists)
+        self._pool.submit(self._run_chunk, calls, stage, times, cost, time.perf_counter())
+        return calls
 
     @staticmethod
-    def _run_chunk(stage, function, classify, argument_lists, times, cost, queued_at) -> Outcome:
+    def _run_chunk(calls: CallChunk, stage, times, cost, queued_at) -> None:
         """On a pool thread: one stage for a few requests, each with its own outcome."""
         started = time.perf_counter()
         times.add("queue", started - queued_at)
-        results = [attempt(function, classify, *arguments) for arguments in argument_lists]
+        calls.run()
         elapsed = time.perf_counter() - started
         times.add(stage, elapsed)
-        cost.update(len(argument_lists), elapsed)
-        return Success(results)
+        cost.update(len(calls.futures), elapsed)
 
-    def _collect(self, part: list, pending: Future, deadline: Deadline, stage: str) -> list:
-        """``[(position, outcome)]`` for one chunk; all of it late if the chunk is."""
-        result = self._wait(pending, deadline, stage)
-        if not result.ok:
-            if pending.running():
-                self._note_overdue(pending)
-            return [(position, result) for position in part]
-        return list(zip(part, result.value))
-
+    def _collect(self, part: list, calls: CallChunk, deadline: Deadline, stage: str,
+                 after_a_stuck_stage: Optional[Callable[[], Deadline]] = None) -> tuple:
+        """``([(position, outcome)], deadline)`` for one chunk. A call running past ``deadline``
+        is late, and its thread reported stuck: the pool replaces it, the chunk's calls not yet
+        started go to another thread, and the calls still to collect get ``after_a_stuck_stage()``
+        (they may only have been queued behind it)."""
+        collected = []
+        for position, future in zip(part, calls.futures):
+            outcome = self._wait(future, deadline, stage)
+            if not outcome.ok and isinstance(outcome.error, DeadlineExceeded) and future.running():
+                self._pool.mark_stuck(calls.thread_of(future))
+                if calls.has_unstarted:
+                    self._pool.submit(calls.run)
+                if after_a_stuck_stage is not None:
+                    deadline = after_a_stuck_stage()
+            collected.append((position, outcome))
+        return collected, deadline
     def _infer_isolating(self, ready: list, deadline: Deadline, times: StageTimes) -> list:
         """Infer ``ready`` (``[(position, item), ...]``); when that raises, split it in halves and
-        retry each, so that a poison item fails alone and its neighbours still get results."""
+        retry each, so that a poison item fails alone and its neighbours still get results.
+
+        Out of memory caps later micro-batches only when the size caused it: when every part
+        fitted after the split. A request that runs out of memory even alone is the cause; it
+        gets its 507 and the size stays as it was."""
         items = [item for _, item in ready]
         started = time.perf_counter()
         outcome = attempt(self._infer_checked, inference_error, items)
@@ -334,8 +403,6 @@ class BatchEngine:
             return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
         if len(ready) == 1:
             return [(ready[0][0], outcome)]
-        if isinstance(outcome.error, OutOfMemory):
-            self._remember_out_of_memory(len(ready))
         if deadline.expired():
             late = self._late("inference", deadline)
             return [(position, late) for position, _ in ready]
@@ -345,39 +412,42 @@ class BatchEngine:
             outcome.error.message,
         )
         middle = len(ready) // 2
-        return self._infer_isolating(ready[:middle], deadline, times) + self._infer_isolating(
+        results = self._infer_isolating(ready[:middle], deadline, times) + self._infer_isolating(
             ready[middle:], deadline, times
         )
+        out_of_memory_alone = any(not o.ok and isinstance(o.error, OutOfMemory) for _, o in results)
+        if isinstance(outcome.error, OutOfMemory) and not out_of_memory_alone:
+            self._remember_out_of_memory(len(ready))
+        return results
 
     def _infer_checked(self, items: list) -> list:
         outputs = list(self._infer_micro_batch(items))
         if len(outputs) != len(items):
             # A contract bug in the model step; a real check, not an assert (python -O drops those).
-            raise RuntimeError(f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}")
+            raise SplitFailed(
+                f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}: "
+                f"split(output, count) must return one output per item"
+            )
         return outputs
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _note_overdue(self, future: Future) -> None:
-        """A pool task still running past its deadline holds its thread. When every pool thread
-        is held so, start a fresh pool: the worker keeps serving (the old threads end, and are
-        let go, when their stages return)."""
-        with self._overdue_lock:
-            self._overdue.add(future)
-            future.add_done_callback(self._forget_overdue)
-            if len(self._overdue) < self.settings.pool_size:
+    def _note_stuck_model_call(self, job: Future) -> None:
+        """A model call outlived its batch: the engine is unhealthy until it returns."""
+        with self._health_lock:
+            if job in self._stuck_model_calls:
                 return
-            stuck, self._pool = self._pool, self._new_pool()
-            self._overdue.clear()
-        stuck.shutdown(wait=False)
-        log.warning("all %d pool threads are stuck past the deadline: started a fresh pool", self.settings.pool_size)
+            self._stuck_model_calls.add(job)
+        log.error("a model call is still running past its batch's deadline: this worker answers 503 "
+                  "until it returns, and should be replaced")
+        job.add_done_callback(self._forget_stuck_model_call)
 
-    def _forget_overdue(self, future: Future) -> None:
-        with self._overdue_lock:
-            self._overdue.discard(future)
+    def _forget_stuck_model_call(self, job: Future) -> None:
+        with self._health_lock:
+            self._stuck_model_calls.discard(job)
 
-    def _new_pool(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(self.settings.pool_size, thread_name_prefix="microbatch-pool")
+    def _model_threads(self) -> list:
+        return list(getattr(self._model, "_threads", ()))
 
     def _wait(self, future: Future, deadline: Deadline, stage: str) -> Outcome:
         try:
@@ -394,10 +464,21 @@ class BatchEngine:
     def _late(stage: str, deadline: Deadline) -> Failure:
         return Failure(
             DeadlineExceeded(
-                f"{stage} did not finish within {deadline.seconds:g} s (the handler's deadline_s bounds each batch)"
+                f"{stage} did not finish within {deadline.seconds:.3g} s (the handler's deadline_s bounds each batch)"
             )
         )
 
-    def _shutdown_executors(self) -> None:
-        self._model.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+
+def log_server_errors(outcomes: Sequence[Outcome]) -> None:
+    """Log each 5xx of a batch once, with the traceback that caused it (a 5xx is a bug of the
+    handler or the model: its log is where it gets fixed). 4xx are the client's and not logged."""
+    errors: dict = {}
+    for position, outcome in enumerate(outcomes):
+        if outcome is not None and not outcome.ok and outcome.error.status >= 500:
+            errors.setdefault(id(outcome.error), (outcome.error, []))[1].append(position)
+    for error, positions in errors.values():
+        cause = error.__cause__ or error
+        traceback = (type(cause), cause, cause.__traceback__) if cause.__traceback__ is not None else None
+        level = logging.WARNING if error.status in (503, 504) else logging.ERROR
+        log.log(level, "request(s) %s of a batch of %d: %d %s: %s", positions, len(outcomes), error.status,
+                error.kind, error.message, exc_info=traceback)

@@ -94,6 +94,22 @@ class InternalError(RequestError):
     kind = "InternalServerError"
 
 
+class SplitFailed(RequestError):
+    """500: the model's output for a micro-batch could not be cut into one part per request
+    (``split`` broke its contract, or the output is not batched the way it expects)."""
+
+    status = 500
+    kind = "SplitFailed"
+
+
+class ServiceUnavailable(RequestError):
+    """503: the worker cannot take requests now (e.g. its model is stuck on an earlier batch and
+    the worker is being replaced); the request was not started and can be sent again."""
+
+    status = 503
+    kind = "ServiceUnavailable"
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for host or accelerator out-of-memory errors (torch's OOM is matched by name,
     so that the engine needs no torch import)."""

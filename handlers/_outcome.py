@@ -35,4 +35,7 @@ def attempt(stage: Callable[..., Any], classify: Callable[[BaseException], Reque
     try:
         return Success(stage(*args))
     except Exception as exc:  # noqa: BLE001 - every error must reach its request
-        return Failure(classify(exc))
+        error = classify(exc)
+        if error is not exc and error.__cause__ is None:
+            error.__cause__ = exc  # keeps the traceback for the log of a 5xx
+        return Failure(error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -17,12 +18,16 @@ from ._engine import BatchEngine, BatchReport
 from ._errors import BadRequest
 from ._loading import load_archived_model, prepare_model
 from ._request import Request, body_of
+from ._responses import JSON, content_type, json_ready
+from ._scatter import split_output
 from ._metrics import report_metrics
 from ._settings import ConfigError, EngineSettings, read_settings
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE_HEADER = "X-Batch-Size"
+# The exit status of a worker that ended itself to be replaced (it shows in TorchServe's log).
+WORKER_REPLACED_EXIT_CODE = 75
 
 
 def device_for(system_properties: Mapping[str, Any]) -> torch.device:
@@ -32,6 +37,10 @@ def device_for(system_properties: Mapping[str, Any]) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
+
+
+def _to_cpu(leaf: Any) -> Any:
+    return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
 
 
 class MicroBatchHandler:
@@ -103,7 +112,7 @@ class MicroBatchHandler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are in place before other streams read them
         self._engine = BatchEngine(
-            self.preprocess_one, self._infer_micro_batch, self.postprocess_one, self.settings,
+            self.preprocess_one, self._infer_micro_batch, self._postprocess_one_json_ready, self.settings,
             inference_on_cpu=self.device.type == "cpu",
             size_hint=self.size_hint if type(self).size_hint is not MicroBatchHandler.size_hint else None,
         )
@@ -114,10 +123,18 @@ class MicroBatchHandler:
         """Answer one TorchServe batch: exactly one response per request, in order."""
         if self._engine is None:
             raise RuntimeError(f"{type(self).__name__}.handle() called before initialize()")
-        requests = [Request(body_of(row), self._headers(context, idx)) for idx, row in enumerate(data)]
+        # Behind a KServe envelope the rows are the instances of one request: each gets its headers.
+        one_request = len(data) != len(getattr(context, "request_processor", None) or data)
+        requests = [
+            Request(body_of(row), self._headers(context, 0 if one_request else idx)) for idx, row in enumerate(data)
+        ]
         report = self._engine.run(requests)
         report_metrics(context, report)
-        return self._respond(report, context)
+        responses = self._respond(report, context)
+        reason = self._engine.unhealthy_reason
+        if reason is not None:
+            self._answer_then_exit(responses, context, reason)
+        return responses
 
     @classmethod
     def all_options(cls) -> dict:
@@ -169,16 +186,40 @@ class MicroBatchHandler:
         return self.model(batch)
 
     def split(self, output: Any, count: int) -> list:
-        """One output per item: cut along the first dimension, after one copy to the CPU."""
-        if isinstance(output, torch.Tensor):
-            return list(output.detach().cpu().unbind(0))
-        return list(output)
+        """One output per item, by the output's structure (see ``handlers._scatter``): tensors
+        cut along the first dimension after one copy to the CPU; tuples, dicts, named tuples and
+        dataclasses cut field by field; a list taken as one entry per item. Anything else, or a
+        first dimension that is not ``count``, is a :class:`SplitFailed` (500) naming the shapes."""
+        if isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == count:
+            return list(output.detach().cpu().unbind(0))  # the common case, without the tree walk
+        return split_output(output, count, to_host=_to_cpu)
 
     def postprocess_one(self, output: Any, item: Any) -> Any:
         """A tensor → nested lists (JSON-ready)."""
         return output.tolist() if isinstance(output, torch.Tensor) else output
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _postprocess_one_json_ready(self, output: Any, item: Any) -> Any:
+        return json_ready(self.postprocess_one(output, item))
+
+    @staticmethod
+    def _answer_then_exit(responses: list, context, reason: str) -> None:
+        """The engine cannot serve any more (a model call hung past its deadline, or every
+        stage thread is held by a hung stage): send this batch's answers now, then end the
+        worker process, so that TorchServe starts a fresh one. Nothing is in flight: TorchServe
+        gives a worker one batch at a time, and this one is answered."""
+        connection = getattr(context, "cl_socket", None)
+        if connection is None:  # not a TorchServe worker (a test kit context): nothing to restart
+            log.error("the handler is unhealthy (%s) and no worker process to replace", reason)
+            return
+        from ts.protocol.otf_message_handler import create_predict_response
+
+        log.critical("ending this worker after answering its batch, so that TorchServe starts a fresh one: %s", reason)
+        message = create_predict_response(responses, context.request_ids, "Prediction success", 200, context)
+        connection.sendall(message)
+        logging.shutdown()
+        os._exit(WORKER_REPLACED_EXIT_CODE)
 
     def _infer_micro_batch(self, items: list) -> list:
         # inference_mode is thread-local: enter it on the model thread that runs this.
@@ -221,7 +262,9 @@ class MicroBatchHandler:
             # Behind a KServe envelope the items are the instances of one request: its status is
             # that of the first failed instance; every instance keeps its own answer or error.
             failures = [(0, error) for _, error in failures[:1]]
+        responses = [outcome.value if outcome.ok else outcome.error.to_json() for outcome in outcomes]
+        for idx in range(requests):
+            context.set_response_content_type(idx, content_type(responses[idx]) if requests == len(outcomes) else JSON)
         for idx, error in failures:
             context.set_response_status(error.status, error.phrase, idx)
-            context.set_response_content_type(idx, "application/json")
-        return [outcome.value if outcome.ok else outcome.error.to_json() for outcome in outcomes]
+        return responses

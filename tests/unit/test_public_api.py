@@ -13,7 +13,7 @@ def test_public_names_are_pinned():
         "EngineSettings", "Failure", "ImageClassifierHandler", "ImageGeometry", "ImageLimits",
         "InferenceFailed", "InternalError", "MicroBatchHandler",
         "OutOfMemory", "PayloadTooLarge", "PostprocessFailed", "Request", "RequestError",
-        "SentenceEmbeddingHandler", "Success", "TensorHandler", "TensorSpec", "TextClassifierHandler",
+        "SentenceEmbeddingHandler", "ServiceUnavailable", "SplitFailed", "Success", "TensorHandler", "TensorSpec", "TextClassifierHandler",
         "TextHandler", "UnsupportedMediaType", "decode_image", "pad_to_longest", "parse_array",
         "plan_micro_batches", "read_settings", "request_text",
     ]
@@ -59,6 +59,9 @@ def test_only_the_adapter_knows_torchserve_and_the_engine_needs_no_torch():
 
     package = pathlib.Path(handlers.__file__).parent
     importing_ts = {p.name for p in package.glob("*.py") if "ts" in imported_roots(p)}
-    assert importing_ts == {"_metrics.py"}  # the adapter's metrics (optional import)
-    for name in ("_engine.py", "_clocks.py", "_sizing.py", "_outcome.py", "_errors.py", "_settings.py", "_request.py"):
+    # The adapter's metrics (optional import) and the adapter itself (its worker protocol, imported
+    # only to answer a batch before the worker ends itself to be replaced).
+    assert importing_ts == {"_metrics.py", "_torchserve.py"}
+    for name in ("_engine.py", "_clocks.py", "_sizing.py", "_outcome.py", "_errors.py", "_settings.py", "_request.py",
+                 "_pool.py", "_scatter.py", "_responses.py"):
         assert not imported_roots(package / name) & {"torch", "ts", "numpy", "PIL"}, name

@@ -1,0 +1,183 @@
+"""The thread pool of the per-request stages: a fixed number of threads that keeps serving when a
+stage hangs, without growing threads without bound.
+
+A stage still running past its batch's deadline holds its thread (Python threads cannot be
+killed). The engine reports such a thread with :meth:`StagePool.mark_stuck`; the pool then starts
+a replacement, so that ``size`` threads keep taking work, and the stuck one ends when its stage
+returns. At most ``max_stuck`` threads are held so at once: past that no replacement is started
+and :attr:`StagePool.saturated` tells the engine that the worker should be replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+_STOP = None  # the sentinel that ends one pool thread
+
+
+class StagePool:
+    """``size`` threads running submitted calls; see the module docstring for stuck threads.
+
+    Args:
+        size: threads that take work.
+        max_stuck: threads that may be held by hung stages at once, each replaced.
+        name: thread name prefix.
+    """
+
+    def __init__(self, size: int, max_stuck: int, name: str = "microbatch-pool"):
+        self.size = size
+        self.max_stuck = max_stuck
+        self._name = name
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set = set()  # every live thread of the pool
+        self._stuck: set = set()  # threads held past a deadline
+        self._replaced: set = set()  # stuck threads that got a replacement: they end when free
+        self._closed = False
+        self._started = 0
+        for _ in range(size):
+            self._start_thread()
+
+    # -- public -------------------------------------------------------------------------------
+
+    def submit(self, function: Callable[..., Any], *args) -> Future:
+        """Queue ``function(*args)``; its Future holds the result or the exception."""
+        future: Future = Future()
+        if self._closed:
+            raise RuntimeError("the pool is closed")
+        self._tasks.put((future, function, args))
+        return future
+
+    def mark_stuck(self, thread: Optional[threading.Thread]) -> None:
+        """``thread`` runs a stage past its deadline: replace it while fewer than ``max_stuck``
+        threads are stuck. Idempotent; a thread that is no longer stuck is ignored."""
+        with self._lock:
+            if thread is None or thread not in self._threads or thread in self._stuck or self._closed:
+                return
+            self._stuck.add(thread)
+            if len(self._replaced) >= self.max_stuck:
+                log.error(
+                    "%d stage threads are stuck past their deadline; no more replacements (the worker "
+                    "should be restarted)", len(self._stuck),
+                )
+                return
+            self._replaced.add(thread)
+            self._start_thread()
+        log.warning("a stage is stuck past its deadline on %s: started a replacement thread", thread.name)
+
+    @property
+    def saturated(self) -> bool:
+        """True when stuck threads leave fewer than ``size`` threads taking work."""
+        with self._lock:
+            return bool(self._stuck) and len(self._threads) - len(self._stuck) < self.size
+
+    @property
+    def stuck_threads(self) -> list:
+        """Names of the threads held past a deadline right now."""
+        with self._lock:
+            return sorted(t.name for t in self._stuck)
+
+    def close(self, timeout: float) -> list:
+        """Stop taking work, cancel what has not started, wait up to ``timeout`` seconds for the
+        threads to end; idempotent. Returns the names of those still alive (held by hung stages)."""
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+            threads = list(self._threads)
+        if first:
+            while True:
+                try:
+                    task = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not _STOP:
+                    task[0].cancel()
+            for _ in threads:
+                self._tasks.put(_STOP)
+        end = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        return sorted(t.name for t in threads if t.is_alive())
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        self._started += 1
+        thread = threading.Thread(target=self._work, name=f"{self._name}-{self._started}", daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                task = self._tasks.get()
+                if task is _STOP:
+                    return
+                future, function, args = task
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    result = function(*args)
+                except BaseException as exc:  # noqa: BLE001 - delivered to the caller, never lost
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                with self._lock:
+                    self._stuck.discard(me)
+                    if me in self._replaced:
+                        self._replaced.discard(me)
+                        return  # its replacement serves in its place
+        finally:
+            with self._lock:
+                self._threads.discard(me)
+                self._stuck.discard(me)
+                self._replaced.discard(me)
+
+
+class CallChunk:
+    """Calls of one function that a single pool task runs in turn (cheap requests share a task,
+    so the hand-off to a thread is paid once), each with its own Future.
+
+    When one call hangs, the calls after it have not started: :meth:`run` may be submitted
+    again, and another thread then takes the rest, so that they do not wait behind it.
+    """
+
+    def __init__(self, function: Callable[..., Any], argument_lists: Sequence[tuple]):
+        self.futures = [Future() for _ in argument_lists]
+        self._function = function
+        self._work = deque(zip(self.futures, argument_lists))
+        self._running: dict = {}  # future -> the thread running its call
+
+    def run(self) -> None:
+        """Run calls until none is left (several threads may run one chunk)."""
+        while True:
+            try:
+                future, args = self._work.popleft()  # atomic: each call is taken once
+            except IndexError:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            self._running[future] = threading.current_thread()
+            try:
+                future.set_result(self._function(*args))
+            except BaseException as exc:  # noqa: BLE001 - delivered to the caller, never lost
+                future.set_exception(exc)
+            finally:
+                self._running.pop(future, None)
+
+    def thread_of(self, future: Future) -> Optional[threading.Thread]:
+        """The thread running ``future``'s call now, or None."""
+        return self._running.get(future)
+
+    @property
+    def has_unstarted(self) -> bool:
+        return bool(self._work)

@@ -1,0 +1,70 @@
+"""Responses as clients read them: strict JSON (RFC 8259 has no NaN or Infinity) and a
+Content-Type for each. Pure functions; they run on the pool, per request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import abc
+from typing import Any
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+BINARY = "application/octet-stream"
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` as a response body: ``bytes`` and ``str`` as they are; anything else as a value
+    that strict JSON can encode. Tensors and numpy arrays become lists, numpy scalars numbers,
+    tuples lists, dataclasses and named tuples objects, and a non-finite float (NaN, ±Infinity)
+    becomes ``null``: a number JSON cannot carry is reported as "no number".
+
+    Raises:
+        TypeError: a part of ``value`` has no JSON form (the request then gets a 500 that says so).
+    """
+    if isinstance(value, (bytes, bytearray, str)):
+        return value
+    try:
+        json.dumps(value, allow_nan=False)  # C speed: most answers are already strict JSON
+        return value
+    except (TypeError, ValueError):
+        return _strict(value, "response")
+
+
+def content_type(value: Any) -> str:
+    """The Content-Type of a body returned by :func:`json_ready`."""
+    if isinstance(value, (bytes, bytearray)):
+        return BINARY
+    if isinstance(value, str):
+        return TEXT
+    return JSON
+
+
+def _strict(value: Any, path: str) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # torch tensors, numpy arrays and scalars
+        return _strict(value.tolist(), path)
+    if isinstance(value, abc.Mapping):
+        return {_key(key, path): _strict(child, f"{path}[{key!r}]") for key, child in value.items()}
+    if hasattr(type(value), "_fields") and isinstance(value, tuple):  # a named tuple: an object
+        return {name: _strict(child, f"{path}.{name}") for name, child in zip(type(value)._fields, value)}
+    if isinstance(value, (list, tuple)):
+        return [_strict(child, f"{path}[{i}]") for i, child in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _strict(getattr(value, f.name), f"{path}.{f.name}") for f in dataclasses.fields(value)}
+    raise TypeError(
+        f"{path} is a {type(value).__name__}, which has no JSON form: postprocess_one must return JSON "
+        f"values (dict, list, str, numbers, bool, None, tensors, numpy arrays), str or bytes"
+    )
+
+
+def _key(key: Any, path: str) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key)
+    raise TypeError(f"{path} has a key of type {type(key).__name__}; JSON object keys are strings")
