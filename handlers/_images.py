@@ -14,10 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._client_data import parsing_client_data
 from ._errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+DECOMPRESSION_BOMB = (Image.DecompressionBombError,)
+SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+              (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,18 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise BadRequest("the body is empty: expected an image")
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"the image is {len(data):,} bytes; the limit is {limits.max_bytes:,}")
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(f"the image declares too many pixels: {exc}") from None
-    except UnidentifiedImageError:
-        raise UnsupportedMediaType(
-            "the body is not an image format this handler reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
-        ) from None
+    with parsing_client_data("the image header is corrupt"):
+        try:
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLarge(f"the image declares too many pixels: {exc}") from None
+        except UnidentifiedImageError:
+            claimed = signature_format(data)
+            if claimed:  # a corrupt file of a format we read, not a format we do not read
+                raise BadRequest(f"the body starts as a {claimed} file but its header is corrupt or truncated") from None
+            raise UnsupportedMediaType(
+                "the body is not an image format this handler reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
+            ) from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise PayloadTooLarge(
@@ -85,6 +93,14 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     if width < 1 or height < 1:
         raise BadRequest(f"the image has no pixels ({width}x{height})")
     return image
+
+
+def signature_format(data: bytes) -> str | None:
+    """The format whose signature ``data`` starts with (JPEG, PNG, GIF, TIFF, WebP), or None."""
+    for signature, name in SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -110,17 +126,21 @@ def decode_image(data: bytes, geometry: ImageGeometry, limits: ImageLimits) -> n
     Raises BadRequest (400), PayloadTooLarge (413) or UnsupportedMediaType (415).
     """
     image = open_image(data, limits)
-    try:
+    # Pillow reports corrupt data with whatever the failing step raises (OSError, SyntaxError,
+    # struct.error, TypeError, ...): the client's 400, whether in the pixels or the metadata.
+    # Only the steps that read the client's bytes are wrapped; the rest works on decoded pixels.
+    with parsing_client_data("the image data is corrupt or truncated", too_large=DECOMPRESSION_BOMB):
         if geometry.draft and image.format == "JPEG":
             # The decoder scales by 1/2, 1/4 or 1/8 while keeping both sides >= resize.
             image.draft("RGB", (geometry.resize, geometry.resize))
+        image.load()
+    # A 400 rather than the image as stored: the client asked for a rotation, and a picture
+    # served sideways gets a confident wrong answer.
+    with parsing_client_data("the image's EXIF metadata is corrupt"):
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
-        image = to_rgb(image)
-        image = resize_and_center_crop(image, geometry.resize, geometry.crop)
-        return np.asarray(image, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow reports truncated or corrupt data while decoding, after the header looked fine.
-        raise BadRequest(f"the image data is corrupt or truncated: {exc}") from None
+    image = to_rgb(image)
+    image = resize_and_center_crop(image, geometry.resize, geometry.crop)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def resize_and_center_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ._client_data import parsing_client_data
 from ._errors import BadRequest, PayloadTooLarge
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -76,21 +78,20 @@ def _from_json(payload: Any, spec: TensorSpec) -> np.ndarray:
 
 def _load_npy(data: bytes, spec: TensorSpec) -> np.ndarray:
     stream = io.BytesIO(data)
-    try:
+    # numpy parses the header with Python's tokenizer: a corrupt one raises ValueError, but also
+    # tokenize.TokenError, SyntaxError, ...: all of them the client's 400.
+    with parsing_client_data("the .npy header is corrupt"):
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(stream)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BadRequest(f"the .npy header is corrupt: {exc}") from None
     if dtype.hasobject:
         raise BadRequest("the .npy data holds Python objects; object arrays are refused (they need pickle)")
-    elements = int(np.prod(shape, dtype=np.int64))
+    # Python ints, not int64: a product of sizes past 2**63 must not wrap around under the limit.
+    elements = math.prod(shape)
     if elements > spec.max_elements:  # checked from the header, before any allocation
         raise PayloadTooLarge(f"the input has {elements:,} elements; the limit is {spec.max_elements:,}")
-    try:
+    with parsing_client_data("the .npy data is corrupt or truncated"):
         array = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle client data
-    except (ValueError, OSError, EOFError) as exc:
-        raise BadRequest(f"the .npy data is corrupt or truncated: {exc}") from None
     return _cast(array, spec)
 
 

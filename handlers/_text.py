@@ -24,9 +24,23 @@ def request_text(body: Any, max_chars: int) -> str:
         raise BadRequest(f"expected text, got {type(body).__name__}")
     if len(body) > max_chars:
         raise PayloadTooLarge(f"the text is {len(body):,} characters; the limit is {max_chars:,}")
+    check_unicode(body)
     if not body.strip():
         raise BadRequest("the text is empty")
     return body
+
+
+def check_unicode(text: str) -> None:
+    """400 for a text a tokenizer cannot take: one holding a surrogate code point (U+D800 to
+    U+DFFF), which JSON's ``\\ud800`` escapes can put into a Python str. Control characters,
+    NULs and combining marks are text: the tokenizer normalises them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # only surrogates fail to encode
+        raise BadRequest(
+            f"the text holds an unpaired surrogate at position {exc.start} (U+{ord(text[exc.start]):04X}): "
+            "send valid Unicode (in JSON, a \\uD800-\\uDFFF escape must be half of a pair)"
+        ) from None
 
 
 def pad_to_longest(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

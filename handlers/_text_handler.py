@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._client_data import parsing_client_data
 from ._loading import read_labels
 from ._request import Request
 from ._text import pad_to_longest, request_text
@@ -54,7 +55,9 @@ class TextHandler(MicroBatchHandler):
 
     def preprocess_one(self, request: Request) -> TextItem:
         text = request_text(request.body, self.config["max_chars"])
-        return TextItem(self.tokenizer.encode(text).ids)
+        with parsing_client_data("the tokenizer could not read the text"):
+            ids = self.tokenizer.encode(text).ids
+        return TextItem(ids)
 
     def collate(self, items: list) -> dict:
         ids, mask = pad_to_longest([item.ids for item in items], self.pad_id)

@@ -65,3 +65,20 @@ def bomb_png(width: int, height: int) -> bytes:
 def animated_gif(colours) -> bytes:
     frames = [Image.new("RGB", (64, 64), colour) for colour in colours]
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def exif_with_mistyped_tag(orientation: int, tag: int = 0x0115) -> bytes:
+    """An EXIF block (APP1 payload) with an orientation and a numeric tag whose value is stored as
+    ASCII text: Pillow reads it, and raises when it writes the block back after rotating
+    (``struct.error`` for SamplesPerPixel 0x0115, a SHORT; ``TypeError`` for
+    PrimaryChromaticities 0x013F, a RATIONAL), as a buggy camera or a mutated file can have it."""
+    entries = [(0x0112, 3, 1, struct.pack(">HH", orientation, 0)), (tag, 2, 6, struct.pack(">I", 38))]
+    ifd = struct.pack(">H", len(entries)) + b"".join(struct.pack(">HHI", *entry[:3]) + entry[3] for entry in entries)
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + ifd + struct.pack(">I", 0) + b"Canon\x00"
+    assert tiff.index(b"Canon") == 38
+    return b"Exif\x00\x00" + tiff
+
+
+def with_corrupt_exif(image: Image.Image, orientation: int = 6, tag: int = 0x0115) -> bytes:
+    """A JPEG with an orientation tag in a corrupt EXIF block (see ``exif_with_mistyped_tag``)."""
+    return encode(image, "JPEG", quality=95, exif=exif_with_mistyped_tag(orientation, tag))

@@ -120,3 +120,22 @@ def test_an_npy_header_declaring_a_huge_array_is_a_413_before_it_is_read():
     np.lib.format.write_array_header_1_0(stream, {"descr": "<f4", "fortran_order": False, "shape": (10**10,)})
     with pytest.raises(PayloadTooLarge, match="10,000,000,000 elements"):
         parse_array(stream.getvalue() + b"\x00" * 16, SPEC)
+
+
+def npy_with_header(header: str) -> bytes:
+    """A version 1.0 .npy file whose header text is ``header`` (padded as numpy pads it)."""
+    text = header.ljust(118) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin-1") + bytes(64)
+
+
+def test_an_npy_header_python_cannot_tokenize_is_a_400_not_a_500():
+    # numpy parses the header with Python's tokenize, whose TokenError is no ValueError: that was a 500.
+    header = "{{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }"  # an unclosed brace
+    with pytest.raises(BadRequest, match="the .npy header is corrupt: TokenError"):
+        parse_array(npy_with_header(header), SPEC)
+
+
+def test_an_npy_header_whose_element_count_overflows_int64_is_a_413_not_a_500():
+    # np.prod(shape, dtype=int64) raised OverflowError on sizes past 2**63.
+    with pytest.raises(PayloadTooLarge, match="elements; the limit is"):
+        parse_array(npy_with_header(f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({2**70},), }}"), SPEC)

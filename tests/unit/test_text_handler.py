@@ -159,3 +159,27 @@ def test_a_classification_is_the_same_alone_or_in_a_batch_of_32(classifier):
 def test_a_non_utf8_request_among_good_ones_gets_its_400(classifier):
     error = assert_isolates_bad_request(classifier, SENTENCES[:4], b"\xff\xfe\xfd", 400)
     assert "UTF-8" in error["message"]
+
+
+LONE_SURROGATE = "abc \ud800 def"
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (LONE_SURROGATE, None),                                     # a str, as a Python caller passes it
+    ({"text": LONE_SURROGATE}, None),                           # JSON TorchServe has already decoded
+    (json.dumps({"text": LONE_SURROGATE}).encode(), "application/json"),  # {"text": "abc \ud800 def"}
+    (json.dumps(LONE_SURROGATE).encode(), "application/json"),  # a JSON string
+], ids=["str", "decoded JSON", "JSON object", "JSON string"])
+def test_a_lone_surrogate_is_a_400_naming_its_position_not_a_500(classifier, body, content_type):
+    # JSON's \ud800 escape gives Python a str the tokenizer refuses with TypeError: that was a 500.
+    headers = [{}, {"Content-Type": content_type} if content_type else {}, {}]
+    responses, context = run_batch(classifier, [SENTENCES[0], body, SENTENCES[1]], headers=headers)
+    assert context.statuses() == [200, 400, 200]
+    assert "the text holds an unpaired surrogate at position 4" in responses[1]["message"]
+
+
+def test_a_surrogate_sent_as_utf8_bytes_is_invalid_utf8_and_control_characters_are_text(classifier):
+    bodies = [LONE_SURROGATE.encode("utf-8", "surrogatepass"), "a\x00b\x07c\x1b[0m\u200b\ufeff", "e\u0301" * 300]
+    responses, context = run_batch(classifier, bodies, headers=[{"Content-Type": "text/plain"}] * 3)
+    assert context.statuses() == [400, 200, 200]
+    assert "not valid UTF-8" in responses[0]["message"]
