@@ -67,10 +67,11 @@ def _json_payload(body: Any) -> Any:
 def _from_json(payload: Any, spec: TensorSpec) -> np.ndarray:
     if not isinstance(payload, (list, int, float)) or isinstance(payload, bool) and spec.dtype != "bool":
         raise BadRequest(f"expected a JSON array of numbers ({spec.describe()}), got {type(payload).__name__}")
-    try:
-        array = np.asarray(payload)
-    except ValueError as exc:  # ragged nesting
-        raise BadRequest(f"the array is ragged (rows of different lengths); expected {spec.describe()}: {exc}") from None
+    with parsing_client_data(f"the array could not be read; expected {spec.describe()}"):
+        try:
+            array = np.asarray(payload)
+        except ValueError as exc:  # ragged nesting
+            raise BadRequest(f"the array is ragged (rows of different lengths); expected {spec.describe()}: {exc}") from None
     if array.size > spec.max_elements:
         raise PayloadTooLarge(f"the input has {array.size:,} elements; the limit is {spec.max_elements:,}")
     return _cast(array, spec)

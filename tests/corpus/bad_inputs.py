@@ -65,7 +65,20 @@ def _npy_header_only(shape) -> bytes:
     return buffer.getvalue() + b"\x00" * 64
 
 
+def _npy_with_header(header: str) -> bytes:
+    text = header.ljust(118) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin-1") + bytes(64)
+
+
+def _with_bad_segment_length(jpeg: bytes) -> bytes:
+    """The JPEG with its first quantisation table's (DQT) length field set past the file's end."""
+    at = jpeg.index(b"\xff\xdb")
+    return jpeg[: at + 2] + b"\xff\xf0" + jpeg[at + 4:]
+
+
 def corpus() -> list:
+    from ..unit.images import exif_with_mistyped_tag
+
     rng = np.random.default_rng(1234)
     jpeg = _encode(_picture(), "JPEG", quality=90)
     png = _encode(_picture(), "PNG")
@@ -74,6 +87,8 @@ def corpus() -> list:
     sixteen_bit = _encode(Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)), "PNG")
     cmyk = _encode(_picture().convert("CMYK"), "JPEG")
     over_pixels = _encode(Image.new("L", (8000, 6000)), "PNG")  # 48 MP of one colour: a tiny file
+    # Orientation 6 and a SHORT tag stored as text: Pillow raises struct.error writing it back.
+    corrupt_exif = _encode(_picture(), "JPEG", quality=90, exif=exif_with_mistyped_tag(6))
     image = "digits"
     items = [
         BadInput("empty body", image, b"", "application/octet-stream", 400, "empty"),
@@ -94,6 +109,10 @@ def corpus() -> list:
         BadInput("animated GIF (valid: first frame)", image, gif, "image/gif", 200, ""),
         BadInput("16-bit greyscale PNG (valid)", image, sixteen_bit, "image/png", 200, ""),
         BadInput("CMYK JPEG (valid)", image, cmyk, "image/jpeg", 200, ""),
+        BadInput("a rotated JPEG with a corrupt EXIF block", image, corrupt_exif, "image/jpeg", 400,
+                 "EXIF metadata is corrupt"),
+        BadInput("a JPEG whose segment length runs past the end", image, _with_bad_segment_length(jpeg), "image/jpeg",
+                 400, "corrupt"),
         BadInput("body over TorchServe's request-size limit", image, b"\xff" * (REQUEST_SIZE_LIMIT + 1024),
                  "application/octet-stream", 413, "", frontend_only=True),
         BadInput("JSON that does not parse", "tabular", b"[1.0, 2.0,", "application/json", 400, "neither a JSON array"),
@@ -112,11 +131,19 @@ def corpus() -> list:
                  "application/octet-stream", 413, "elements; the limit is"),
         BadInput("deeply nested JSON", "tabular", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, ""),
         BadInput("an empty JSON body", "tabular", b"", "application/json", 400, "empty"),
+        BadInput("a .npy header Python cannot tokenize", "tabular", _npy_with_header("{{'descr': '<f4', 'shape': (4,)}"),
+                 "application/octet-stream", 400, "the .npy header is corrupt"),
         BadInput("over-long text", "text_embedding", ("word " * 5_000).encode(), "text/plain", 413,
                  "characters; the limit is"),
         BadInput("text that is not UTF-8", "text_embedding", "café".encode("latin-1") * 10, "text/plain", 400,
                  "not valid UTF-8"),
         BadInput("empty text", "text_embedding", b"   \n", "text/plain", 400, "empty"),
+        BadInput("a lone surrogate in JSON text", "text_embedding", b'{"text": "abc \\ud800 def"}', "application/json",
+                 400, "the text holds an unpaired surrogate at position 4"),
+        BadInput("a lone surrogate in a JSON string", "text_embedding", b'"\\udfff"', "application/json", 400,
+                 "unpaired surrogate at position 0"),
+        BadInput("control characters and NULs in text (valid)", "text_embedding", b"a\x00b\x07c \x1b[0m \xe2\x80\x8b",
+                 "text/plain", 200, ""),
         BadInput("JSON without text", "text_embedding", b'{"txt": "hello"}', "application/json", 400,
                  '{"text": "..."}'),
         BadInput("JSON of the wrong type", "quickstart", b'"just a string"', "application/json", 400,
