@@ -81,7 +81,9 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         except UnidentifiedImageError:
             claimed = signature_format(data)
             if claimed:  # a corrupt file of a format we read, not a format we do not read
-                raise BadRequest(f"the body starts as a {claimed} file but its header is corrupt or truncated") from None
+                raise BadRequest(
+                    f"the body starts as a {claimed} file but its header is corrupt or truncated"
+                ) from None
             raise UnsupportedMediaType(
                 "the body is not an image format this handler reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
             ) from None

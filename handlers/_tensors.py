@@ -87,10 +87,17 @@ def _load_npy(data: bytes, spec: TensorSpec) -> np.ndarray:
         shape, _, dtype = read_header(stream)
     if dtype.hasobject:
         raise BadRequest("the .npy data holds Python objects; object arrays are refused (they need pickle)")
+    if dtype.kind not in "biuf":  # before np.load: a void or string dtype may declare a gigabyte per item
+        raise BadRequest(f"expected numbers ({spec.describe()}), got values of type {dtype}")
     # Python ints, not int64: a product of sizes past 2**63 must not wrap around under the limit.
     elements = math.prod(shape)
     if elements > spec.max_elements:  # checked from the header, before any allocation
         raise PayloadTooLarge(f"the input has {elements:,} elements; the limit is {spec.max_elements:,}")
+    declared, present = elements * dtype.itemsize, len(data) - stream.tell()
+    if declared > present:  # np.load would allocate the declared size before finding out
+        raise BadRequest(
+            f"the .npy data is corrupt or truncated: its header declares {declared:,} bytes, the body holds {present:,}"
+        )
     with parsing_client_data("the .npy data is corrupt or truncated"):
         array = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle client data
     return _cast(array, spec)

@@ -139,3 +139,17 @@ def test_an_npy_header_whose_element_count_overflows_int64_is_a_413_not_a_500():
     # np.prod(shape, dtype=int64) raised OverflowError on sizes past 2**63.
     with pytest.raises(PayloadTooLarge, match="elements; the limit is"):
         parse_array(npy_with_header(f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({2**70},), }}"), SPEC)
+
+
+def test_an_npy_header_declaring_a_gigabyte_per_item_is_a_400_not_a_memory_error():
+    # 36 items of a 1 GB void dtype passed the element limit, and np.load allocated 33.5 GiB (a
+    # MemoryError, a 500; or, where memory is overcommitted, a 33.5 GiB allocation).
+    header = "{'descr': '<V1000000000', 'fortran_order': False, 'shape': (3, 3, 4), }"
+    with pytest.raises(BadRequest, match="expected numbers"):
+        parse_array(npy_with_header(header), SPEC)
+
+
+def test_an_npy_body_shorter_than_its_header_declares_is_a_400_before_it_is_read():
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000, 1000), }"  # 4 MB declared, 64 bytes sent
+    with pytest.raises(BadRequest, match="declares 4,000,000 bytes, the body holds 64"):
+        parse_array(npy_with_header(header), TensorSpec(shape=(-1, -1), dtype="float32"))
