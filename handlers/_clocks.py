@@ -32,7 +32,6 @@ class PerItemCost:
     ONE_PER_TASK_ABOVE_S = 1e-3
     TASK_TARGET_S = 1e-3
     MAX_PER_TASK = 256
-    INLINE_BELOW_S = 50e-6
 
     def __init__(self, memory: float = 0.8):
         self._memory = memory
@@ -44,11 +43,6 @@ class PerItemCost:
             with self._lock:
                 value = seconds / count
                 self.seconds = value if self.seconds is None else self._memory * self.seconds + (1 - self._memory) * value
-
-    def is_cheap(self, count: int) -> bool:
-        """True when ``count`` requests cost less than handing them to a pool thread."""
-        value = self.seconds
-        return value is not None and value * count < self.INLINE_BELOW_S
 
     def chunk_length(self) -> int:
         value = self.seconds

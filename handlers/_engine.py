@@ -41,13 +41,17 @@ from ._sizing import make_sizing
 log = logging.getLogger(__name__)
 
 # A request still preprocessing at this share of the deadline is given up, so that its
-# micro-batch mates keep the rest of the time for inference and postprocessing. Once a stuck
-# stage is found, requests still to collect get this share of what is left (they may have been
-# queued behind it).
+# micro-batch mates keep the rest of the time for inference and postprocessing. Each
+# micro-batch's postprocessing, and every request still to collect once a stuck stage is found
+# (it may only have been queued behind it), gets this share of what is left.
 PREPROCESS_SHARE_OF_DEADLINE = 0.5
 # Once out of memory capped the micro-batch size, every this many batches one runs uncapped:
 # memory freed since (another model unloaded, fragmentation gone) lifts the cap.
 PROBE_CAPPED_SIZE_EVERY = 16
+# How many pool threads hung stages may hold at once, each replaced by a fresh thread: the
+# bound on threads a worker grows (pool_size + this), and past it the worker asks to be replaced.
+MAX_STUCK_PER_THREAD = 2
+MIN_STUCK = 4
 
 Preprocess = Callable[[Any], Any]
 InferMicroBatch = Callable[[list], Sequence[Any]]
@@ -126,8 +130,9 @@ class BatchEngine:
             settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size, shared_cores=inference_on_cpu
         )
         # Created once: threads are reused across batches, never started per request. Up to
-        # pool_size threads held by hung stages are replaced; past that the engine is unhealthy.
-        self._pool = StagePool(settings.pool_size, max_stuck=settings.pool_size)
+        # MAX_STUCK_PER_THREAD × pool_size threads (at least MIN_STUCK) held by hung stages are
+        # replaced; past that the engine is unhealthy.
+        self._pool = StagePool(settings.pool_size, max_stuck=max(MIN_STUCK, MAX_STUCK_PER_THREAD * settings.pool_size))
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
         self._stuck_model_calls: set = set()
         self._health_lock = threading.Lock()
@@ -323,8 +328,13 @@ class BatchEngine:
             failed, postprocessing = scattered.value
             for position, failure in failed:
                 outcomes[position] = failure
+            # Each micro-batch's postprocessing gets the same share of what is left, so that a
+            # hung one is found (and its thread replaced) while the others still have time.
+            postprocess_deadline = after_a_stuck_stage()
             for part, calls in postprocessing:
-                collected, _ = self._collect(part, calls, deadline, "postprocessing")
+                collected, postprocess_deadline = self._collect(
+                    part, calls, postprocess_deadline, "postprocessing", after_a_stuck_stage
+                )
                 for position, outcome in collected:
                     outcomes[position] = outcome
 
@@ -338,11 +348,8 @@ class BatchEngine:
         outputs = dict((position, outcome.value) for position, outcome in succeeded)
         positions = [position for position, _ in succeeded]
         arguments = lambda part: [(outputs[p], items[p]) for p in part]  # noqa: E731
-        if self._postprocess_cost.is_cheap(len(positions)):
-            # Cheaper than handing it to a thread: finish here, on the model thread.
-            calls = self._chunk(self._postprocess, postprocess_error, arguments(positions))
-            self._run_chunk(calls, "postprocess", times, self._postprocess_cost, time.perf_counter())
-            return Success((failed, [(positions, calls)] if positions else []))
+        # Never on the model thread, however cheap: a postprocessing call that hangs there would
+        # hold the model, and so every later micro-batch, hostage.
         chunk = self._postprocess_cost.chunk_length()
         postprocessing = [
             (part, self._submit_chunk("postprocess", self._postprocess, postprocess_error,
@@ -351,12 +358,8 @@ class BatchEngine:
         ]
         return Success((failed, postprocessing))
 
-    @staticmethod
-    def _chunk(function, classify, argument_lists) -> CallChunk:
-        return CallChunk(lambda *args: attempt(function, classify, *args), argument_lists)
-
     def _submit_chunk(self, stage, function, classify, argument_lists, times, cost) -> CallChunk:
-        calls = self._chunk(function, classify, argument_lists)
+        calls = CallChunk(lambda *args: attempt(function, classify, *args), argument_lists)
         self._pool.submit(self._run_chunk, calls, stage, times, cost, time.perf_counter())
         return calls
 

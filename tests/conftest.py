@@ -1,11 +1,19 @@
 """Fixtures shared by unit and integration tests: the archives, built once per session by the
 real command (python -m handlers.archive → torch-model-archiver)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests: a short, reproducible profile for CI and everyday runs; a long one for a soak
+# (HYPOTHESIS_PROFILE=soak). deadline=None: a batch's time is the engine's business, not Hypothesis's.
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("soak", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from handlers.testing import start_archived_handler
 
