@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -218,6 +219,11 @@ class MicroBatchHandler:
         log.critical("ending this worker after answering its batch, so that TorchServe starts a fresh one: %s", reason)
         message = create_predict_response(responses, context.request_ids, "Prediction success", 200, context)
         connection.sendall(message)
+        # Close at once, so that TorchServe sees the worker gone right behind the answer: a job it
+        # had already polled for its next batch when it notices would be lost (its WorkerThread
+        # fails only the batch in flight), while an interrupt before that poll loses nothing.
+        connection.shutdown(socket.SHUT_RDWR)
+        connection.close()
         logging.shutdown()
         os._exit(WORKER_REPLACED_EXIT_CODE)
 

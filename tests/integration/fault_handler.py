@@ -1,7 +1,11 @@
 """A test-only handler with faults on request: the quickstart model, plus
 - ``"fault": "poison"``: inference raises on any micro-batch holding this request;
 - ``"fault": "slow"``: preprocessing takes 3× the batch deadline (then finishes);
+- ``"fault": "hang_model"``: inference of a micro-batch holding this request hangs for a
+  minute (far past the deadline): the worker answers its batch, then ends itself to be replaced;
 - out of memory on every micro-batch larger than 2 (as a too-small GPU would).
+
+The model answers a structure, ``(y, y.sum(dim=1))``, scattered by the default ``split``.
 """
 
 import threading
@@ -11,6 +15,7 @@ import torch
 from handlers import BadRequest, MicroBatchHandler
 
 POISON = 13.0
+HANG = -7.0
 FITS_IN_MEMORY = 2
 
 
@@ -24,6 +29,8 @@ class FaultyHandler(MicroBatchHandler):
         x = torch.tensor(payload["x"], dtype=torch.float32)
         if payload.get("fault") == "poison":
             x = torch.full_like(x, POISON)
+        if payload.get("fault") == "hang_model":
+            x = torch.full_like(x, HANG)
         return {"id": payload.get("id"), "x": x}
 
     def collate(self, items):
@@ -34,7 +41,11 @@ class FaultyHandler(MicroBatchHandler):
             raise MemoryError(f"CUDA out of memory (simulated) on a micro-batch of {batch.shape[0]}")
         if (batch == POISON).all(dim=1).any():
             raise RuntimeError("the model cannot handle the poison value")
-        return super().infer(batch)
+        if (batch == HANG).all(dim=1).any():
+            threading.Event().wait(60)  # a stuck model call (a hung kernel, a deadlock)
+        y = super().infer(batch)
+        return y, y.sum(dim=1)
 
     def postprocess_one(self, output, item):
-        return {"id": item["id"], "y": output.tolist()}
+        y, total = output
+        return {"id": item["id"], "y": y.tolist(), "sum": total.item()}

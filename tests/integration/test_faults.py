@@ -1,5 +1,9 @@
 """Injected faults on a real TorchServe (tests/integration/fault_handler.py): only the requests
-that must fail fail, with a clear 5xx; the worker keeps serving and is never restarted."""
+that must fail fail, with a clear 5xx; the worker keeps serving and is restarted only when its
+model is stuck."""
+
+import threading
+import time
 
 import pytest
 
@@ -29,7 +33,7 @@ def test_poison_slow_and_out_of_memory_in_one_batch_fail_only_where_they_must(to
             assert response.json()["type"] == "DeadlineExceeded"
         else:  # every micro-batch over 2 ran out of memory: split, retried, answered
             assert response.status_code == 200, response.text
-            assert response.json() == {"id": f"r{i}", "y": [2.0 * i + 1] * 4}
+            assert response.json() == {"id": f"r{i}", "y": [2.0 * i + 1] * 4, "sum": 4 * (2.0 * i + 1)}
     assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 2
 
     # The worker goes on serving, the same process, and remembers the size that fits.
@@ -38,3 +42,68 @@ def test_poison_slow_and_out_of_memory_in_one_batch_fail_only_where_they_must(to
     assert worker_pids(torchserve, "faults") == pids_before
     model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()
     assert "micro-batches are capped at 2 from now on" in model_log
+
+
+def test_structured_outputs_served_in_micro_batches_of_two_each_get_their_own_answer(torchserve):
+    """Regression: a model answering a tuple (y, sums) went through list(output); with a
+    micro-batch of 2 each request got a 200 holding parts of both requests' results."""
+    responses = concurrently(4, lambda i: post_json(torchserve, "faults", {"id": f"s{i}", "x": [i, 0, 0, 0]}))
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("application/json")
+        expected = [2.0 * i + 1, 1.0, 1.0, 1.0]
+        assert response.json() == {"id": f"s{i}", "y": expected, "sum": sum(expected)}
+
+
+def test_a_model_call_hung_past_the_deadline_answers_its_batch_then_the_worker_is_replaced(torchserve):
+    """Regression: a model call hung past the deadline made every later batch answer 504, forever.
+    Now the worker answers that batch (504 for what the stuck model holds), ends itself, and
+    TorchServe starts a fresh worker that answers again. Clients sending all along lose nothing:
+    each gets an answer (200, or an error while the worker is replaced), none hangs."""
+    pids_before = worker_pids(torchserve, "faults")
+    stop = threading.Event()
+    background: list = []
+
+    def keep_sending(k):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                response = post_json(torchserve, "faults", {"id": f"bg{k}-{i}", "x": [k, k, k, k]}, timeout=45)
+                background.append((response.status_code, response.json(), k, i))
+            except Exception as exc:  # a request TorchServe dropped shows here as a timeout
+                background.append(("lost", repr(exc), k, i))
+
+    senders = [threading.Thread(target=keep_sending, args=(k,)) for k in range(4)]
+    for sender in senders:
+        sender.start()
+    try:
+        hung = post_json(torchserve, "faults", {"id": "stuck", "x": [1, 1, 1, 1], "fault": "hang_model"})
+        assert hung.status_code == 504, hung.text
+        assert hung.json()["type"] == "DeadlineExceeded"
+        answered_at = time.monotonic()
+        recovered = None
+        while time.monotonic() - answered_at < 120:
+            response = post_json(torchserve, "faults", {"id": "after", "x": [2, 2, 2, 2]})
+            if response.status_code == 200:
+                recovered = time.monotonic() - answered_at
+                break
+            time.sleep(0.1)  # an error while no worker is registered: ask again shortly
+        assert recovered is not None, "no answer within 120 s of the stuck batch"
+        assert response.json() == {"id": "after", "y": [5.0] * 4, "sum": 20.0}
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=60)
+    lost = [entry for entry in background if entry[0] == "lost"]
+    assert not lost, lost[:3]
+    for status, body, k, i in background:
+        if status == 200:  # never another request's answer
+            assert body == {"id": f"bg{k}-{i}", "y": [2.0 * k + 1] * 4, "sum": 4 * (2.0 * k + 1)}
+    pids_after = worker_pids(torchserve, "faults")
+    assert pids_after and set(pids_after).isdisjoint(pids_before), (pids_before, pids_after)
+    statuses = sorted({str(entry[0]) for entry in background})
+    print(f"\nworker replaced: requests succeed again {recovered:.2f} s after the stuck batch was answered; "
+          f"{len(background)} background requests, statuses {statuses}, 0 lost")
+    model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()
+    assert "ending this worker after answering its batch" in model_log
