@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import os
 import re
 import shutil
 import subprocess
@@ -177,7 +178,9 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
             command += ["--serialized-file", str(spec.serialized_file)]
         if spec.model_file:
             command += ["--model-file", str(spec.model_file)]
-        subprocess.run(command, check=True)
+        # torch-model-archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two
+        # builds of the same model (two checkouts, a test session beside `make serve`) apart.
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": tmp})
     return model_store / f"{spec.model_name}.mar"
 
 
