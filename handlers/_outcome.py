@@ -34,7 +34,10 @@ def attempt(stage: Callable[..., Any], classify: Callable[[BaseException], Reque
     thread or a lost request."""
     try:
         return Success(stage(*args))
-    except Exception as exc:  # noqa: BLE001 - every error must reach its request
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every error must reach its request (a Rust
+        # extension's panic, e.g. the tokenizers' PanicException, is a BaseException)
         error = classify(exc)
         if error is not exc and error.__cause__ is None:
             error.__cause__ = exc  # keeps the traceback for the log of a 5xx

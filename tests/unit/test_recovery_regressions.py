@@ -204,3 +204,19 @@ def test_every_5xx_is_logged_with_its_traceback_and_4xx_are_not(caplog):
     assert errors[0].exc_info is not None and errors[0].exc_info[0] is ZeroDivisionError
     assert "PostprocessFailed" in errors[0].getMessage()
     assert "expected a number" not in caplog.text
+
+
+class Panic(BaseException):
+    """What a Rust extension raises on a panic (pyo3's PanicException derives from BaseException)."""
+
+
+def test_a_stage_raising_a_base_exception_fails_its_request_alone_not_the_batch():
+    def panics_on_two(request):
+        if request == 2.0:
+            raise Panic("tokenizer panicked")
+        return float(request)
+
+    with BatchEngine(panics_on_two, affine, as_dict, EngineSettings(pool_size=2, deadline_s=5)) as e:
+        report = e.run([1.0, 2.0, 3.0])
+    assert values(report) == [answers([1.0])[0], 500, answers([3.0])[0]]
+    assert "Panic" in report.outcomes[1].error.message
