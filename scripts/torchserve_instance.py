@@ -120,9 +120,10 @@ class TorchServe:
     def keys(self) -> dict:
         """The tokens TorchServe wrote: {'inference': ..., 'management': ...} (empty if auth is off)."""
         key_file = self.workdir / "key_file.json"
-        if not key_file.exists():
+        try:
+            data = json.loads(key_file.read_text())
+        except (FileNotFoundError, ValueError):  # not written yet, or being written
             return {}
-        data = json.loads(key_file.read_text())
         return {api: data[api]["key"] for api in ("inference", "management") if api in data}
 
     def auth(self, api: str = "inference") -> dict:
