@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -92,6 +91,7 @@ class MicroBatchHandler:
         self.manifest: dict = {}
         self.model_dir = "."
         self._engine: Optional[BatchEngine] = None
+        self._unhealthy_after_last_batch = False
         self._model_thread = threading.local()  # each model thread's own CUDA stream
 
     # -- TorchServe entry points ----------------------------------------------------------------
@@ -129,13 +129,15 @@ class MicroBatchHandler:
         requests = [
             Request(body_of(row), self._headers(context, 0 if one_request else idx)) for idx, row in enumerate(data)
         ]
+        if self._unhealthy_after_last_batch:
+            self._end_worker_if_still_unhealthy(self._engine, context)
         report = self._engine.run(requests)
         report_metrics(context, report)
-        responses = self._respond(report, context)
-        reason = self._engine.unhealthy_reason
-        if reason is not None:
-            self._answer_then_exit(responses, context, reason)
-        return responses
+        self._unhealthy_after_last_batch = not self._engine.healthy
+        if self._unhealthy_after_last_batch:
+            log.error("this worker is unhealthy (%s): it ends itself when the next batch arrives",
+                      self._engine.unhealthy_reason)
+        return self._respond(report, context)
 
     @classmethod
     def all_options(cls) -> dict:
@@ -205,25 +207,24 @@ class MicroBatchHandler:
         return json_ready(self.postprocess_one(output, item))
 
     @staticmethod
-    def _answer_then_exit(responses: list, context, reason: str) -> None:
-        """The engine cannot serve any more (a model call hung past its deadline, or every
-        stage thread is held by a hung stage): send this batch's answers now, then end the
-        worker process, so that TorchServe starts a fresh one. Nothing is in flight: TorchServe
-        gives a worker one batch at a time, and this one is answered."""
-        connection = getattr(context, "cl_socket", None)
-        if connection is None:  # not a TorchServe worker (a test kit context): nothing to restart
-            log.error("the handler is unhealthy (%s) and no worker process to replace", reason)
-            return
-        from ts.protocol.otf_message_handler import create_predict_response
+    def _end_worker_if_still_unhealthy(engine: BatchEngine, context) -> None:
+        """Called when a batch arrives after one that left the engine unhealthy (a model call hung
+        past its deadline, or every stage thread held by a hung stage). That batch was answered;
+        if the engine is still unhealthy, end the worker process now, before answering this one,
+        so that TorchServe starts a fresh worker.
 
-        log.critical("ending this worker after answering its batch, so that TorchServe starts a fresh one: %s", reason)
-        message = create_predict_response(responses, context.request_ids, "Prediction success", 200, context)
-        connection.sendall(message)
-        # Close at once, so that TorchServe sees the worker gone right behind the answer: a job it
-        # had already polled for its next batch when it notices would be lost (its WorkerThread
-        # fails only the batch in flight), while an interrupt before that poll loses nothing.
-        connection.shutdown(socket.SHUT_RDWR)
-        connection.close()
+        Why now and not right after the unhealthy batch's answer: TorchServe fails the batch in
+        flight when its worker dies ("Worker died.", 500), but a job it has already polled for
+        its next batch when it notices the death is lost for good (its WorkerThread fails only
+        ``req``). Ending while this batch is in flight loses nothing."""
+        reason = engine.unhealthy_reason
+        if reason is None:
+            return  # the stuck call returned in time: serve on
+        if getattr(context, "cl_socket", None) is None:  # a test kit context: no process to end
+            log.error("the handler is unhealthy (%s); no worker process to replace", reason)
+            return
+        log.critical("ending this worker so that TorchServe starts a fresh one (this batch gets "
+                     "TorchServe's 'Worker died.'): %s", reason)
         logging.shutdown()
         os._exit(WORKER_REPLACED_EXIT_CODE)
 

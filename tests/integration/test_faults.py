@@ -57,9 +57,10 @@ def test_structured_outputs_served_in_micro_batches_of_two_each_get_their_own_an
 
 def test_a_model_call_hung_past_the_deadline_answers_its_batch_then_the_worker_is_replaced(torchserve):
     """Regression: a model call hung past the deadline made every later batch answer 504, forever.
-    Now the worker answers that batch (504 for what the stuck model holds), ends itself, and
-    TorchServe starts a fresh worker that answers again. Clients sending all along lose nothing:
-    each gets an answer (200, or an error while the worker is replaced), none hangs."""
+    Now the worker answers that batch (504 for what the stuck model holds), ends itself when the
+    next batch arrives (TorchServe answers that one "Worker died."), and TorchServe starts a fresh
+    worker that answers again. Clients sending all along lose nothing: each gets an answer (200,
+    or an error while the worker is replaced), none hangs."""
     pids_before = worker_pids(torchserve, "faults")
     stop = threading.Event()
     background: list = []
@@ -98,6 +99,7 @@ def test_a_model_call_hung_past_the_deadline_answers_its_batch_then_the_worker_i
     lost = [entry for entry in background if entry[0] == "lost"]
     assert not lost, lost[:3]
     for status, body, k, i in background:
+        assert status in (200, 500, 503, 504), (status, body)
         if status == 200:  # never another request's answer
             assert body == {"id": f"bg{k}-{i}", "y": [2.0 * k + 1] * 4, "sum": 4 * (2.0 * k + 1)}
     pids_after = worker_pids(torchserve, "faults")
@@ -106,4 +108,4 @@ def test_a_model_call_hung_past_the_deadline_answers_its_batch_then_the_worker_i
     print(f"\nworker replaced: requests succeed again {recovered:.2f} s after the stuck batch was answered; "
           f"{len(background)} background requests, statuses {statuses}, 0 lost")
     model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()
-    assert "ending this worker after answering its batch" in model_log
+    assert "ending this worker so that TorchServe starts a fresh one" in model_log

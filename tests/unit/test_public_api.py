@@ -59,9 +59,7 @@ def test_only_the_adapter_knows_torchserve_and_the_engine_needs_no_torch():
 
     package = pathlib.Path(handlers.__file__).parent
     importing_ts = {p.name for p in package.glob("*.py") if "ts" in imported_roots(p)}
-    # The adapter's metrics (optional import) and the adapter itself (its worker protocol, imported
-    # only to answer a batch before the worker ends itself to be replaced).
-    assert importing_ts == {"_metrics.py", "_torchserve.py"}
+    assert importing_ts == {"_metrics.py"}  # the adapter's metrics (optional import)
     for name in ("_engine.py", "_clocks.py", "_sizing.py", "_outcome.py", "_errors.py", "_settings.py", "_request.py",
                  "_pool.py", "_scatter.py", "_responses.py"):
         assert not imported_roots(package / name) & {"torch", "ts", "numpy", "PIL"}, name

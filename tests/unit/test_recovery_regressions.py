@@ -220,3 +220,37 @@ def test_a_stage_raising_a_base_exception_fails_its_request_alone_not_the_batch(
         report = e.run([1.0, 2.0, 3.0])
     assert values(report) == [answers([1.0])[0], 500, answers([3.0])[0]]
     assert "Panic" in report.outcomes[1].error.message
+
+
+@pytest.mark.timeout(30)
+def test_a_torchserve_worker_whose_model_is_stuck_ends_itself_when_the_next_batch_arrives(monkeypatch):
+    """It answers the stuck batch, then ends the process before answering the next one (so that
+    TorchServe fails that batch in flight instead of losing a job it polled between batches)."""
+    import handlers._torchserve as adapter
+    from handlers.testing import FakeContext, start_handler
+
+    from .models import AffineHandler
+
+    release = threading.Event()
+
+    class Stuck(AffineHandler):
+        def infer(self, batch):
+            if (batch > 100).any():
+                release.wait(30)
+            return super().infer(batch)
+
+    exits = []
+    monkeypatch.setattr(adapter.os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(SystemExit(code)))
+    handler = start_handler(Stuck, handler_config={"pool_size": 2, "deadline_s": 0.5})
+    try:
+        context = FakeContext.for_batch(2)
+        context.cl_socket = object()  # as in a TorchServe worker
+        responses = handler.handle([{"body": [1, 1, 1, 1]}, {"body": [500, 1, 1, 1]}], context)
+        assert context.statuses() == [504, 504] and responses[0]["type"] == "DeadlineExceeded"
+        assert exits == []  # the stuck batch is answered first
+        with pytest.raises(SystemExit):
+            handler.handle([{"body": [2, 2, 2, 2]}], context)
+        assert exits == [adapter.WORKER_REPLACED_EXIT_CODE]
+    finally:
+        release.set()
+        handler.close()
