@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from handlers._loading import load_archived_model, read_labels
-from handlers._torchserve import device_for
+from handlers._loading import load_model_files, read_labels
+from handlers._torchserve import device_for, model_files_from_manifest
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -33,7 +33,7 @@ class SequentialHandler:
         properties = context.system_properties
         self.device = device_for(properties)
         self.model_dir = properties.get("model_dir", ".")
-        self.model = load_archived_model(self.model_dir, context.manifest, self.device).to(self.device).eval()
+        self.model = load_model_files(self.model_dir, model_files_from_manifest(context.manifest), self.device).to(self.device).eval()
         self.labels = read_labels(self.model_dir, "index_to_name.json")
         self.initialized = True
 

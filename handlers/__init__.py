@@ -22,12 +22,15 @@ from ._errors import (
 )
 from ._outcome import Failure, Success
 from ._request import Request
-from ._settings import ConfigError, EngineSettings, read_settings
+from ._settings import ConfigError, EngineSettings, ModelFiles
+from ._sizing import MicroBatchSizing, register_sizing
+from ._torchserve import read_settings
 
 # Names whose modules import torch, numpy or Pillow: loaded on first use, so that the engine
 # imports with none of them.
 _LAZY = {
-    "MicroBatchHandler": "._torchserve",
+    "MicroBatchHandler": "._core",
+    "Response": "._core",
     "ImageClassifierHandler": "._image_handler",
     "TensorHandler": "._tensor_handler",
     "TextHandler": "._text_handler",
@@ -52,6 +55,8 @@ __all__ = sorted([
     "Failure",
     "InferenceFailed",
     "InternalError",
+    "MicroBatchSizing",
+    "ModelFiles",
     "OutOfMemory",
     "PayloadTooLarge",
     "PostprocessFailed",
@@ -63,6 +68,7 @@ __all__ = sorted([
     "UnsupportedMediaType",
     "plan_micro_batches",
     "read_settings",
+    "register_sizing",
     *_LAZY,
 ])
 

@@ -13,7 +13,7 @@ from ._images import ImageGeometry, ImageLimits, decode_image, image_bytes
 from ._loading import model_dtype, read_labels
 from ._request import Request
 from ._settings import ConfigError
-from ._torchserve import MicroBatchHandler
+from ._core import MicroBatchHandler
 
 TOP_K_HEADER = "X-Top-K"
 
@@ -51,15 +51,21 @@ class ImageClassifierHandler(MicroBatchHandler):
         "labels": "index_to_name.json",
     }
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        if not 1 <= options["crop"] <= options["resize"]:
+            raise_config("crop", f"must be between 1 and resize ({options['resize']})", options["crop"])
+        for key in ("mean", "std"):
+            if len(options[key]) != 3 or not all(isinstance(v, (int, float)) for v in options[key]):
+                raise_config(key, "must be 3 numbers, one per RGB channel", options[key])
+        if any(v <= 0 for v in options["std"]):
+            raise_config("std", "must be > 0", options["std"])
+        if options["top_k"] < 1:
+            raise_config("top_k", "must be >= 1", options["top_k"])
+
     def setup(self, model_dir: str) -> None:
         config = self.config
-        if not 1 <= config["crop"] <= config["resize"]:
-            raise_config("crop", f"must be between 1 and resize ({config['resize']})", config["crop"])
-        for key in ("mean", "std"):
-            if len(config[key]) != 3 or not all(isinstance(v, (int, float)) for v in config[key]):
-                raise_config(key, "must be 3 numbers, one per RGB channel", config[key])
-        if any(v <= 0 for v in config["std"]):
-            raise_config("std", "must be > 0", config["std"])
         self.geometry = ImageGeometry(resize=config["resize"], crop=config["crop"], draft=config["draft"])
         self.limits = ImageLimits(max_bytes=config["max_bytes"], max_pixels=config["max_pixels"])
         self.labels = read_labels(model_dir, config["labels"])

@@ -8,31 +8,28 @@ import inspect
 import json
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from ._settings import ConfigError
+from ._settings import ConfigError, ModelFiles
 
 
-def load_archived_model(model_dir: str, manifest: Mapping[str, Any], device: torch.device) -> Any:
-    """Load the model named by an archive's manifest, on ``device``.
+def load_model_files(model_dir: str, files: ModelFiles, device: torch.device) -> Any:
+    """Load the model that ``files`` name, on ``device``.
 
     With a model file: build its one ``nn.Module`` class (no arguments) and load the serialized
     file into it as a state_dict with ``weights_only=True`` (no pickle code runs). Without one:
     load the serialized file as TorchScript.
     """
-    model_info = manifest.get("model", {})
-    serialized = model_info.get("serializedFile")
-    model_file = model_info.get("modelFile")
-    if model_file:
-        model = build_module(os.path.join(model_dir, model_file))
-        if serialized:
-            state = torch.load(os.path.join(model_dir, serialized), map_location=device, weights_only=True)
+    if files.model_file:
+        model = build_module(os.path.join(model_dir, files.model_file))
+        if files.serialized_file:
+            state = torch.load(os.path.join(model_dir, files.serialized_file), map_location=device, weights_only=True)
             model.load_state_dict(state)
         return model
-    if serialized:
-        return torch.jit.load(os.path.join(model_dir, serialized), map_location=device)
+    if files.serialized_file:
+        return torch.jit.load(os.path.join(model_dir, files.serialized_file), map_location=device)
     raise RuntimeError(
         "the archive has no model: archive a --model-file (+ --serialized-file weights) or a "
         "TorchScript --serialized-file, or override load_model()"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import abc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -53,14 +52,3 @@ class Request:
         if isinstance(self.body, str):
             return self.body.encode("utf-8")
         return json.dumps(self.body).encode("utf-8")
-
-
-def body_of(row: Mapping[str, Any]) -> Any:
-    """The payload of one row of TorchServe's ``data`` list (``body`` for raw POSTs, ``data`` for
-    form fields); None when the request had neither."""
-    if not isinstance(row, dict) and not isinstance(row, abc.Mapping):  # dict first: the common, cheap case
-        return row
-    for key in ("body", "data"):
-        if row.get(key) is not None:
-            return row[key]
-    return None

@@ -7,12 +7,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from ._sizing import STRATEGIES
+from ._sizing import sizing_names
 
 SECTION = "handler"
-TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120.0
-# Leave TorchServe room to send our error answers before it gives up on the worker.
-DEADLINE_SHARE_OF_RESPONSE_TIMEOUT = 0.8
+# Leave the server room to send our error answers before it gives up on the worker.
+DEADLINE_SHARE_OF_SERVER_TIMEOUT = 0.8
 DEFAULT_DEADLINE_S = 60.0
 
 
@@ -49,29 +48,45 @@ class EngineSettings:
 
     def __post_init__(self):
         _check_int("micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
-        if self.micro_batch_strategy not in STRATEGIES:
+        if self.micro_batch_strategy not in sizing_names():
             raise ConfigError(
-                f"{SECTION}.micro_batch_strategy must be one of {', '.join(STRATEGIES)}, "
-                f"got {self.micro_batch_strategy!r}"
+                f"{SECTION}.micro_batch_strategy must be one of {', '.join(sizing_names())}, "
+                f"got {self.micro_batch_strategy!r} (a strategy of your own: handlers.register_sizing)"
             )
         _check_int("pool_size", self.pool_size, minimum=1)
         _check_int("inference_workers", self.inference_workers, minimum=1)
         _check_number("deadline_s", self.deadline_s, exclusive_minimum=0)
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where the model is, relative to the model directory: ``model_file`` (a Python file with one
+    ``nn.Module`` class) and ``serialized_file`` (its state_dict, or a TorchScript file). The
+    server adapter fills them in (TorchServe: from the archive's manifest)."""
+
+    model_file: Optional[str] = None
+    serialized_file: Optional[str] = None
+
+
 ENGINE_KEYS = ("micro_batch_size", "micro_batch_strategy", "pool_size", "inference_workers", "deadline_s")
 
 
-def read_settings(
-    model_config: Optional[Mapping[str, Any]],
+def read_handler_settings(
+    section: Optional[Mapping[str, Any]],
     option_defaults: Mapping[str, Any] = {},
+    server_timeout_s: Optional[float] = None,
+    server_timeout_name: str = "the server's timeout",
 ) -> tuple[EngineSettings, dict]:
-    """Read the engine settings and a handler's own options from a TorchServe model config.
+    """Read the engine settings and a handler's own options from a ``handler:`` section.
 
     Args:
-        model_config: the parsed model-config YAML (``context.model_yaml_config``); may be None.
+        section: the ``handler:`` mapping of the model config; may be None.
         option_defaults: the handler's own options and their defaults; a value read from the
             config must have the type of its default (an int is accepted for a float).
+        server_timeout_s: how long the server waits for a batch (TorchServe's responseTimeout),
+            if it has such a limit: the default deadline leaves it room to send the answers, and
+            a deadline at or past it is refused.
+        server_timeout_name: that limit's name in the server's config, for messages.
 
     Returns:
         ``(engine_settings, options)``, where ``options`` holds every key of
@@ -80,8 +95,7 @@ def read_settings(
     Raises:
         ConfigError: naming the key, the rule and the bad value.
     """
-    model_config = model_config or {}
-    section = model_config.get(SECTION) or {}
+    section = section or {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"{SECTION} must be a mapping of settings, got {section!r}")
     unknown = sorted(set(section) - set(ENGINE_KEYS) - set(option_defaults))
@@ -89,18 +103,18 @@ def read_settings(
         known = ", ".join(sorted([*ENGINE_KEYS, *option_defaults]))
         raise ConfigError(f"{SECTION}.{unknown[0]} is not a known setting; known settings: {known}")
 
-    response_timeout_s = _response_timeout(model_config)
     engine_values = {key: section[key] for key in ENGINE_KEYS if key in section}
     if engine_values.get("micro_batch_size") == "whole":
         engine_values["micro_batch_size"] = None
-    engine_values.setdefault(
-        "deadline_s", min(DEFAULT_DEADLINE_S, DEADLINE_SHARE_OF_RESPONSE_TIMEOUT * response_timeout_s)
-    )
+    default_deadline = DEFAULT_DEADLINE_S
+    if server_timeout_s is not None:
+        default_deadline = min(DEFAULT_DEADLINE_S, DEADLINE_SHARE_OF_SERVER_TIMEOUT * server_timeout_s)
+    engine_values.setdefault("deadline_s", default_deadline)
     settings = EngineSettings(**engine_values)
-    if settings.deadline_s >= response_timeout_s:
+    if server_timeout_s is not None and settings.deadline_s >= server_timeout_s:
         raise ConfigError(
-            f"{SECTION}.deadline_s must be shorter than responseTimeout ({response_timeout_s:g} s) "
-            f"so that late requests get an answer before TorchServe gives up on the worker, "
+            f"{SECTION}.deadline_s must be shorter than {server_timeout_name} ({server_timeout_s:g} s) "
+            f"so that late requests get an answer before the server gives up on the worker, "
             f"got {settings.deadline_s!r}"
         )
 
@@ -111,9 +125,9 @@ def read_settings(
     return settings, options
 
 
-def _response_timeout(model_config: Mapping[str, Any]) -> float:
-    value = model_config.get("responseTimeout", TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S)
-    _check_number("responseTimeout", value, exclusive_minimum=0, prefix="")
+def check_positive_number(name: str, value: Any) -> float:
+    """``value`` as a float when it is a number > 0; else a ConfigError naming ``name``."""
+    _check_number(name, value, exclusive_minimum=0, prefix="")
     return float(value)
 
 

@@ -1,13 +1,51 @@
 """How big each micro-batch is: static, dynamic (from the batch and the pool) or adaptive (from
-measured preprocessing and inference costs, updated online)."""
+measured preprocessing and inference costs, updated online), or a strategy of the user's own,
+registered by name (:func:`register_sizing`) and chosen with ``micro_batch_strategy``."""
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
-STRATEGIES = ("static", "dynamic", "adaptive")
+
+class MicroBatchSizing(Protocol):
+    """What a sizing strategy does; the engine calls it from several threads.
+
+    ``size_for(batch_size)`` → items per micro-batch for the batch about to run (None: the whole
+    batch). ``observe(batch_size, preprocess_seconds, calls)`` after each batch, with the pool's
+    summed preprocessing seconds and ``(micro-batch size, seconds)`` of each model call.
+    """
+
+    def size_for(self, batch_size: int) -> Optional[int]: ...
+
+    def observe(self, batch_size: int, preprocess_seconds: float, calls: Sequence[tuple]) -> None: ...
+
+
+# name -> factory(micro_batch_size, pool_size, shared_cores) -> MicroBatchSizing
+SizingFactory = Callable[[Optional[int], int, bool], MicroBatchSizing]
+_REGISTRY: dict = {}
+
+
+def register_sizing(name: str, factory: SizingFactory) -> None:
+    """Make ``micro_batch_strategy: <name>`` build ``factory(micro_batch_size, pool_size,
+    shared_cores)`` (``shared_cores``: the model runs on the pool's CPU cores). Call it at import
+    time of the handler file, before the settings are read.
+
+    Example::
+
+        register_sizing("halves", lambda size, pool, shared: DynamicSizing(2))
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a sizing strategy needs a name, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"the factory of sizing strategy {name!r} must be callable, got {factory!r}")
+    _REGISTRY[name] = factory
+
+
+def sizing_names() -> tuple:
+    """The names ``micro_batch_strategy`` accepts."""
+    return tuple(_REGISTRY)
 
 
 class StaticSizing:
@@ -145,8 +183,10 @@ def beside(size: int, batch_size: int, upward: bool) -> int:
 
 
 def make_sizing(strategy: str, micro_batch_size: Optional[int], pool_size: int, shared_cores: bool = False):
-    if strategy == "static":
-        return StaticSizing(micro_batch_size)
-    if strategy == "dynamic":
-        return DynamicSizing(pool_size)
-    return AdaptiveSizing(pool_size, shared_cores=shared_cores)
+    """The registered strategy ``strategy``, built for these settings."""
+    return _REGISTRY[strategy](micro_batch_size, pool_size, shared_cores)
+
+
+register_sizing("static", lambda size, pool, shared: StaticSizing(size))
+register_sizing("dynamic", lambda size, pool, shared: DynamicSizing(pool))
+register_sizing("adaptive", lambda size, pool, shared: AdaptiveSizing(pool, shared_cores=shared))

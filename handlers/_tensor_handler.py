@@ -9,7 +9,7 @@ import torch
 from ._request import Request
 from ._settings import ConfigError
 from ._tensors import TensorSpec, check_spec, parse_array
-from ._torchserve import MicroBatchHandler
+from ._core import MicroBatchHandler
 
 
 class TensorHandler(MicroBatchHandler):
@@ -25,10 +25,14 @@ class TensorHandler(MicroBatchHandler):
 
     options = {"shape": [], "dtype": "float32", "allow_non_finite": False, "max_elements": 1_000_000}
 
-    def setup(self, model_dir: str) -> None:
-        problem = check_spec(self.config["shape"], self.config["dtype"])
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        problem = check_spec(options["shape"], options["dtype"])
         if problem:
             raise ConfigError(problem)
+
+    def setup(self, model_dir: str) -> None:
         self.spec = TensorSpec(
             shape=tuple(self.config["shape"]),
             dtype=self.config["dtype"],

@@ -12,8 +12,9 @@ import torch
 from ._client_data import parsing_client_data
 from ._loading import read_labels
 from ._request import Request
+from ._settings import ConfigError
 from ._text import pad_to_longest, request_text
-from ._torchserve import MicroBatchHandler
+from ._core import MicroBatchHandler
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ class TextHandler(MicroBatchHandler):
     """
 
     options = {"tokenizer": "tokenizer.json", "max_tokens": 256, "max_chars": 20_000}
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        for key in ("max_tokens", "max_chars"):
+            if options[key] < 1:
+                raise ConfigError(f"handler.{key} must be >= 1, got {options[key]!r}")
 
     def setup(self, model_dir: str) -> None:
         from tokenizers import Tokenizer

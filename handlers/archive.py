@@ -30,7 +30,8 @@ from typing import Any, Optional
 
 import yaml
 
-from ._settings import ConfigError, read_settings
+from ._settings import ConfigError
+from ._torchserve import check_model_config, read_settings
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
@@ -107,8 +108,12 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
         extra_files=[existing("extra_files", f, not built_later) for f in raw.get("extra_files") or []],
         build=build,
     )
+    handler_class = _handler_class(spec.handler)
     try:
-        read_settings(spec.model_config, _handler_options(spec.handler))
+        if handler_class is not None:  # the checks start-up makes: one schema for both
+            check_model_config(spec.model_config, handler_class)
+        else:
+            read_settings(spec.model_config)
     except ConfigError as exc:
         fail("model_config", str(exc))
     return spec
@@ -128,16 +133,16 @@ def _checked_model_config(config: Any, fail) -> dict:
     return dict(config)
 
 
-def _handler_options(handler_file: Path) -> dict:
-    """The ``options`` declared by the handler class in ``handler_file`` (to check the config)."""
+def _handler_class(handler_file: Path):
+    """The handler class defined in ``handler_file`` (to check the config as start-up would),
+    or None when it defines no single handler class."""
     spec = importlib.util.spec_from_file_location(f"_archived_handler_{handler_file.stem}", handler_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-    if len(classes) != 1:
-        return {}
-    handler_class = classes[0]
-    return handler_class.all_options() if hasattr(handler_class, "all_options") else dict(getattr(handler_class, "options", {}))
+    if len(classes) != 1 or not hasattr(classes[0], "read_config"):
+        return None
+    return classes[0]
 
 
 def build_artefacts(spec: ArchiveSpec, root: Path, force: bool) -> bool:

@@ -1,7 +1,21 @@
-"""Test kit: a fake TorchServe context and checks of the batch contract, for unit tests of
-handlers with pytest and no server.
+"""Test kit: a local server adapter, a fake TorchServe context, and checks of the batch contract,
+for unit tests of handlers with pytest and no server.
+
+:class:`LocalServer` is one more implementation of the project's own server boundary (requests
+in, :class:`~handlers.Response` out), beside the TorchServe and Ray Serve adapters: it runs the
+handler core in this process. :class:`FakeContext` stands in for TorchServe's context, to test the
+TorchServe adapter's behaviour (statuses, headers, metrics) without Java.
 
 Example::
+
+    from handlers.testing import LocalServer
+
+    def test_my_handler_answers_each_request():
+        with LocalServer.start(MyHandler, handler_config={"micro_batch_size": 4}) as server:
+            responses = server.send([{"x": [1, 2]}, b"not json"])
+        assert [r.status for r in responses] == [200, 400]
+
+or, through the TorchServe adapter::
 
     from handlers.testing import FakeContext, start_handler, assert_isolates_bad_request
 
@@ -14,10 +28,12 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 __all__ = [
+    "LocalServer",
     "FakeContext",
     "FakeMetrics",
     "RecordedMetric",
@@ -28,6 +44,49 @@ __all__ = [
     "assert_matches_alone",
     "assert_isolates_bad_request",
 ]
+
+
+class LocalServer:
+    """A handler served in this process, batch by batch: the test kit's server adapter.
+
+    Use :meth:`start` to build one; :meth:`send` answers one batch with one
+    :class:`~handlers.Response` per body (status, body, Content-Type, ``X-Batch-Size``).
+    """
+
+    BATCH_SIZE_HEADER = "X-Batch-Size"
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    @classmethod
+    def start(cls, handler_class: type, model_dir: str = ".", handler_config: Optional[Mapping[str, Any]] = None,
+              model_files=None, device: str = "cpu") -> "LocalServer":
+        """Create ``handler_class`` and start it with ``handler_config`` as its ``handler:``
+        section (checked as every server checks it)."""
+        from ._settings import ModelFiles
+
+        handler = handler_class()
+        handler.start(model_dir=str(model_dir), section=handler_config, device=device,
+                      model_files=model_files or ModelFiles())
+        return cls(handler)
+
+    def send(self, bodies: Sequence[Any], headers: Optional[Sequence[Mapping[str, str]]] = None) -> list:
+        """Answer ``bodies`` as one batch; ``headers``: one mapping per body (default none)."""
+        from ._request import Request
+
+        headers = list(headers) if headers is not None else [{} for _ in bodies]
+        responses, _ = self.handler.respond([Request(body, dict(h)) for body, h in zip(bodies, headers)])
+        size = {self.BATCH_SIZE_HEADER: str(len(responses))}
+        return [dataclasses.replace(r, headers={**r.headers, **size}) for r in responses]
+
+    def close(self) -> None:
+        self.handler.close()
+
+    def __enter__(self) -> "LocalServer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 @dataclass

@@ -34,6 +34,9 @@ def write_config(tmp_path, **overrides):
     ({"model_config": {"minWorkers": 3, "maxWorkers": 1}}, "model_config.minWorkers: must not exceed maxWorkers (1)"),
     ({"model_config": {"handler": {"micro_batch_size": 0}}}, "handler.micro_batch_size must be an integer >= 1"),
     ({"model_config": {"handler": {"pool": 2}}}, "handler.pool is not a known setting"),
+    # Regressions: these passed the check, then crashed the worker at start-up.
+    ({"model_config": {"handler": {"precision": "fp8"}}}, "handler.precision must be one of float32, float16, bfloat16"),
+    ({"model_config": {"handler": {"torch_threads": -3}}}, "handler.torch_threads must be >= 0"),
 ])
 def test_a_bad_config_is_refused_naming_the_file_and_the_key(tmp_path, overrides, message):
     path = write_config(tmp_path, **overrides)

@@ -11,11 +11,11 @@ def test_public_names_are_pinned():
     assert sorted(handlers.__all__) == [
         "BadRequest", "BatchEngine", "BatchReport", "ConfigError", "DeadlineExceeded",
         "EngineSettings", "Failure", "ImageClassifierHandler", "ImageGeometry", "ImageLimits",
-        "InferenceFailed", "InternalError", "MicroBatchHandler",
-        "OutOfMemory", "PayloadTooLarge", "PostprocessFailed", "Request", "RequestError",
+        "InferenceFailed", "InternalError", "MicroBatchHandler", "MicroBatchSizing", "ModelFiles",
+        "OutOfMemory", "PayloadTooLarge", "PostprocessFailed", "Request", "RequestError", "Response",
         "SentenceEmbeddingHandler", "ServiceUnavailable", "SplitFailed", "Success", "TensorHandler", "TensorSpec", "TextClassifierHandler",
         "TextHandler", "UnsupportedMediaType", "decode_image", "pad_to_longest", "parse_array",
-        "plan_micro_batches", "read_settings", "request_text",
+        "plan_micro_batches", "read_settings", "register_sizing", "request_text",
     ]
     for name in handlers.__all__:
         assert getattr(handlers, name) is not None
@@ -23,7 +23,7 @@ def test_public_names_are_pinned():
 
 def test_testing_kit_names_are_pinned():
     assert sorted(handlers.testing.__all__) == [
-        "FakeContext", "FakeMetrics", "RecordedMetric", "assert_batch_contract",
+        "FakeContext", "FakeMetrics", "LocalServer", "RecordedMetric", "assert_batch_contract",
         "assert_isolates_bad_request", "assert_matches_alone", "run_batch", "start_archived_handler",
         "start_handler",
     ]
@@ -54,12 +54,16 @@ def imported_roots(path):
     return roots
 
 
-def test_only_the_adapter_knows_torchserve_and_the_engine_needs_no_torch():
+def test_each_server_is_known_to_one_adapter_module_and_the_engine_needs_no_torch():
     import pathlib
 
     package = pathlib.Path(handlers.__file__).parent
     importing_ts = {p.name for p in package.glob("*.py") if "ts" in imported_roots(p)}
-    assert importing_ts == {"_metrics.py"}  # the adapter's metrics (optional import)
+    assert importing_ts == {"_torchserve.py"}  # TorchServe's metric dimension (optional import)
+    importing_ray = {p.name for p in package.glob("*.py") if "ray" in imported_roots(p)}
+    assert importing_ray <= {"_rayserve.py"}
+    for name in ("_core.py", "_engine.py", "_image_handler.py", "_text_handler.py", "_tensor_handler.py"):
+        assert not imported_roots(package / name) & {"ts", "ray"}, name
     for name in ("_engine.py", "_clocks.py", "_sizing.py", "_outcome.py", "_errors.py", "_settings.py", "_request.py",
-                 "_pool.py", "_scatter.py", "_responses.py"):
+                 "_pool.py", "_scatter.py", "_responses.py", "_metrics.py"):
         assert not imported_roots(package / name) & {"torch", "ts", "numpy", "PIL"}, name

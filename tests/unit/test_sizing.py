@@ -119,3 +119,24 @@ def test_on_shared_cpu_cores_adaptive_runs_the_whole_batch():
     # On an accelerator this cost profile favours small micro-batches; sharing the cores it does not.
     assert sizing.size_for(32) == 32
     assert best_micro_batch_size(32, 2, 0.05, 0.001, 0.0005, shared_cores=False) < 32
+
+
+def test_a_strategy_of_ones_own_is_registered_by_name_and_chosen_in_the_config():
+    from handlers import BatchEngine, register_sizing
+
+    seen = []
+
+    class Thirds:
+        def size_for(self, batch_size):
+            return max(1, batch_size // 3)
+
+        def observe(self, batch_size, preprocess_seconds, calls):
+            seen.append([size for size, _ in calls])
+
+    register_sizing("thirds", lambda size, pool, shared: Thirds())
+    settings = EngineSettings(micro_batch_strategy="thirds", pool_size=2)
+    with BatchEngine(float, lambda xs: [2 * x for x in xs], lambda y, x: y, settings) as engine:
+        report = engine.run(list(range(9)))
+    assert report.micro_batch_sizes == [3, 3, 3]
+    assert [o.value for o in report.outcomes] == [2.0 * i for i in range(9)]
+    assert seen == [[3, 3, 3]]

@@ -1,0 +1,263 @@
+"""The handler core: the hooks a user writes and the engine that runs them, with no server in it.
+
+A server adapter (``handlers._torchserve``, ``handlers._rayserve``, the test kit's
+``handlers.testing.LocalServer``) turns its own requests into :class:`Request` objects, calls
+:meth:`MicroBatchHandler.respond`, and turns each :class:`Response` back into its own kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import torch
+
+from ._engine import BatchEngine, BatchReport
+from ._errors import BadRequest
+from ._loading import PRECISIONS, load_model_files, prepare_model
+from ._request import Request
+from ._responses import JSON, content_type, json_ready
+from ._scatter import split_output
+from ._settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Response:
+    """One request's answer, as the core gives it to a server adapter: an HTTP status, a body
+    (JSON values, ``str`` or ``bytes``) and its Content-Type."""
+
+    status: int
+    body: Any
+    content_type: str = JSON
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _to_cpu(leaf: Any) -> Any:
+    return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
+
+
+class MicroBatchHandler:
+    """Base handler: parallel preprocessing, pipelined micro-batch inference, scatter postprocessing.
+
+    Override the hooks you need; each per-request hook is a pure function of its arguments and
+    runs concurrently on a thread pool, so it must not write to ``self``.
+
+    ``load_model(model_dir, device)``
+        Build the model (default: the archive's model file + state_dict, or TorchScript).
+    ``preprocess_one(request) -> item``
+        Decode and validate one :class:`Request` (default: a JSON array → float32 tensor).
+        Raise :class:`BadRequest` (400), :class:`PayloadTooLarge` (413) or
+        :class:`UnsupportedMediaType` (415) to answer this request alone.
+    ``collate(items) -> batch``
+        Join one micro-batch and move it to ``self.device`` (default: ``torch.stack``).
+    ``infer(batch) -> output``
+        Run the model (default: ``self.model(batch)``), under ``torch.inference_mode()``.
+    ``split(output, count) -> [output, ...]``
+        Cut the micro-batch output into one output per item (default: along dim 0, on the CPU).
+    ``postprocess_one(output, item) -> response``
+        Turn one output into a response (default: ``output.tolist()``).
+
+    Settings come from the ``handler:`` section of the archive's model config (see
+    :class:`EngineSettings`); a subclass declares its own in ``options`` with their defaults.
+
+    Example::
+
+        class Doubler(MicroBatchHandler):
+            def load_model(self, model_dir, device):
+                return torch.nn.Identity()
+
+            def postprocess_one(self, output, item):
+                return {"double": (2 * output).tolist()}
+    """
+
+    # Settings of every handler; a subclass's own ``options`` are added to these.
+    # torch_threads: torch's CPU threads in this worker (0: torch's default, one per core). With
+    # several workers on one machine, cores / workers keeps them from oversubscribing the cores.
+    options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0}
+
+    def __init__(self):
+        self.initialized = False
+        self.model: Any = None
+        self.device = torch.device("cpu")
+        self.settings: Optional[EngineSettings] = None
+        self.config: dict = {}
+        self.manifest: dict = {}  # the archive's manifest, where the server has one
+        self.model_files = ModelFiles()
+        self.model_dir = "."
+        self._engine: Optional[BatchEngine] = None
+        self._model_thread = threading.local()  # each model thread's own CUDA stream
+
+    # -- settings -------------------------------------------------------------------------------
+
+    @classmethod
+    def all_options(cls) -> dict:
+        """The options of this class and of every handler class it derives from."""
+        merged: dict = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("options", {}))
+        return merged
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Check the handler's own options (types are already checked against the defaults);
+        raise :class:`ConfigError` naming the key, the rule and the value. Runs at start-up and
+        in ``python -m handlers.archive --check``, so a subclass that overrides it (calling
+        ``super().check_options(options)``) gets its rules checked before anything is served."""
+        if options["precision"] not in PRECISIONS:
+            raise ConfigError(f"handler.precision must be one of {', '.join(PRECISIONS)}, got {options['precision']!r}")
+        if options["torch_threads"] < 0:
+            raise ConfigError(f"handler.torch_threads must be >= 0 (0: torch's default), got {options['torch_threads']!r}")
+
+    @classmethod
+    def read_config(cls, section: Optional[Mapping[str, Any]], server_timeout_s: Optional[float] = None,
+                    server_timeout_name: str = "the server's timeout") -> tuple[EngineSettings, dict]:
+        """The engine settings and this handler's checked options from a ``handler:`` section:
+        the one schema that start-up and the archive check both use."""
+        settings, options = read_handler_settings(section, cls.all_options(), server_timeout_s, server_timeout_name)
+        cls.check_options(options)
+        return settings, options
+
+    # -- life cycle (called by a server adapter) --------------------------------------------------
+
+    def start(self, model_dir: str = ".", section: Optional[Mapping[str, Any]] = None, device: Any = "cpu",
+              model_files: ModelFiles = ModelFiles(), server_timeout_s: Optional[float] = None,
+              server_timeout_name: str = "the server's timeout") -> None:
+        """Read and check the settings, load the model on ``device``, start the pools."""
+        self.settings, self.config = self.read_config(section, server_timeout_s, server_timeout_name)
+        threads = self.config["torch_threads"]
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: a worker is one process
+        self.device = torch.device(device)
+        self.model_dir = str(model_dir)
+        self.model_files = model_files
+        self.setup(self.model_dir)
+        model = self.load_model(self.model_dir, self.device)
+        self.model = prepare_model(model, self.device, self.config["precision"], self.config["channels_last"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the weights are in place before other streams read them
+        self._engine = BatchEngine(
+            self.preprocess_one, self._infer_micro_batch, self._postprocess_one_json_ready, self.settings,
+            inference_on_cpu=self.device.type == "cpu",
+            size_hint=self.size_hint if type(self).size_hint is not MicroBatchHandler.size_hint else None,
+        )
+        self.initialized = True
+        log.info("%s ready on %s with %s", type(self).__name__, self.device, self.settings)
+
+    def respond(self, requests: Sequence[Request]) -> tuple[list, BatchReport]:
+        """Answer one batch: exactly one :class:`Response` per request, in order, and the batch's
+        report (for metrics). Never raises once started."""
+        if self._engine is None:
+            raise RuntimeError(f"{type(self).__name__} answered a batch before start()")
+        report = self._engine.run(requests)
+        responses = [
+            Response(200, outcome.value, content_type(outcome.value)) if outcome.ok
+            else Response(outcome.error.status, outcome.error.to_json(), JSON)
+            for outcome in report.outcomes
+        ]
+        return responses, report
+
+    @property
+    def unhealthy_reason(self) -> Optional[str]:
+        """Why this handler cannot serve (see :attr:`BatchEngine.unhealthy_reason`), or None."""
+        return None if self._engine is None else self._engine.unhealthy_reason
+
+    def close(self) -> None:
+        """Stop the pools; idempotent. Call on unload (TorchServe ends the worker process)."""
+        if self._engine is not None:
+            self._engine.close()
+
+    # -- TorchServe's entry points: the adapter in handlers._torchserve does the work ----------------
+
+    def initialize(self, context) -> None:
+        """TorchServe's start-up call (see :func:`handlers._torchserve.initialize`)."""
+        from . import _torchserve
+
+        _torchserve.initialize(self, context)
+
+    def handle(self, data: Sequence[Mapping[str, Any]], context) -> list:
+        """TorchServe's per-batch call (see :func:`handlers._torchserve.handle`)."""
+        from . import _torchserve
+
+        return _torchserve.handle(self, data, context)
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def setup(self, model_dir: str) -> None:
+        """Load what the per-request hooks need besides the model (labels, a tokenizer, ...);
+        ``self.config`` holds the checked options. Runs once, before ``load_model``."""
+
+    def load_model(self, model_dir: str, device: torch.device) -> Any:
+        """Load the model files the server named (``self.model_files``): a model file + its
+        state_dict (``weights_only=True``), or a TorchScript file."""
+        return load_model_files(model_dir, self.model_files, device)
+
+    def preprocess_one(self, request: Request) -> Any:
+        """A JSON array of numbers → a float32 tensor."""
+        payload = request.json()
+        try:
+            return torch.as_tensor(payload, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise BadRequest(f"expected a JSON array of numbers: {exc}") from None
+
+    def collate(self, items: list) -> Any:
+        """Stack the items and move the micro-batch to the model's device."""
+        try:
+            batch = torch.stack(items)
+        except RuntimeError as exc:
+            raise BadRequest(f"items of this micro-batch do not stack: {exc}") from None
+        return batch.to(self.device, non_blocking=True)
+
+    def size_hint(self, request: Request) -> float:
+        """Override to group requests of like size into micro-batches (cheap: it runs on every
+        request before preprocessing, e.g. a text's length). The default groups nothing."""
+        return 0.0
+
+    def infer(self, batch: Any) -> Any:
+        """Call the model on one micro-batch."""
+        return self.model(batch)
+
+    def split(self, output: Any, count: int) -> list:
+        """One output per item, by the output's structure (see ``handlers._scatter``): tensors
+        cut along the first dimension after one copy to the CPU; tuples, dicts, named tuples and
+        dataclasses cut field by field; a list taken as one entry per item. Anything else, or a
+        first dimension that is not ``count``, is a :class:`SplitFailed` (500) naming the shapes."""
+        if isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == count:
+            return list(output.detach().cpu().unbind(0))  # the common case, without the tree walk
+        return split_output(output, count, to_host=_to_cpu)
+
+    def postprocess_one(self, output: Any, item: Any) -> Any:
+        """A tensor → nested lists (JSON-ready)."""
+        return output.tolist() if isinstance(output, torch.Tensor) else output
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _postprocess_one_json_ready(self, output: Any, item: Any) -> Any:
+        return json_ready(self.postprocess_one(output, item))
+
+    def _infer_micro_batch(self, items: list) -> list:
+        # inference_mode is thread-local: enter it on the model thread that runs this.
+        with torch.inference_mode(), self._own_stream() as stream:
+            outputs = self.split(self.infer(self.collate(items)), len(items))
+            if stream is not None:
+                # Outputs a custom split leaves on the GPU are read by pool threads, on other streams.
+                stream.synchronize()
+            return outputs
+
+    @contextlib.contextmanager
+    def _own_stream(self):
+        """On a GPU, each model thread queues its copies and kernels on a CUDA stream of its own,
+        so that with ``inference_workers`` > 1 one micro-batch's host-to-device copy overlaps
+        another's kernels. Yields the stream (None on the CPU)."""
+        if self.device.type != "cuda":
+            yield None
+            return
+        stream = getattr(self._model_thread, "stream", None)
+        if stream is None:
+            stream = self._model_thread.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            yield stream
