@@ -26,7 +26,7 @@ venv: $(INSTALLED)
 $(INSTALLED): pyproject.toml constraints.txt scripts/deps.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) scripts/deps.py serve text examples bench test > $(VENV)/requirements.txt
+	$(PY) scripts/deps.py serve ray text examples bench test > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -c constraints.txt -r $(VENV)/requirements.txt
 	touch $@
 

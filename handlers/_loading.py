@@ -36,6 +36,22 @@ def load_model_files(model_dir: str, files: ModelFiles, device: torch.device) ->
     )
 
 
+def load_handler_class(path: str) -> type:
+    """The one class a handler file defines (TorchServe's rule: one class per handler file),
+    imported under a unique module name."""
+    import uuid
+
+    spec = importlib.util.spec_from_file_location(f"handler_{uuid.uuid4().hex}", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import the handler file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise RuntimeError(f"{os.path.basename(path)} must define exactly one class, found {[c.__name__ for c in classes]}")
+    return classes[0]
+
+
 def build_module(path: str) -> torch.nn.Module:
     """Instantiate the one public ``nn.Module`` subclass defined in the Python file at ``path``
     (helpers named with a leading underscore may sit beside it)."""

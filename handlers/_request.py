@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ._errors import BadRequest
 
@@ -52,3 +52,19 @@ class Request:
         if isinstance(self.body, str):
             return self.body.encode("utf-8")
         return json.dumps(self.body).encode("utf-8")
+
+
+def decoded_body(body: Any, content_type: Optional[str]) -> Any:
+    """A raw HTTP body as the handlers see it (as TorchServe's worker hands it over, so that a
+    handler answers alike on every server): ``application/json`` decoded (left as bytes when it
+    does not parse), ``text/*`` decoded to ``str`` (bytes when not UTF-8), anything else bytes."""
+    if not isinstance(body, (bytes, bytearray)) or not content_type:
+        return body
+    try:
+        if content_type.startswith("application/json"):
+            return json.loads(bytes(body).decode("utf-8"))
+        if content_type.startswith("text"):
+            return bytes(body).decode("utf-8")
+    except (ValueError, RecursionError):
+        pass
+    return body

@@ -53,6 +53,7 @@ class ArchiveSpec:
     model_file: Optional[Path] = None
     extra_files: list = field(default_factory=list)
     build: Optional[list] = None
+    ray_serve: dict = field(default_factory=dict)  # how to serve it on Ray Serve (handlers.ray_serve)
 
 
 class ArchiveConfigError(ValueError):
@@ -71,7 +72,8 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
     def fail(key: str, problem: str):
         raise ArchiveConfigError(f"{path}: {key}: {problem}")
 
-    known = {"model_name", "version", "handler", "serialized_file", "model_file", "extra_files", "build", "model_config"}
+    known = {"model_name", "version", "handler", "serialized_file", "model_file", "extra_files", "build", "model_config",
+             "ray_serve"}
     for key in raw:
         if key not in known:
             fail(key, f"not a known key; known keys: {', '.join(sorted(known))}")
@@ -107,6 +109,7 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
         model_file=existing("model_file", raw["model_file"], True) if raw.get("model_file") else None,
         extra_files=[existing("extra_files", f, not built_later) for f in raw.get("extra_files") or []],
         build=build,
+        ray_serve=_checked_ray_section(raw.get("ray_serve"), fail),
     )
     handler_class = _handler_class(spec.handler)
     try:
@@ -117,6 +120,15 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
     except ConfigError as exc:
         fail("model_config", str(exc))
     return spec
+
+
+def _checked_ray_section(section: Any, fail) -> dict:
+    from ._rayserve import check_ray_section  # imports no Ray
+
+    try:
+        return check_ray_section(section)
+    except ValueError as exc:
+        fail("ray_serve", str(exc))
 
 
 def _checked_model_config(config: Any, fail) -> dict:

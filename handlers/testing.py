@@ -235,20 +235,10 @@ def start_handler(
 
 
 def as_torchserve_delivers(body: Any, content_type: Optional[str]) -> Any:
-    """A body as TorchServe's worker hands it to a handler: ``application/json`` decoded (left as
-    bytes when it does not parse), ``text/*`` decoded to ``str`` (bytes when not UTF-8)."""
-    if not isinstance(body, (bytes, bytearray)) or not content_type:
-        return body
-    try:
-        if content_type.startswith("application/json"):
-            import json
+    """A body as TorchServe's worker hands it to a handler (see ``handlers._request.decoded_body``)."""
+    from ._request import decoded_body
 
-            return json.loads(bytes(body).decode("utf-8"))
-        if content_type.startswith("text"):
-            return bytes(body).decode("utf-8")
-    except (ValueError, RecursionError):
-        pass
-    return body
+    return decoded_body(body, content_type)
 
 
 def run_batch(handler, bodies: Sequence[Any], headers: Optional[Sequence[Mapping[str, str]]] = None):
@@ -325,14 +315,13 @@ def start_archived_handler(mar_path, workdir, **system_properties):
     """Unpack a ``.mar`` into ``workdir`` and start its handler as a TorchServe worker would:
     the archive's own handler file, manifest and model config, with ``workdir`` as model_dir.
     Returns the initialized handler; remember to ``close()`` it."""
-    import importlib.util
-    import inspect
     import json
-    import uuid
     import zipfile
     from pathlib import Path
 
     import yaml
+
+    from ._loading import load_handler_class
 
     workdir = Path(workdir)
     with zipfile.ZipFile(mar_path) as archive:
@@ -340,19 +329,16 @@ def start_archived_handler(mar_path, workdir, **system_properties):
     manifest = json.loads((workdir / "MAR-INF" / "MANIFEST.json").read_text())
     config_file = manifest["model"].get("configFile")
     model_config = yaml.safe_load((workdir / config_file).read_text()) if config_file else {}
-    handler_file = workdir / manifest["model"]["handler"]
-    spec = importlib.util.spec_from_file_location(f"archived_handler_{uuid.uuid4().hex}", handler_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-    if len(classes) != 1:
-        raise AssertionError(f"{handler_file.name} must define exactly one class, found {[c.__name__ for c in classes]}")
+    try:
+        handler_class = load_handler_class(str(workdir / manifest["model"]["handler"]))
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
     context = FakeContext(
         model_yaml_config=model_config,
         system_properties={"model_dir": str(workdir), **system_properties},
         manifest=manifest,
         model_name=manifest["model"]["modelName"],
     )
-    handler = classes[0]()
+    handler = handler_class()
     handler.initialize(context)
     return handler

@@ -21,8 +21,17 @@ def good_digit():
     return digit_png(images[0]), str(labels[0])
 
 
+def good_photo():
+    """A real photo (scikit-learn's china.jpg) as JPEG bytes."""
+    from .unit.images import encode, photo
+
+    return encode(photo(0, (640, 427)), "JPEG", quality=90)
+
+
 def good_request(model):
     """``(body bytes, content type, check(answer) -> bool)``."""
+    if model == "image_classifier":  # random weights: any five ranked labels are right
+        return good_photo(), "image/jpeg", lambda answer: len(answer) == 5 and answer[0]["probability"] >= answer[-1]["probability"]
     if model == "digits":
         png, label = good_digit()
         return png, "image/png", lambda answer: answer[0]["label"] == label

@@ -1,0 +1,124 @@
+"""The same handler and inputs through TorchServe and through Ray Serve, in one run: throughput and
+p99 of each at the same concurrency, and Ray Serve with one and with two batches in flight
+(``max_concurrent_batches``), to pick that default from the numbers.
+
+    python -m bench.ray_vs_torchserve --workloads photo-12mp photo-vga --concurrency 32 --seconds 20 --out bench/results
+
+Both servers get the same model files, handler (``bench/serve_handlers/ours_image.py``), batch
+size and delay. They run one after the other, each alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench.e2e import SERVE_HANDLERS, build_archive
+from bench.loadgen import run_closed_loop
+from bench.report import publish
+from bench.workloads import ROOT, WORK, WORKLOADS
+from scripts.torchserve_instance import Ports, TorchServe, free_port
+
+
+def ray_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: int, concurrent_batches: int) -> Path:
+    """An archiver config for the workload's model and our handler, as a user would write it."""
+    workload = WORKLOADS[workload_name]()
+    model_dir = workload.model_dir()
+    config = {
+        "model_name": f"{workload_name.replace('-', '_')}_ray{concurrent_batches}",
+        "version": "1.0",
+        "handler": str(SERVE_HANDLERS / "ours_image.py"),
+        "model_file": str(model_dir / workload.model_file.name),
+        "serialized_file": str(model_dir / "weights.pt"),
+        "extra_files": [str(model_dir / "index_to_name.json")],
+        "model_config": {"batchSize": batch_size, "maxBatchDelay": max_delay_ms, "responseTimeout": 120,
+                         "handler": dict(workload.handler_config)},
+        "ray_serve": {"max_concurrent_batches": concurrent_batches},
+    }
+    path = folder / f"{config['model_name']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="*", default=["photo-12mp", "photo-vga"])
+    parser.add_argument("--concurrency", nargs="*", type=int, default=[32])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-delay-ms", type=int, default=50)
+    parser.add_argument("--concurrent-batches", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--name", default="ray_vs_torchserve")
+    args = parser.parse_args(argv)
+    work = WORK / "ray_vs_torchserve"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    results = []
+
+    # TorchServe: one archive per workload, one server.
+    store = work / "model_store"
+    models = {w: build_archive(w, "ours", store, args.batch_size, args.max_delay_ms, {}) for w in args.workloads}
+    server = TorchServe(work / "torchserve", store, ROOT / "config.properties", ports=Ports.free())
+    server.start()
+    try:
+        server.wait_ready(models.values())
+        for workload, name in models.items():
+            results += measure("TorchServe", workload, f"{server.inference_url}/predictions/{name}", server.auth(), args)
+    finally:
+        server.stop()
+
+    # Ray Serve: the same handler and files from an archiver config, on a private local cluster.
+    from handlers._rayserve import start_local_cluster, stop_local_cluster
+    from handlers.ray_serve import serve_configs
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
+        start_local_cluster(temp_dir, port)
+        try:
+            for workload in args.workloads:
+                for batches in args.concurrent_batches:
+                    config = ray_config(workload, work, args.batch_size, args.max_delay_ms, batches)
+                    [name] = serve_configs([config], Path("/"), port)
+                    url = f"http://127.0.0.1:{port}/predictions/{name}"
+                    results += measure(f"Ray Serve, {batches} batch(es) in flight", workload, url, {}, args)
+                    from ray import serve
+
+                    serve.delete(name)  # alone on the machine, as TorchServe's model was
+        finally:
+            stop_local_cluster()
+    publish(args.out, args.name, results, table(results))
+    return 0
+
+
+def measure(server: str, workload: str, url: str, auth: dict, args) -> list:
+    spec = WORKLOADS[workload]()
+    bodies = spec.make_inputs(max(64, spec.batch_size))
+    rows = []
+    for concurrency in args.concurrency:
+        print(f"{server}: {workload} at concurrency {concurrency}", file=sys.stderr, flush=True)
+        load = run_closed_loop(url, bodies, {"Content-Type": spec.content_type, **auth}, concurrency, args.seconds)
+        rows.append({"server": server, "workload": workload, **load.summary()})
+    return rows
+
+
+def table(results: list) -> str:
+    lines = [
+        "| workload | server | concurrency | req/s | p50 ms | p99 ms | errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        lines.append(
+            f"| {row['workload']} | {row['server']} | {row['concurrency']} | {row['throughput_rps']:.1f} | "
+            f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} | {row['mean_batch_size']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

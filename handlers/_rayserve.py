@@ -1,0 +1,247 @@
+"""The Ray Serve adapter: the same handler class, unchanged, served as a Ray Serve deployment
+built from the same archiver config as its ``.mar``.
+
+This is the one module that knows Ray Serve: ``@serve.batch`` (``batchSize`` →
+``max_batch_size``, ``maxBatchDelay`` → ``batch_wait_timeout_s``), starlette requests and
+responses, replicas, autoscaling and GPUs from the config's ``ray_serve:`` section, health checks,
+Ray's metrics, and a private local cluster on loopback. Ray is imported only when used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ._metrics import batch_metrics
+from ._request import Request, decoded_body
+from ._responses import JSON
+from ._settings import SECTION, ModelFiles
+
+log = logging.getLogger(__name__)
+
+RAY_SECTION = "ray_serve"
+BATCH_SIZE_HEADER = "X-Batch-Size"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Measured (bench/ray_vs_torchserve.py, docs/ray_serve.md): two batches at once overlap one
+# batch's decoding with the next one's inference.
+DEFAULT_MAX_CONCURRENT_BATCHES = 2
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # as config.properties' max_request_size
+# Keys of the archiver config's ray_serve: section, passed to Ray Serve as they are.
+DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests",
+                   "health_check_period_s", "health_check_timeout_s")
+OWN_KEYS = ("max_concurrent_batches", "max_request_bytes")
+# Before Ray is imported: Ray's own ports on the node's address, which is then 127.0.0.1 (with
+# _node_ip_address alone Ray swaps in the routable address), and no usage reporting. Ray's token
+# authentication between its processes stays as Ray sets it (on in 2.60: ~/.ray/auth_token).
+RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def check_ray_section(section: Any) -> dict:
+    """The ``ray_serve:`` section of an archiver config, checked: a ValueError names the key."""
+    section = section or {}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{RAY_SECTION} must be a mapping, got {section!r}")
+    for key, value in section.items():
+        if key not in DEPLOYMENT_KEYS + OWN_KEYS:
+            raise ValueError(f"{RAY_SECTION}.{key} is not a known setting; known: {', '.join(DEPLOYMENT_KEYS + OWN_KEYS)}")
+        if key in ("max_concurrent_batches", "max_request_bytes", "num_replicas", "max_ongoing_requests") and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{RAY_SECTION}.{key} must be an integer >= 1, got {value!r}")
+    return dict(section)
+
+
+def build_app(config: str, root: str = ".", route_prefix: Optional[str] = None):
+    """A Ray Serve application for one archiver config: its artefacts built if missing, its
+    handler, model files and extra files shipped to each replica. The replicas import the
+    ``handlers`` package: installed on the nodes, or shipped with the job
+    (:func:`start_local_cluster` does; ``serve run --working-dir``)."""
+    from ray import serve
+
+    from .archive import build_artefacts, load_spec
+
+    root_path = Path(root).resolve()
+    config_path = Path(config)
+    spec = load_spec(config_path if config_path.is_absolute() else root_path / config_path, root_path)
+    build_artefacts(spec, root_path, force=False)
+    options = check_ray_section(spec.ray_serve)
+    files = {spec.handler.name: spec.handler.read_bytes()}
+    model_files = ModelFiles()
+    if spec.model_file:
+        files[spec.model_file.name] = spec.model_file.read_bytes()
+        model_files = ModelFiles(model_file=spec.model_file.name)
+    if spec.serialized_file:
+        files[spec.serialized_file.name] = spec.serialized_file.read_bytes()
+        model_files = ModelFiles(model_files.model_file, spec.serialized_file.name)
+    for extra in spec.extra_files:
+        files.update(_files_of(extra))
+    model_config = dict(spec.model_config)
+    replica = replica_class(options.get("max_concurrent_batches", DEFAULT_MAX_CONCURRENT_BATCHES))
+    deployment_options = {key: options[key] for key in DEPLOYMENT_KEYS if key in options}
+    deployment_options.setdefault("max_ongoing_requests", max(2 * int(model_config.get("batchSize", 1)), 16))
+    deployment = serve.deployment(replica, name=spec.model_name).options(
+        user_config=batching_of(model_config), **deployment_options
+    )
+    return deployment.bind(files, spec.handler.name, model_config, model_files.__dict__,
+                           options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
+
+
+def batching_of(model_config: Mapping[str, Any]) -> dict:
+    """TorchServe's batching settings in ``@serve.batch``'s words."""
+    return {
+        "max_batch_size": int(model_config.get("batchSize", 1)),
+        "batch_wait_timeout_s": float(model_config.get("maxBatchDelay", 100)) / 1000.0,
+    }
+
+
+def _files_of(path: Path) -> dict:
+    if path.is_dir():
+        return {
+            str(Path(path.name) / file.relative_to(path)): file.read_bytes()
+            for file in sorted(path.rglob("*")) if file.is_file() and "__pycache__" not in file.parts
+        }
+    return {path.name: path.read_bytes()}
+
+
+def replica_class(max_concurrent_batches: int) -> type:
+    """The deployment class: one handler per replica, ``@serve.batch`` with this many batches in
+    flight at once (a decorator argument, so the class is made per application)."""
+    from ray import serve
+    from starlette.responses import Response as HTTPResponse
+
+    class MicroBatchReplica:
+        """Holds one started handler; answers each HTTP request with its own status."""
+
+        def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
+                     max_request_bytes: int):
+            # Absolute imports: this class travels to the replicas by value (it is made per app).
+            from handlers._loading import load_handler_class
+
+            self.model_dir = tempfile.mkdtemp(prefix="microbatch-ray-")
+            for name, content in files.items():
+                target = Path(self.model_dir) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+            self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
+            self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
+                               model_files=ModelFiles(**model_files))
+            self.max_request_bytes = max_request_bytes
+            # The handler's engine is blocking: each batch runs on a thread, the event loop stays free.
+            self.executor = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix="microbatch-ray-batch")
+            self.metrics = _RayMetrics()
+
+        def reconfigure(self, user_config: dict) -> None:
+            self.answer_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+            self.answer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+        async def __call__(self, http_request) -> HTTPResponse:
+            body = await http_request.body()
+            if len(body) > self.max_request_bytes:
+                error = {"code": 413, "type": "PayloadTooLarge",
+                         "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
+                return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
+            headers = dict(http_request.headers)
+            request = Request(decoded_body(body, headers.get("content-type")), headers)
+            response, batch_size = await self.answer_batch(request)
+            return HTTPResponse(_encode(response.body), status_code=response.status, media_type=response.content_type,
+                                headers={BATCH_SIZE_HEADER: str(batch_size)})
+
+        @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=max_concurrent_batches)
+        async def answer_batch(self, requests: list) -> list:
+            loop = asyncio.get_running_loop()
+            responses, report = await loop.run_in_executor(self.executor, self.handler.respond, requests)
+            self.metrics.record(report)
+            return [(response, len(requests)) for response in responses]
+
+        def check_health(self) -> None:
+            """Ray replaces a replica whose health check raises: here, one whose model is stuck
+            in a call past its deadline (it answers 503 meanwhile)."""
+            reason = self.handler.unhealthy_reason
+            if reason is not None:
+                raise RuntimeError(f"unhealthy: {reason}")
+
+    return MicroBatchReplica
+
+
+def _device() -> str:
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def _encode(body: Any) -> bytes:
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    return json.dumps(body, allow_nan=False).encode("utf-8")
+
+
+class _RayMetrics:
+    """The batch metrics (``handlers._metrics``) as Ray metrics, exported on each node's metrics
+    port with the application, deployment and replica as tags: ``microbatch_batch_size``
+    (histogram), ``microbatch_model_calls``, ``microbatch_stage_ms{stage}``,
+    ``microbatch_request_errors{status_code}``."""
+
+    BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.batch_size = Histogram("microbatch_batch_size", description="requests per batch",
+                                    boundaries=self.BATCH_SIZES)
+        self.model_calls = Counter("microbatch_model_calls", description="model calls (retries included)")
+        self.stage_ms = Counter("microbatch_stage_ms", description="summed milliseconds per stage", tag_keys=("stage",))
+        self.errors = Counter("microbatch_request_errors", description="error answers per status",
+                              tag_keys=("status_code",))
+
+    def record(self, report) -> None:
+        try:
+            for metric in batch_metrics(report):
+                if metric.name == "BatchesServed":
+                    self.batch_size.observe(int(metric.labels["BatchSize"]))
+                elif metric.name == "ModelCalls":
+                    self.model_calls.inc(metric.value)
+                elif metric.name == "StageTimeMs" and metric.value > 0:
+                    self.stage_ms.inc(metric.value, tags={"stage": metric.labels["Stage"]})
+                elif metric.name == "RequestErrors":
+                    self.errors.inc(metric.value, tags={"status_code": metric.labels["StatusCode"]})
+        except Exception:  # noqa: BLE001 - a metrics bug must not cost the batch its answers
+            log.exception("could not record metrics for a batch")
+
+
+# -- a private local cluster ------------------------------------------------------------------------
+
+
+def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] = None) -> None:
+    """Start a Ray node owned by this process, on loopback, dashboard off, with its own temp dir
+    (keep the path short: Ray's unix sockets live there), the ``handlers`` package shipped to
+    its workers, and Ray Serve's HTTP proxy on ``127.0.0.1:http_port``.
+    :func:`stop_local_cluster` ends both."""
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    import ray
+    from ray import serve
+
+    os.makedirs(temp_dir, exist_ok=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+             namespace="microbatch", log_to_driver=False,
+             runtime_env={"py_modules": [str(PACKAGE_DIR)]})  # the replicas need this package, not installed
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+
+
+def stop_local_cluster() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

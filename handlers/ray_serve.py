@@ -1,0 +1,82 @@
+"""Serve archiver configs on Ray Serve: the same handlers as in the ``.mar`` archives, on a private
+local Ray cluster (loopback only, dashboard off), at the same URLs as TorchServe's
+(``/predictions/<model_name>``).
+
+Usage::
+
+    python -m handlers.ray_serve [CONFIG ...] [--port 8000] [--root .]
+
+or, on a Ray cluster you run yourself (``ray start``), one application per config::
+
+    serve run handlers.ray_serve:app config=archiver_configs/quickstart.yaml
+
+Ray Serve's HTTP endpoint has no authentication of its own: keep it on loopback, or put an
+authenticating proxy in front (docs/ray_serve.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+from ._rayserve import build_app, start_local_cluster, stop_local_cluster
+
+
+def app(args: dict):
+    """Application builder for ``serve run handlers.ray_serve:app config=PATH [root=DIR]``."""
+    if "config" not in args:
+        raise ValueError("pass config=<archiver config>, e.g. config=archiver_configs/quickstart.yaml")
+    return build_app(args["config"], args.get("root", "."))
+
+
+def serve_configs(configs: list, root: Path, http_port: int) -> list:
+    """Deploy each config as its own application at ``/predictions/<model_name>``; returns the names."""
+    from ray import serve
+
+    from .archive import load_spec
+
+    names = []
+    for config in configs:
+        name = load_spec(config, root).model_name
+        serve.run(build_app(str(config), str(root)), name=name, route_prefix=f"/predictions/{name}")
+        names.append(name)
+    return names
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m handlers.ray_serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", type=Path, help="archiver configs (default: archiver_configs/*.yaml)")
+    parser.add_argument("--root", type=Path, default=Path("."), help="where config paths start from")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the node; each replica reserves one unless its ray_actor_options "
+                             "say otherwise (default: the cores, at least one per config)")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    configs = [c if c.is_absolute() else root / c for c in args.configs] or sorted((root / "archiver_configs").glob("*.yaml"))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, len(configs) + 1)
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
+        start_local_cluster(temp_dir, args.port, num_cpus)
+        try:
+            names = serve_configs(configs, root, args.port)
+            for name in names:
+                print(f"{name}: curl -X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input>", flush=True)
+            print("serving on Ray Serve; Ctrl-C stops it", flush=True)
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_local_cluster()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

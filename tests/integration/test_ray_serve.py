@@ -1,0 +1,225 @@
+"""The example handlers, unchanged, on a real local Ray cluster (Ray Serve, loopback, dashboard off,
+its own temp dir), started and stopped by this module: the same answers as through TorchServe,
+the bad-input corpus with the same codes, an identity-checked load, and a replica killed under
+load."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from scripts.torchserve_instance import free_port
+
+from ..corpus.bad_inputs import corpus
+from ..good_inputs import good_request
+from .helpers import concurrently
+
+# Starting Ray and five replicas on a 2-core machine takes a few minutes: it counts in the first test.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+ray = pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ("quickstart", "tabular", "digits", "text_embedding", "image_classifier")
+
+
+@pytest.fixture(scope="module")
+def ray_serve(model_store):
+    """One private Ray cluster for this module, serving every example config at
+    /predictions/<model>, as ``python -m handlers.ray_serve`` does; stopped at the end. (It needs
+    the model store only for the built artefacts.)"""
+    from handlers._rayserve import start_local_cluster, stop_local_cluster
+    from handlers.ray_serve import serve_configs
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
+    for attempt in range(3):  # a free port can be taken by another process before Ray binds it
+        port = free_port()
+        try:
+            # Logical CPUs: each replica reserves one (Ray's default), five models share two cores.
+            start_local_cluster(temp_dir, port, num_cpus=8)
+            break
+        except Exception:  # noqa: BLE001 - retried with another port, re-raised on the last try
+            stop_local_cluster()
+            if attempt == 2:
+                raise
+    try:
+        configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in MODELS]
+        started = time.monotonic()
+        serve_configs(configs, ROOT, port)
+        print(f"\nRay Serve: {len(configs)} applications deployed in {time.monotonic() - started:.1f} s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_local_cluster()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def post(base, model, body, content_type, timeout=60):
+    return requests.post(f"{base}/predictions/{model}", data=body, headers={"Content-Type": content_type},
+                         timeout=timeout)
+
+
+def close_to(a, b, tolerance=1e-5):
+    """Equal, with floats within ``tolerance`` (BLAS may sum in another order in another process)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tolerance * max(1, abs(b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close_to(x, y, tolerance) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close_to(a[k], b[k], tolerance) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_example_answers_on_ray_serve_as_it_does_on_torchserve(ray_serve, torchserve, model):
+    body, content_type, is_right = good_request(model)
+    on_ray = post(ray_serve, model, body, content_type)
+    on_torchserve = requests.post(f"{torchserve.inference_url}/predictions/{model}", data=body,
+                                  headers={"Content-Type": content_type, **torchserve.auth()}, timeout=60)
+    assert on_ray.status_code == on_torchserve.status_code == 200, on_ray.text[:300]
+    assert is_right(on_ray.json())
+    assert close_to(on_ray.json(), on_torchserve.json()), (on_ray.text[:300], on_torchserve.text[:300])
+    assert on_ray.headers["Content-Type"].startswith("application/json")
+    assert on_ray.headers["X-Batch-Size"] == "1"
+
+
+CASES = corpus()
+
+
+@pytest.mark.parametrize("item", CASES, ids=[item.kind for item in CASES])
+def test_the_bad_input_corpus_gets_the_same_codes_on_ray_serve_and_batch_mates_their_answers(ray_serve, item):
+    good, good_type, is_right = good_request(item.model)
+
+    def call(i):
+        body, content_type = (item.body, item.content_type) if i == 2 else (good, good_type)
+        return post(ray_serve, item.model, body, content_type)
+
+    responses = concurrently(6, call)
+    bad = responses[2]
+    assert bad.status_code == item.status, bad.text[:300]
+    if item.status != 200:
+        error = bad.json()
+        assert error["code"] == item.status and (item.frontend_only or item.words in error["message"])
+    for i, response in enumerate(responses):
+        if i != 2:
+            assert response.status_code == 200, response.text[:300]
+            assert is_right(response.json())
+
+
+def test_an_identity_checked_load_of_2000_mixed_requests_loses_and_mixes_nothing(ray_serve):
+    """Requests to three models, a tenth of them bad, at concurrency 64: every request gets an
+    answer, each good one its own (its id and y = 2x + 1, or its own flower), each bad one 400."""
+    rng = random.Random(7)
+    flowers = {"setosa": [5.1, 3.5, 1.4, 0.2], "virginica": [6.7, 3.0, 5.2, 2.3]}
+
+    def one(i):
+        kind = (i * 7919 % 100) / 100  # a tenth bad, three tenths tabular, the rest quickstart
+        if kind < 0.1:
+            return "quickstart", b'{"id": "bad", "x": [1, 2]}', "application/json", 400, None
+        if kind < 0.4:
+            name = "setosa" if i % 2 else "virginica"
+            return "tabular", json.dumps(flowers[name]).encode(), "application/json", 200, lambda a: a["species"] == name
+        x = [i % 97, i % 89, 3, i % 13]
+        return ("quickstart", json.dumps({"id": f"r{i}", "x": x}).encode(), "application/json", 200,
+                lambda a: a == {"id": f"r{i}", "y": [2.0 * v + 1 for v in x]})
+
+    plan = [one(i) for i in range(2000)]
+    rng.shuffle(plan)
+    started = time.monotonic()
+    with requests.Session() as session, ThreadPoolExecutor(64) as pool:
+        def send(entry):
+            model, body, content_type, _, _ = entry
+            try:
+                return session.post(f"{ray_serve}/predictions/{model}", data=body,
+                                    headers={"Content-Type": content_type}, timeout=120)
+            except requests.RequestException as exc:
+                return exc
+
+        results = list(pool.map(send, plan))
+    elapsed = time.monotonic() - started
+    lost = [r for r in results if isinstance(r, Exception)]
+    assert not lost, lost[:3]
+    wrong = [(entry[0], r.status_code, r.text[:120]) for entry, r in zip(plan, results)
+             if r.status_code != entry[3] or (entry[4] is not None and not entry[4](r.json()))]
+    assert not wrong, wrong[:5]
+    print(f"\n2000 mixed requests at concurrency 64 on Ray Serve: {elapsed:.1f} s ({2000 / elapsed:.0f} req/s), "
+          "0 lost, 0 wrong")
+
+
+def test_killing_a_replica_under_load_fails_only_in_flight_requests(ray_serve):
+    """Clients keep sending to quickstart while its replica is killed: requests in flight at the
+    kill may fail (500), every other one is answered correctly; the time until answers come again
+    is measured."""
+    from ray import serve
+
+    stop = threading.Event()
+    log: list = []
+
+    def keep_sending(k):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            body = json.dumps({"id": f"k{k}-{i}", "x": [k, i % 50, 0, 1]}).encode()
+            sent = time.monotonic()
+            try:
+                response = post(ray_serve, "quickstart", body, "application/json", timeout=60)
+                log.append((sent, time.monotonic(), response.status_code, response.text, k, i))
+            except requests.RequestException as exc:
+                log.append((sent, time.monotonic(), "lost", repr(exc), k, i))
+
+    senders = [threading.Thread(target=keep_sending, args=(k,)) for k in range(8)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(2)  # load running before the kill
+        [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("SERVE_REPLICA::quickstart#")]
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        recovered = None
+        while time.monotonic() - killed_at < 90 and recovered is None:
+            answered = [end for sent, end, status, *_ in list(log) if sent > killed_at and status == 200]
+            recovered = min(answered) - killed_at if answered else None
+            time.sleep(0.1)
+        time.sleep(1)  # some load after recovery
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=90)
+    assert recovered is not None, "no answer within 90 s of the kill"
+    assert not [entry for entry in log if entry[2] == "lost"]
+    for sent, end, status, text, k, i in log:
+        if status == 200:
+            assert json.loads(text) == {"id": f"k{k}-{i}", "y": [2.0 * k + 1, 2.0 * (i % 50) + 1, 1.0, 3.0]}
+        else:  # only requests in flight at the kill
+            assert sent <= killed_at <= end, (status, text[:200], sent - killed_at)
+    failed = sum(1 for entry in log if entry[2] != 200)
+    print(f"\nreplica killed under load: {failed} in-flight request(s) failed, {len(log) - failed} answered; "
+          f"answers again {recovered:.2f} s after the kill")
+    assert serve.status().applications["quickstart"].status == "RUNNING"
+
+
+def test_batch_sizes_and_stage_times_reach_ray_metrics(ray_serve):
+    """The handler's batch metrics come out of Ray's metrics export port, tagged with the
+    application: the batch-size histogram, model calls and stage times."""
+    concurrently(8, lambda i: post(ray_serve, "quickstart", json.dumps({"id": i, "x": [i, 0, 0, 0]}).encode(),
+                                   "application/json"))
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_microbatch_batch_size_bucket", "ray_microbatch_model_calls_total", "ray_microbatch_stage_ms_total")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if 'application="quickstart"' in line]
+        if all(any(line.startswith(name) for line in lines) for name in wanted):
+            break
+        time.sleep(1)  # Ray exports metrics every few seconds
+    for name in wanted:
+        assert any(line.startswith(name) for line in lines), name
+    assert any('stage="inference"' in line for line in lines if line.startswith("ray_microbatch_stage_ms_total"))
