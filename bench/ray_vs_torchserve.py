@@ -74,8 +74,7 @@ def main(argv=None) -> int:
         server.stop()
 
     # Ray Serve: the same handler and files from an archiver config, on a private local cluster.
-    from handlers._rayserve import start_local_cluster, stop_local_cluster
-    from handlers.ray_serve import serve_configs
+    from handlers._rayserve import serve_configs, start_local_cluster, stop_local_cluster
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
 
                     serve.delete(name)  # alone on the machine, as TorchServe's model was
         finally:
-            stop_local_cluster()
+            stop_local_cluster(temp_dir)
     publish(args.out, args.name, results, table(results))
     return 0
 

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 RAY_SECTION = "ray_serve"
 BATCH_SIZE_HEADER = "X-Batch-Size"
 PACKAGE_DIR = Path(__file__).resolve().parent
-# Measured (bench/ray_vs_torchserve.py, docs/ray_serve.md): two batches at once overlap one
-# batch's decoding with the next one's inference.
-DEFAULT_MAX_CONCURRENT_BATCHES = 2
+# Batches a replica runs at once. Measured on 2 CPU cores (bench/ray_vs_torchserve.py,
+# bench/results/ray_vs_torchserve.md): two gave -13% (photo-12mp) and +8% (photo-vga) req/s with
+# smaller batches; with the model on the same cores nothing is left to overlap. One, until a
+# measurement on a GPU says otherwise.
+DEFAULT_MAX_CONCURRENT_BATCHES = 1
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # as config.properties' max_request_size
 # Keys of the archiver config's ray_serve: section, passed to Ray Serve as they are.
 DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests",
@@ -90,6 +92,21 @@ def build_app(config: str, root: str = ".", route_prefix: Optional[str] = None):
     )
     return deployment.bind(files, spec.handler.name, model_config, model_files.__dict__,
                            options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
+
+
+def serve_configs(configs: list, root: Path, http_port: int) -> list:
+    """Deploy each archiver config as its own application at ``/predictions/<model_name>`` (the
+    URLs TorchServe uses) on the running Ray Serve; returns the model names."""
+    from ray import serve
+
+    from .archive import load_spec
+
+    names = []
+    for config in configs:
+        name = load_spec(Path(config), Path(root)).model_name
+        serve.run(build_app(str(config), str(root)), name=name, route_prefix=f"/predictions/{name}")
+        names.append(name)
+    return names
 
 
 def batching_of(model_config: Mapping[str, Any]) -> dict:
@@ -237,7 +254,10 @@ def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] =
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
 
 
-def stop_local_cluster() -> None:
+def stop_local_cluster(temp_dir: Optional[str] = None) -> None:
+    """Shut down Ray Serve and the Ray node this process started. With ``temp_dir`` (the one
+    given to :func:`start_local_cluster`), also end the node's agents that outlive
+    ``ray.shutdown()`` by a minute or more: only processes whose command line names that dir."""
     import ray
     from ray import serve
 
@@ -245,3 +265,36 @@ def stop_local_cluster() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+        if temp_dir:
+            _end_processes_naming(temp_dir)
+
+
+def _end_processes_naming(temp_dir: str) -> None:
+    """SIGTERM the processes that name ``temp_dir`` in their command line or hold a file open in
+    it (Ray's agents rename their process titles, but write their logs there)."""
+    import signal
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    root = os.path.realpath(temp_dir)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if _uses(entry, root):
+                os.kill(int(entry.name), signal.SIGTERM)
+        except OSError:
+            continue  # gone already, or not ours to read
+
+
+def _uses(process: Path, root: str) -> bool:
+    if root.encode() in (process / "cmdline").read_bytes():
+        return True
+    for fd in (process / "fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(root + os.sep):
+                return True
+        except OSError:
+            continue
+    return False

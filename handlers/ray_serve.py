@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._rayserve import build_app, start_local_cluster, stop_local_cluster
+from ._rayserve import build_app, serve_configs, start_local_cluster, stop_local_cluster
 
 
 def app(args: dict):
@@ -33,20 +33,6 @@ def app(args: dict):
     if "config" not in args:
         raise ValueError("pass config=<archiver config>, e.g. config=archiver_configs/quickstart.yaml")
     return build_app(args["config"], args.get("root", "."))
-
-
-def serve_configs(configs: list, root: Path, http_port: int) -> list:
-    """Deploy each config as its own application at ``/predictions/<model_name>``; returns the names."""
-    from ray import serve
-
-    from .archive import load_spec
-
-    names = []
-    for config in configs:
-        name = load_spec(config, root).model_name
-        serve.run(build_app(str(config), str(root)), name=name, route_prefix=f"/predictions/{name}")
-        names.append(name)
-    return names
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -61,10 +47,11 @@ def main(argv: Optional[list] = None) -> int:
     root = args.root.resolve()
     configs = [c if c.is_absolute() else root / c for c in args.configs] or sorted((root / "archiver_configs").glob("*.yaml"))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, len(configs) + 1)
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
         start_local_cluster(temp_dir, args.port, num_cpus)
+        # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             names = serve_configs(configs, root, args.port)
             for name in names:
@@ -74,7 +61,7 @@ def main(argv: Optional[list] = None) -> int:
         except KeyboardInterrupt:
             pass
         finally:
-            stop_local_cluster()
+            stop_local_cluster(temp_dir)
     return 0
 
 

@@ -26,8 +26,38 @@ def fault_archive(model_store):
     return "faults"
 
 
+def readme_handler_code() -> str:
+    """The README's "Write a handler" example, as a user would paste it."""
+    section = (ROOT / "README.md").read_text().split("## Write a handler", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
 @pytest.fixture(scope="session")
-def torchserve(model_store, fault_archive, tmp_path_factory):
+def readme_handler_config(tmp_path_factory):
+    """An archiver config serving the README's handler, unchanged, with the quickstart model
+    (y = 2x + 1), as ``readme_handler``."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("readme_handler")
+    (folder / "my_handler.py").write_text(readme_handler_code())
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.update(model_name="readme_handler", handler=str(folder / "my_handler.py"))
+    for key in ("model_file", "serialized_file"):
+        config[key] = str(ROOT / config[key])
+    config["build"] = [arg if not arg.startswith(("examples/", "build/")) else str(ROOT / arg) for arg in config["build"]]
+    path = folder / "readme_handler.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def readme_archive(model_store, readme_handler_config):
+    archive_config(readme_handler_config, ROOT, model_store)
+    return "readme_handler"
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store, fault_archive, readme_archive, tmp_path_factory):
     server = TorchServe(
         tmp_path_factory.mktemp("torchserve"), model_store, ROOT / "config.properties", ports=Ports.free()
     )

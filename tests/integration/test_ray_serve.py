@@ -32,12 +32,11 @@ MODELS = ("quickstart", "tabular", "digits", "text_embedding", "image_classifier
 
 
 @pytest.fixture(scope="module")
-def ray_serve(model_store):
+def ray_serve(model_store, readme_handler_config):
     """One private Ray cluster for this module, serving every example config at
     /predictions/<model>, as ``python -m handlers.ray_serve`` does; stopped at the end. (It needs
     the model store only for the built artefacts.)"""
-    from handlers._rayserve import start_local_cluster, stop_local_cluster
-    from handlers.ray_serve import serve_configs
+    from handlers._rayserve import serve_configs, start_local_cluster, stop_local_cluster
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
     for attempt in range(3):  # a free port can be taken by another process before Ray binds it
@@ -51,13 +50,13 @@ def ray_serve(model_store):
             if attempt == 2:
                 raise
     try:
-        configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in MODELS]
+        configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in MODELS] + [readme_handler_config]
         started = time.monotonic()
         serve_configs(configs, ROOT, port)
         print(f"\nRay Serve: {len(configs)} applications deployed in {time.monotonic() - started:.1f} s")
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop_local_cluster()
+        stop_local_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -223,3 +222,20 @@ def test_batch_sizes_and_stage_times_reach_ray_metrics(ray_serve):
     for name in wanted:
         assert any(line.startswith(name) for line in lines), name
     assert any('stage="inference"' in line for line in lines if line.startswith("ray_microbatch_stage_ms_total"))
+
+
+def test_the_readme_handler_runs_unchanged_on_both_servers(ray_serve, torchserve):
+    """The README's MyHandler, pasted as it is, with the quickstart model: the same answers, and
+    the same 400 for a body without "x", through TorchServe and through Ray Serve."""
+    body = json.dumps({"x": [1, 2, 3, 4]}).encode()
+    on_ray = post(ray_serve, "readme_handler", body, "application/json")
+    on_torchserve = requests.post(f"{torchserve.inference_url}/predictions/readme_handler", data=body,
+                                  headers={"Content-Type": "application/json", **torchserve.auth()}, timeout=60)
+    assert on_ray.status_code == on_torchserve.status_code == 200, (on_ray.text, on_torchserve.text)
+    assert on_ray.json() == on_torchserve.json() == {"y": [3.0, 5.0, 7.0, 9.0]}
+    bad = b'{"z": 1}'
+    bad_on_ray = post(ray_serve, "readme_handler", bad, "application/json")
+    bad_on_torchserve = requests.post(f"{torchserve.inference_url}/predictions/readme_handler", data=bad,
+                                      headers={"Content-Type": "application/json", **torchserve.auth()}, timeout=60)
+    assert bad_on_ray.status_code == bad_on_torchserve.status_code == 400
+    assert bad_on_ray.json() == bad_on_torchserve.json()
