@@ -1,0 +1,39 @@
+"""The Ray Serve adapter's reading of an archiver config, without Ray: the ray_serve: section is
+checked with the rest of the config, and TorchServe's batching maps to @serve.batch's."""
+
+import pytest
+import yaml
+
+from handlers._rayserve import batching_of, check_ray_section
+from handlers.archive import ArchiveConfigError, load_spec
+
+from .test_archive_configs import ROOT, write_config
+
+
+def test_batch_size_and_delay_map_to_serve_batch():
+    assert batching_of({"batchSize": 16, "maxBatchDelay": 20}) == {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}
+    assert batching_of({}) == {"max_batch_size": 1, "batch_wait_timeout_s": 0.1}  # TorchServe's defaults
+
+
+def test_replicas_autoscaling_and_gpus_pass_through_as_written():
+    section = {"num_replicas": 2, "ray_actor_options": {"num_gpus": 1}, "max_concurrent_batches": 2,
+               "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    assert check_ray_section(section) == section
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"replicas": 2}, "ray_serve.replicas is not a known setting"),
+    ({"max_concurrent_batches": 0}, "ray_serve.max_concurrent_batches must be an integer >= 1, got 0"),
+    ([1, 2], "ray_serve must be a mapping"),
+])
+def test_a_bad_ray_serve_section_fails_the_archive_check_naming_the_key(tmp_path, section, message):
+    path = write_config(tmp_path, ray_serve=section)
+    with pytest.raises(ArchiveConfigError) as caught:
+        load_spec(path, ROOT)
+    assert message in str(caught.value)
+
+
+def test_a_config_without_a_ray_serve_section_is_served_with_defaults(tmp_path):
+    spec = load_spec(write_config(tmp_path), ROOT)
+    assert spec.ray_serve == {}
+    assert yaml.safe_load(spec.source.read_text())["model_name"] == "quickstart"
