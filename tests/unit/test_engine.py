@@ -38,6 +38,28 @@ def engine(micro_batch_size=None, **stages):
     )
 
 
+def preprocess_hanging_on_negative(release: threading.Event):
+    """A preprocess stage that hangs on a negative request until the test sets ``release``."""
+
+    def preprocess(request):
+        if request < 0:
+            release.wait(60)
+        return float(request)
+
+    return preprocess
+
+
+def model_hanging_on_big(release: threading.Event):
+    """The affine model, hanging on a micro-batch holding a value over 100 until ``release``."""
+
+    def infer(items):
+        if max(items) > 100:
+            release.wait(60)
+        return affine(items)
+
+    return infer
+
+
 def values(report):
     return [outcome.value if outcome.ok else outcome.error.status for outcome in report.outcomes]
 
@@ -170,10 +192,7 @@ def test_a_failure_in_postprocessing_fails_only_that_request():
 def test_a_hanging_stage_answers_with_a_504_at_the_deadline_instead_of_hanging():
     release = threading.Event()
 
-    def hangs_on_negative(request):
-        if request < 0:
-            release.wait(30)  # hangs until the test lets it go
-        return float(request)
+    hangs_on_negative = preprocess_hanging_on_negative(release)
 
     settings = EngineSettings(micro_batch_size=2, pool_size=2, deadline_s=1.0)
     e = BatchEngine(hangs_on_negative, affine, as_dict, settings)
@@ -194,10 +213,7 @@ def test_a_hanging_stage_answers_with_a_504_at_the_deadline_instead_of_hanging()
 def test_a_hanging_model_answers_with_504_for_its_micro_batch():
     release = threading.Event()
 
-    def hangs_on_big(items):
-        if max(items) > 100:
-            release.wait(30)
-        return affine(items)
+    hangs_on_big = model_hanging_on_big(release)
 
     settings = EngineSettings(micro_batch_size=2, pool_size=2, deadline_s=0.5)
     e = BatchEngine(parse, hangs_on_big, as_dict, settings)
@@ -327,10 +343,7 @@ def test_a_size_hint_that_raises_does_not_fail_the_batch():
 def test_when_every_pool_thread_hangs_a_replacement_thread_keeps_the_worker_serving(caplog):
     release = threading.Event()
 
-    def hangs_on_negative(request):
-        if request < 0:
-            release.wait(60)
-        return float(request)
+    hangs_on_negative = preprocess_hanging_on_negative(release)
 
     settings = EngineSettings(pool_size=1, deadline_s=1.0)
     e = BatchEngine(hangs_on_negative, affine, as_dict, settings)

@@ -9,7 +9,7 @@ import pytest
 from handlers import BatchEngine, EngineSettings
 from handlers._engine import MAX_STUCK_PER_THREAD, MIN_STUCK, PROBE_CAPPED_SIZE_EVERY
 
-from .test_engine import affine, as_dict, parse, values
+from .test_engine import affine, as_dict, model_hanging_on_big, parse, preprocess_hanging_on_negative, values
 
 
 def answers(requests):
@@ -70,10 +70,7 @@ def test_a_cap_caused_by_the_size_is_probed_upward_and_lifted_when_memory_allows
 def test_postprocessing_does_not_wait_behind_a_hung_preprocessing_stage_with_a_pool_of_one():
     release = threading.Event()
 
-    def hangs_on_negative(request):
-        if request < 0:
-            release.wait(30)
-        return float(request)
+    hangs_on_negative = preprocess_hanging_on_negative(release)
 
     settings = EngineSettings(micro_batch_size=1, pool_size=1, deadline_s=2.0)
     e = BatchEngine(hangs_on_negative, affine, as_dict, settings)
@@ -90,10 +87,7 @@ def test_postprocessing_does_not_wait_behind_a_hung_preprocessing_stage_with_a_p
 def test_requests_sharing_a_pool_task_with_a_hung_one_still_get_their_answers():
     release = threading.Event()
 
-    def hangs_on_negative(request):
-        if request < 0:
-            release.wait(30)
-        return float(request)
+    hangs_on_negative = preprocess_hanging_on_negative(release)
 
     settings = EngineSettings(pool_size=2, deadline_s=2.0)
     e = BatchEngine(hangs_on_negative, affine, as_dict, settings)
@@ -115,10 +109,7 @@ def test_requests_sharing_a_pool_task_with_a_hung_one_still_get_their_answers():
 def test_hung_stages_cannot_grow_threads_without_bound_and_close_reports_them(caplog):
     release = threading.Event()
 
-    def hangs_on_negative(request):
-        if request < 0:
-            release.wait(60)
-        return float(request)
+    hangs_on_negative = preprocess_hanging_on_negative(release)
 
     before = set(pool_threads())
     settings = EngineSettings(pool_size=2, deadline_s=0.4)
@@ -139,10 +130,7 @@ def test_hung_stages_cannot_grow_threads_without_bound_and_close_reports_them(ca
 def test_a_model_call_hung_past_the_deadline_makes_the_engine_unhealthy_not_504_forever():
     release = threading.Event()
 
-    def hangs_on_big(items):
-        if max(items) > 100:
-            release.wait(30)
-        return affine(items)
+    hangs_on_big = model_hanging_on_big(release)
 
     settings = EngineSettings(micro_batch_size=2, pool_size=2, deadline_s=0.5)
     e = BatchEngine(parse, hangs_on_big, as_dict, settings)
