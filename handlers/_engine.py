@@ -219,7 +219,10 @@ class BatchEngine:
     # -- pipeline -----------------------------------------------------------------------------
 
     def _report(self, outcomes: list, plan: list, times: StageTimes) -> BatchReport:
-        log_server_errors(outcomes)
+        try:
+            log_server_errors(outcomes)
+        except Exception:  # noqa: BLE001 - a logging failure must not cost the batch its answers
+            log.exception("could not log the server errors of a batch")
         return BatchReport(
             outcomes=outcomes,
             micro_batch_sizes=[len(r) for r in plan],
