@@ -10,6 +10,7 @@ Ray's metrics, and a private local cluster on loopback. Ray is imported only whe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -59,30 +60,33 @@ def check_ray_section(section: Any) -> dict:
     return dict(section)
 
 
-def build_app(config: str, root: str = ".", route_prefix: Optional[str] = None):
-    """A Ray Serve application for one archiver config: its artefacts built if missing, its
-    handler, model files and extra files shipped to each replica. The replicas import the
-    ``handlers`` package: installed on the nodes, or shipped with the job
+def build_app(config: str, root: str = "."):
+    """A Ray Serve application for one archiver config (paths in it start from ``root``). The
+    replicas import the ``handlers`` package: installed on the nodes, or shipped with the job
     (:func:`start_local_cluster` does; ``serve run --working-dir``)."""
-    from ray import serve
-
-    from .archive import build_artefacts, load_spec
+    from .archive import load_spec
 
     root_path = Path(root).resolve()
     config_path = Path(config)
-    spec = load_spec(config_path if config_path.is_absolute() else root_path / config_path, root_path)
-    build_artefacts(spec, root_path, force=False)
-    options = check_ray_section(spec.ray_serve)
+    return application_of(load_spec(config_path if config_path.is_absolute() else root_path / config_path, root_path),
+                          root_path)
+
+
+def application_of(spec, root: Path):
+    """The application of a checked archiver config: its artefacts built if missing, its handler,
+    model files and extra files shipped to each replica."""
+    from ray import serve
+
+    from .archive import build_artefacts
+
+    build_artefacts(spec, root, force=False)
+    options = spec.ray_serve  # checked with the rest of the config
     files = {spec.handler.name: spec.handler.read_bytes()}
-    model_files = ModelFiles()
-    if spec.model_file:
-        files[spec.model_file.name] = spec.model_file.read_bytes()
-        model_files = ModelFiles(model_file=spec.model_file.name)
-    if spec.serialized_file:
-        files[spec.serialized_file.name] = spec.serialized_file.read_bytes()
-        model_files = ModelFiles(model_files.model_file, spec.serialized_file.name)
-    for extra in spec.extra_files:
-        files.update(_files_of(extra))
+    for path in (spec.model_file, spec.serialized_file, *spec.extra_files):
+        if path is not None:
+            files.update(_files_of(path))
+    model_files = ModelFiles(model_file=spec.model_file.name if spec.model_file else None,
+                             serialized_file=spec.serialized_file.name if spec.serialized_file else None)
     model_config = dict(spec.model_config)
     replica = replica_class(options.get("max_concurrent_batches", DEFAULT_MAX_CONCURRENT_BATCHES))
     deployment_options = {key: options[key] for key in DEPLOYMENT_KEYS if key in options}
@@ -90,22 +94,23 @@ def build_app(config: str, root: str = ".", route_prefix: Optional[str] = None):
     deployment = serve.deployment(replica, name=spec.model_name).options(
         user_config=batching_of(model_config), **deployment_options
     )
-    return deployment.bind(files, spec.handler.name, model_config, model_files.__dict__,
+    return deployment.bind(files, spec.handler.name, model_config, dataclasses.asdict(model_files),
                            options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
 
 
-def serve_configs(configs: list, root: Path, http_port: int) -> list:
+def serve_configs(configs: list, root: Path) -> list:
     """Deploy each archiver config as its own application at ``/predictions/<model_name>`` (the
     URLs TorchServe uses) on the running Ray Serve; returns the model names."""
     from ray import serve
 
     from .archive import load_spec
 
+    root = Path(root).resolve()
     names = []
     for config in configs:
-        name = load_spec(Path(config), Path(root)).model_name
-        serve.run(build_app(str(config), str(root)), name=name, route_prefix=f"/predictions/{name}")
-        names.append(name)
+        spec = load_spec(Path(config), root)
+        serve.run(application_of(spec, root), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
+        names.append(spec.model_name)
     return names
 
 

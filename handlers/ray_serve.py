@@ -53,7 +53,7 @@ def main(argv: Optional[list] = None) -> int:
         # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            names = serve_configs(configs, root, args.port)
+            names = serve_configs(configs, root)
             for name in names:
                 print(f"{name}: curl -X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input>", flush=True)
             print("serving on Ray Serve; Ctrl-C stops it", flush=True)
