@@ -8,7 +8,7 @@ Usage::
 
 or, on a Ray cluster you run yourself (``ray start``), one application per config::
 
-    serve run handlers.ray_serve:app config=archiver_configs/quickstart.yaml
+    serve run handlers.ray_serve:app config=archiver_configs/quickstart.yaml --working-dir .
 
 Ray Serve's HTTP endpoint has no authentication of its own: keep it on loopback, or put an
 authenticating proxy in front (docs/ray_serve.md).
