@@ -7,7 +7,9 @@ import importlib.util
 import inspect
 import json
 import os
+import pickle
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -19,21 +21,53 @@ def load_model_files(model_dir: str, files: ModelFiles, device: torch.device) ->
     """Load the model that ``files`` name, on ``device``.
 
     With a model file: build its one ``nn.Module`` class (no arguments) and load the serialized
-    file into it as a state_dict with ``weights_only=True`` (no pickle code runs). Without one:
-    load the serialized file as TorchScript.
+    file into it as a state_dict with ``weights_only=True`` (no pickle code runs). Without one: a
+    ``torch.export`` program (``.pt2``), else TorchScript. Errors name the file and the fix.
     """
+    serialized = os.path.join(model_dir, files.serialized_file) if files.serialized_file else None
     if files.model_file:
         model = build_module(os.path.join(model_dir, files.model_file))
-        if files.serialized_file:
-            state = torch.load(os.path.join(model_dir, files.serialized_file), map_location=device, weights_only=True)
-            model.load_state_dict(state)
+        if serialized:
+            model.load_state_dict(_load_state_dict(serialized, device))
         return model
-    if files.serialized_file:
-        return torch.jit.load(os.path.join(model_dir, files.serialized_file), map_location=device)
+    if serialized and serialized.endswith(".pt2"):
+        return _load_exported(serialized)
+    if serialized:
+        with warnings.catch_warnings():  # torch's deprecation notice: TorchScript keeps working here
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+            return torch.jit.load(serialized, map_location=device)
     raise RuntimeError(
-        "the archive has no model: archive a --model-file (+ --serialized-file weights) or a "
-        "TorchScript --serialized-file, or override load_model()"
+        "the archive has no model: archive a --model-file (+ --serialized-file weights), a "
+        "torch.export program (.pt2) or a TorchScript --serialized-file, or override load_model()"
     )
+
+
+def _load_state_dict(path: str, device: torch.device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise RuntimeError(
+            f"{path} holds more than weights (a whole model saved with torch.save(model)?), and it is "
+            f"not unpickled: that would run code from the file. Save the weights instead, "
+            f"torch.save(model.state_dict(), ...), and archive the model class with --model-file; or "
+            f"export the model: torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise RuntimeError(
+            f"cannot read the weights {path}: {exc}. Is it truncated, or not made by torch.save? "
+            f"Save them again with torch.save(model.state_dict(), ...)"
+        ) from None
+
+
+def _load_exported(path: str) -> Any:
+    """A ``torch.export`` program as a callable module (on the device it was exported on)."""
+    try:
+        return torch.export.load(path).module()
+    except Exception as exc:  # noqa: BLE001 - named with the file and the fix
+        raise RuntimeError(
+            f"cannot load the torch.export program {path}: {exc}. Make it with "
+            f"torch.export.save(torch.export.export(model, example_inputs), '{os.path.basename(path)}')"
+        ) from None
 
 
 def load_handler_class(path: str) -> type:
@@ -83,7 +117,9 @@ def prepare_model(model: Any, device: torch.device, precision: str, channels_las
         raise ConfigError(f"handler.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not isinstance(model, torch.nn.Module):
         return model
-    model = model.to(device).eval()
+    model = model.to(device)
+    if not isinstance(model, torch.fx.GraphModule):  # an exported program is already in eval form
+        model = model.eval()
     if device.type == "cuda":
         if precision != "float32":
             model = model.to(PRECISIONS[precision])
