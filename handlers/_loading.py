@@ -46,7 +46,7 @@ def _load_state_dict(path: str, device: torch.device) -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
-        raise RuntimeError(
+        raise pickle.UnpicklingError(
             f"{path} holds more than weights (a whole model saved with torch.save(model)?), and it is "
             f"not unpickled: that would run code from the file. Save the weights instead, "
             f"torch.save(model.state_dict(), ...), and archive the model class with --model-file; or "

@@ -1,6 +1,7 @@
 """Loading the archive's model: errors name the file and the fix; torch.export programs load;
 TorchScript loads without torch's deprecation noise."""
 
+import pickle
 import warnings
 
 import pytest
@@ -47,7 +48,7 @@ def test_truncated_weights_name_the_file_and_the_fix(tmp_path):
 def test_a_whole_pickled_model_is_refused_with_what_to_do_instead(tmp_path):
     (tmp_path / "model.py").write_text(MODEL_FILE)
     torch.save(affine_model(), tmp_path / "weights.pt")
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(pickle.UnpicklingError) as raised:
         serve(tmp_path, ModelFiles("model.py", "weights.pt"))
     message = str(raised.value)
     assert "weights.pt holds more than weights" in message and "torch.export" in message
