@@ -111,7 +111,7 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
         build=build,
         ray_serve=_checked_ray_section(raw.get("ray_serve"), fail),
     )
-    handler_class = _handler_class(spec.handler)
+    handler_class = _handler_class(spec.handler, fail)
     try:
         if handler_class is not None:  # the checks start-up makes: one schema for both
             check_model_config(spec.model_config, handler_class)
@@ -145,13 +145,19 @@ def _checked_model_config(config: Any, fail) -> dict:
     return dict(config)
 
 
-def _handler_class(handler_file: Path):
-    """The handler class defined in ``handler_file`` (to check the config as start-up would),
-    or None when it defines no single handler class."""
+def _handler_class(handler_file: Path, fail):
+    """The handler class defined in ``handler_file``, to check the config as start-up would. A
+    file with more than one class fails: TorchServe refuses it ("Expected only one class in custom
+    service code") and the worker crash-loops. None for a file with no class (a module-level
+    ``handle`` function, which TorchServe also accepts) or a class that is not ours."""
     spec = importlib.util.spec_from_file_location(f"_archived_handler_{handler_file.stem}", handler_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    if len(classes) > 1:
+        names = ", ".join(c.__name__ for c in classes)
+        fail("handler", f"{handler_file.name} defines {len(classes)} classes ({names}); TorchServe needs exactly one "
+                        f"class in a handler file: move the others (e.g. the model) into model_file or another module")
     if len(classes) != 1 or not hasattr(classes[0], "read_config"):
         return None
     return classes[0]

@@ -66,3 +66,19 @@ def test_an_archive_carries_the_handlers_package_and_the_model_config(tmp_path):
     assert {"handlers/__init__.py", "handlers/_engine.py", "handlers/_torchserve.py", "handler.py"} <= names
     assert not any("__pycache__" in name for name in names)
     assert config["batchSize"] == 16 and config["handler"]["micro_batch_size"] == 4
+
+
+def test_a_handler_file_with_two_classes_fails_the_check_before_torchserve_crash_loops(tmp_path):
+    """Regression: a handler file with a model class and a handler class passed the check, then
+    TorchServe refused it at every worker start ("Expected only one class in custom service code")."""
+    handler = tmp_path / "two_classes.py"
+    handler.write_text(
+        "import torch\nfrom handlers import MicroBatchHandler\n\n"
+        "class Net(torch.nn.Module):\n    pass\n\n"
+        "class MyHandler(MicroBatchHandler):\n    pass\n"
+    )
+    path = write_config(tmp_path, handler=str(handler))
+    with pytest.raises(ArchiveConfigError) as caught:
+        load_spec(path, ROOT)
+    assert "two_classes.py defines 2 classes (MyHandler, Net)" in str(caught.value)
+    assert "exactly one class" in str(caught.value)
