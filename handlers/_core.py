@@ -133,6 +133,9 @@ class MicroBatchHandler:
         if threads:
             torch.set_num_threads(threads)  # process-wide: a worker is one process
         self.device = torch.device(device)
+        if self.device.type != "cuda" and (self.config["precision"] != "float32" or self.config["channels_last"]):
+            log.warning("handler.precision %s / channels_last %s take effect on a GPU only: this worker runs on %s "
+                        "in float32", self.config["precision"], self.config["channels_last"], self.device)
         self.model_dir = str(model_dir)
         self.model_files = model_files
         self.setup(self.model_dir)

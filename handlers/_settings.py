@@ -100,8 +100,11 @@ def read_handler_settings(
         raise ConfigError(f"{SECTION} must be a mapping of settings, got {section!r}")
     unknown = sorted(set(section) - set(ENGINE_KEYS) - set(option_defaults))
     if unknown:
-        known = ", ".join(sorted([*ENGINE_KEYS, *option_defaults]))
-        raise ConfigError(f"{SECTION}.{unknown[0]} is not a known setting; known settings: {known}")
+        names = sorted([*ENGINE_KEYS, *option_defaults])
+        raise ConfigError(
+            f"{SECTION}.{unknown[0]} is not a known setting; known settings: {', '.join(names)}"
+            f"{did_you_mean(unknown[0], names)}"
+        )
 
     engine_values = {key: section[key] for key in ENGINE_KEYS if key in section}
     if engine_values.get("micro_batch_size") == "whole":
@@ -123,6 +126,16 @@ def read_handler_settings(
         if key in section:
             options[key] = _typed_like(key, section[key], default)
     return settings, options
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'batchSize'?)`` when ``name`` is a known name in another case or a near
+    misspelling of one; else empty."""
+    import difflib
+
+    by_case = {k.lower(): k for k in known}
+    match = by_case.get(str(name).lower()) or next(iter(difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.8)), None)
+    return f" (did you mean {match!r}?)" if match else ""
 
 
 def check_positive_number(name: str, value: Any) -> float:

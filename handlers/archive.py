@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ._settings import ConfigError
+from ._settings import ConfigError, did_you_mean
 from ._torchserve import check_model_config, read_settings
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,6 +38,15 @@ NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 # TorchServe's keys of a model config (the ones this tool checks; others pass through).
 POSITIVE_INT_KEYS = ("batchSize", "minWorkers", "maxWorkers", "responseTimeout")
 NON_NEGATIVE_INT_KEYS = ("maxBatchDelay",)
+# Every key TorchServe 0.12 reads from a model config, and this project's section: an unknown key
+# that is one of these in another case, or a near misspelling, is refused (TorchServe would
+# silently ignore it); other unknown keys pass through (a handler may read its own).
+MODEL_CONFIG_KEYS = (
+    "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout", "deviceType",
+    "deviceIds", "parallelLevel", "parallelType", "torchrun", "maxRetryTimeoutInSec", "clientTimeoutInMills",
+    "jobQueueSize", "useJobTicket", "continuousBatching", "sequenceMaxIdleMSec", "maxSequenceJobQueueSize",
+    "maxNumSequence", "asyncCommunication", "handler",
+)
 
 
 @dataclass
@@ -122,6 +131,22 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
     return spec
 
 
+def ineffective_settings(spec: ArchiveSpec) -> list:
+    """Settings that are valid but cannot take effect, each as a sentence that says why."""
+    config = spec.model_config
+    handler = config.get("handler") or {}
+    notes = []
+    batch_size, micro = config.get("batchSize", 1), handler.get("micro_batch_size")
+    if isinstance(micro, int) and not isinstance(micro, bool) and micro > batch_size:
+        notes.append(f"handler.micro_batch_size {micro} > batchSize {batch_size}: TorchServe never hands over a batch "
+                     f"larger than {batch_size}, so micro-batches are at most {batch_size}")
+    if batch_size == 1 and handler.get("micro_batch_strategy", "static") != "static":
+        notes.append("handler.micro_batch_strategy has nothing to size with batchSize 1")
+    if handler.get("precision", "float32") != "float32" or handler.get("channels_last"):
+        notes.append("handler.precision and handler.channels_last take effect on a GPU worker only")
+    return notes
+
+
 def _checked_ray_section(section: Any, fail) -> dict:
     from ._rayserve import check_ray_section  # imports no Ray
 
@@ -134,6 +159,10 @@ def _checked_ray_section(section: Any, fail) -> dict:
 def _checked_model_config(config: Any, fail) -> dict:
     if not isinstance(config, dict):
         fail("model_config", f"must be a mapping, got {config!r}")
+    for key in config:
+        hint = did_you_mean(key, MODEL_CONFIG_KEYS) if key not in MODEL_CONFIG_KEYS else ""
+        if hint:
+            fail(f"model_config.{key}", f"not a key TorchServe reads{hint}")
     for key in POSITIVE_INT_KEYS + NON_NEGATIVE_INT_KEYS:
         if key in config:
             value = config[key]
@@ -245,6 +274,9 @@ def main(argv: Optional[list] = None) -> int:
     except ArchiveConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for spec in specs:
+        for note in ineffective_settings(spec):
+            print(f"warning: {spec.source}: {note}", file=sys.stderr)
     if args.check:
         print(f"{len(specs)} config(s) OK: {', '.join(s.model_name for s in specs)}")
         return 0

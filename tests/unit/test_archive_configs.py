@@ -34,6 +34,10 @@ def write_config(tmp_path, **overrides):
     ({"model_config": {"minWorkers": 3, "maxWorkers": 1}}, "model_config.minWorkers: must not exceed maxWorkers (1)"),
     ({"model_config": {"handler": {"micro_batch_size": 0}}}, "handler.micro_batch_size must be an integer >= 1"),
     ({"model_config": {"handler": {"pool": 2}}}, "handler.pool is not a known setting"),
+    # Regressions: accepted silently, and without effect.
+    ({"model_config": {"batchsize": 8}}, "model_config.batchsize: not a key TorchServe reads (did you mean 'batchSize'?)"),
+    ({"model_config": {"handlr": {"pool_size": 2}}}, "model_config.handlr: not a key TorchServe reads (did you mean 'handler'?)"),
+    ({"model_config": {"handler": {"pool_sise": 2}}}, "(did you mean 'pool_size'?)"),
     # Regressions: these passed the check, then crashed the worker at start-up.
     ({"model_config": {"handler": {"precision": "fp8"}}}, "handler.precision must be one of float32, float16, bfloat16"),
     ({"model_config": {"handler": {"torch_threads": -3}}}, "handler.torch_threads must be >= 0"),
@@ -82,3 +86,15 @@ def test_a_handler_file_with_two_classes_fails_the_check_before_torchserve_crash
         load_spec(path, ROOT)
     assert "two_classes.py defines 2 classes (MyHandler, Net)" in str(caught.value)
     assert "exactly one class" in str(caught.value)
+
+
+@pytest.mark.parametrize("handler, words", [
+    ({"micro_batch_size": 32}, "handler.micro_batch_size 32 > batchSize 16"),
+    ({"precision": "float16"}, "take effect on a GPU worker only"),
+])
+def test_settings_that_cannot_take_effect_are_warned_about_by_the_check(tmp_path, capsys, handler, words):
+    """Regression: batchSize 16 with micro_batch_size 32, or float16 on a CPU, were accepted silently."""
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())["model_config"]
+    path = write_config(tmp_path, model_config={**config, "handler": handler})
+    assert main(["--check", "--root", str(ROOT), str(path)]) == 0
+    assert words in capsys.readouterr().err
