@@ -242,13 +242,19 @@ class _RayMetrics:
 # -- a private local cluster ------------------------------------------------------------------------
 
 
+def set_ray_environment() -> None:
+    """Set :data:`RAY_ENVIRONMENT` (where not set already). Ray reads it when it is imported:
+    call this before the first ``import ray`` of the process."""
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
 def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] = None) -> None:
     """Start a Ray node owned by this process, on loopback, dashboard off, with its own temp dir
     (keep the path short: Ray's unix sockets live there), the ``handlers`` package shipped to
     its workers, and Ray Serve's HTTP proxy on ``127.0.0.1:http_port``.
     :func:`stop_local_cluster` ends both."""
-    for key, value in RAY_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    set_ray_environment()
     import ray
     from ray import serve
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from handlers._rayserve import set_ray_environment
 from scripts.torchserve_instance import free_port
 
 from ..corpus.bad_inputs import corpus
@@ -25,6 +26,7 @@ from .helpers import concurrently
 
 # Starting Ray and five replicas on a 2-core machine takes a few minutes: it counts in the first test.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+set_ray_environment()  # before Ray is imported: it reads these at import time
 ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,3 +241,8 @@ def test_the_readme_handler_runs_unchanged_on_both_servers(ray_serve, torchserve
                                       headers={"Content-Type": "application/json", **torchserve.auth()}, timeout=60)
     assert bad_on_ray.status_code == bad_on_torchserve.status_code == 400
     assert bad_on_ray.json() == bad_on_torchserve.json()
+
+
+def test_the_private_cluster_and_its_http_proxy_are_on_loopback(ray_serve):
+    assert ray._private.worker.global_worker.node.node_ip_address == "127.0.0.1"
+    assert ray_serve.startswith("http://127.0.0.1:")
