@@ -70,9 +70,9 @@ def _load_exported(path: str) -> Any:
         ) from None
 
 
-def load_handler_class(path: str) -> type:
-    """The one class a handler file defines (TorchServe's rule: one class per handler file),
-    imported under a unique module name."""
+def classes_defined_in(path: str) -> list:
+    """The classes a Python file defines itself (not those it imports), imported under a unique
+    module name."""
     import uuid
 
     spec = importlib.util.spec_from_file_location(f"handler_{uuid.uuid4().hex}", path)
@@ -80,7 +80,12 @@ def load_handler_class(path: str) -> type:
         raise RuntimeError(f"cannot import the handler file {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    return [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+
+
+def load_handler_class(path: str) -> type:
+    """The one class a handler file defines (TorchServe's rule: one class per handler file)."""
+    classes = classes_defined_in(path)
     if len(classes) != 1:
         raise RuntimeError(f"{os.path.basename(path)} must define exactly one class, found {[c.__name__ for c in classes]}")
     return classes[0]

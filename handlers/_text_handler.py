@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from ._client_data import parsing_client_data
+from ._core import MicroBatchHandler
 from ._loading import read_labels
 from ._request import Request
 from ._settings import ConfigError
 from ._text import pad_to_longest, request_text
-from ._core import MicroBatchHandler
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import inspect
 import os
 import re
 import shutil
@@ -179,10 +177,9 @@ def _handler_class(handler_file: Path, fail):
     file with more than one class fails: TorchServe refuses it ("Expected only one class in custom
     service code") and the worker crash-loops. None for a file with no class (a module-level
     ``handle`` function, which TorchServe also accepts) or a class that is not ours."""
-    spec = importlib.util.spec_from_file_location(f"_archived_handler_{handler_file.stem}", handler_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    from ._loading import classes_defined_in  # imports torch: only when a config is checked
+
+    classes = classes_defined_in(str(handler_file))
     if len(classes) > 1:
         names = ", ".join(c.__name__ for c in classes)
         fail("handler", f"{handler_file.name} defines {len(classes)} classes ({names}); TorchServe needs exactly one "

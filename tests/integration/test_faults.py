@@ -2,12 +2,11 @@
 that must fail fail, with a clear 5xx; the worker keeps serving and is restarted only when its
 model is stuck."""
 
-import threading
 import time
 
 import pytest
 
-from .helpers import concurrently, post_json, worker_pids
+from .helpers import background_load, concurrently, post_json, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -62,23 +61,11 @@ def test_a_model_call_hung_past_the_deadline_answers_its_batch_then_the_worker_i
     worker that answers again. Clients sending all along lose nothing: each gets an answer (200,
     or an error while the worker is replaced), none hangs."""
     pids_before = worker_pids(torchserve, "faults")
-    stop = threading.Event()
-    background: list = []
 
-    def keep_sending(k):
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                response = post_json(torchserve, "faults", {"id": f"bg{k}-{i}", "x": [k, k, k, k]}, timeout=45)
-                background.append((response.status_code, response.json(), k, i))
-            except Exception as exc:  # a request TorchServe dropped shows here as a timeout
-                background.append(("lost", repr(exc), k, i))
+    def send(k, i):
+        return post_json(torchserve, "faults", {"id": f"bg{k}-{i}", "x": [k, k, k, k]}, timeout=45)
 
-    senders = [threading.Thread(target=keep_sending, args=(k,)) for k in range(4)]
-    for sender in senders:
-        sender.start()
-    try:
+    with background_load(4, send, join_timeout=60) as background:
         hung = post_json(torchserve, "faults", {"id": "stuck", "x": [1, 1, 1, 1], "fault": "hang_model"})
         assert hung.status_code == 504, hung.text
         assert hung.json()["type"] == "DeadlineExceeded"
@@ -92,19 +79,15 @@ def test_a_model_call_hung_past_the_deadline_answers_its_batch_then_the_worker_i
             time.sleep(0.1)  # an error while no worker is registered: ask again shortly
         assert recovered is not None, "no answer within 120 s of the stuck batch"
         assert response.json() == {"id": "after", "y": [5.0] * 4, "sum": 20.0}
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(timeout=60)
-    lost = [entry for entry in background if entry[0] == "lost"]
+    lost = [entry for entry in background if isinstance(entry[2], Exception)]
     assert not lost, lost[:3]
-    for status, body, k, i in background:
-        assert status in (200, 500, 503, 504), (status, body)
-        if status == 200:  # never another request's answer
-            assert body == {"id": f"bg{k}-{i}", "y": [2.0 * k + 1] * 4, "sum": 4 * (2.0 * k + 1)}
+    for _, _, response, k, i in background:
+        assert response.status_code in (200, 500, 503, 504), (response.status_code, response.text)
+        if response.status_code == 200:  # never another request's answer
+            assert response.json() == {"id": f"bg{k}-{i}", "y": [2.0 * k + 1] * 4, "sum": 4 * (2.0 * k + 1)}
     pids_after = worker_pids(torchserve, "faults")
     assert pids_after and set(pids_after).isdisjoint(pids_before), (pids_before, pids_after)
-    statuses = sorted({str(entry[0]) for entry in background})
+    statuses = sorted({str(entry[2].status_code) for entry in background})
     print(f"\nworker replaced: requests succeed again {recovered:.2f} s after the stuck batch was answered; "
           f"{len(background)} background requests, statuses {statuses}, 0 lost")
     model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()

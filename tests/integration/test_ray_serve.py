@@ -9,7 +9,6 @@ import json
 import random
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,7 @@ from scripts.torchserve_instance import free_port
 
 from ..corpus.bad_inputs import corpus
 from ..good_inputs import good_request
-from .helpers import concurrently
+from .helpers import background_load, concurrently
 
 # Starting Ray and five replicas on a 2-core machine takes a few minutes: it counts in the first test.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -160,25 +159,14 @@ def test_killing_a_replica_under_load_fails_only_in_flight_requests(ray_serve):
     is measured."""
     from ray import serve
 
-    stop = threading.Event()
-    log: list = []
+    def send(k, i):
+        body = json.dumps({"id": f"k{k}-{i}", "x": [k, i % 50, 0, 1]}).encode()
+        return post(ray_serve, "quickstart", body, "application/json", timeout=60)
 
-    def keep_sending(k):
-        i = 0
-        while not stop.is_set():
-            i += 1
-            body = json.dumps({"id": f"k{k}-{i}", "x": [k, i % 50, 0, 1]}).encode()
-            sent = time.monotonic()
-            try:
-                response = post(ray_serve, "quickstart", body, "application/json", timeout=60)
-                log.append((sent, time.monotonic(), response.status_code, response.text, k, i))
-            except requests.RequestException as exc:
-                log.append((sent, time.monotonic(), "lost", repr(exc), k, i))
+    def ok(result):
+        return not isinstance(result, Exception) and result.status_code == 200
 
-    senders = [threading.Thread(target=keep_sending, args=(k,)) for k in range(8)]
-    for sender in senders:
-        sender.start()
-    try:
+    with background_load(8, send) as log:
         time.sleep(2)  # load running before the kill
         [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
                      if a["name"].startswith("SERVE_REPLICA::quickstart#")]
@@ -186,22 +174,18 @@ def test_killing_a_replica_under_load_fails_only_in_flight_requests(ray_serve):
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
         recovered = None
         while time.monotonic() - killed_at < 90 and recovered is None:
-            answered = [end for sent, end, status, *_ in list(log) if sent > killed_at and status == 200]
+            answered = [end for sent, end, result, *_ in list(log) if sent > killed_at and ok(result)]
             recovered = min(answered) - killed_at if answered else None
             time.sleep(0.1)
         time.sleep(1)  # some load after recovery
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(timeout=90)
     assert recovered is not None, "no answer within 90 s of the kill"
-    assert not [entry for entry in log if entry[2] == "lost"]
-    for sent, end, status, text, k, i in log:
-        if status == 200:
-            assert json.loads(text) == {"id": f"k{k}-{i}", "y": [2.0 * k + 1, 2.0 * (i % 50) + 1, 1.0, 3.0]}
+    assert not [entry for entry in log if isinstance(entry[2], Exception)]
+    for sent, end, response, k, i in log:
+        if response.status_code == 200:
+            assert response.json() == {"id": f"k{k}-{i}", "y": [2.0 * k + 1, 2.0 * (i % 50) + 1, 1.0, 3.0]}
         else:  # only requests in flight at the kill
-            assert sent <= killed_at <= end, (status, text[:200], sent - killed_at)
-    failed = sum(1 for entry in log if entry[2] != 200)
+            assert sent <= killed_at <= end, (response.status_code, response.text[:200], sent - killed_at)
+    failed = sum(1 for entry in log if not ok(entry[2]))
     print(f"\nreplica killed under load: {failed} in-flight request(s) failed, {len(log) - failed} answered; "
           f"answers again {recovered:.2f} s after the kill")
     assert serve.status().applications["quickstart"].status == "RUNNING"
