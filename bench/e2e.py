@@ -54,7 +54,7 @@ def build_archive(workload_name: str, contender: str, store: Path, batch_size: i
     if contender == "ours":
         config["handler"] = {**workload.handler_config, **handler_config}
     spec = ArchiveSpec(
-        source=Path(f"<bench {name}>"), model_name=name, version="1.0",
+        source=Path(f"<bench {name}>"), root=ROOT, model_name=name, version="1.0",
         handler=SERVE_HANDLERS / f"{contender}_{kind}.py", model_config=config,
         serialized_file=model_dir / "weights.pt" if workload.model_file else None,
         model_file=model_dir / workload.model_file.name if workload.model_file else None,

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             for workload in args.workloads:
                 for batches in args.concurrent_batches:
                     config = ray_config(workload, work, args.batch_size, args.max_delay_ms, batches)
-                    [name] = serve_configs([config], Path("/"))
+                    [name] = serve_configs([config])
                     url = f"http://127.0.0.1:{port}/predictions/{name}"
                     results += measure(f"Ray Serve, {batches} batch(es) in flight", workload, url, {}, args)
                     from ray import serve

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     work = ROOT / "bench" / ".work" / "soak"
-    archive_config(ROOT / "archiver_configs" / "quickstart.yaml", ROOT, work / "model_store")
+    archive_config(ROOT / "archiver_configs" / "quickstart.yaml", work / "model_store")
     server = TorchServe(work / "server", work / "model_store", ROOT / "config.properties", ports=Ports.free())
     server.start()
     try:

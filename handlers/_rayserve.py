@@ -60,26 +60,24 @@ def check_ray_section(section: Any) -> dict:
     return dict(section)
 
 
-def build_app(config: str, root: str = "."):
-    """A Ray Serve application for one archiver config (paths in it start from ``root``). The
-    replicas import the ``handlers`` package: installed on the nodes, or shipped with the job
-    (:func:`start_local_cluster` does; ``serve run --working-dir``)."""
+def build_app(config: str, root: Optional[str] = None):
+    """A Ray Serve application for one archiver config (its paths start from the config's own
+    folder or ``root:``, or from ``root`` when given). The replicas import the ``handlers``
+    package: installed on the nodes, or shipped with the job (:func:`start_local_cluster` does;
+    ``serve run --working-dir``)."""
     from .archive import load_spec
 
-    root_path = Path(root).resolve()
-    config_path = Path(config)
-    return application_of(load_spec(config_path if config_path.is_absolute() else root_path / config_path, root_path),
-                          root_path)
+    return application_of(load_spec(Path(config), Path(root) if root else None))
 
 
-def application_of(spec, root: Path):
+def application_of(spec):
     """The application of a checked archiver config: its artefacts built if missing, its handler,
     model files and extra files shipped to each replica."""
     from ray import serve
 
     from .archive import build_artefacts
 
-    build_artefacts(spec, root, force=False)
+    build_artefacts(spec)
     options = spec.ray_serve  # checked with the rest of the config
     files = {spec.handler.name: spec.handler.read_bytes()}
     for path in (spec.model_file, spec.serialized_file, *spec.extra_files):
@@ -98,18 +96,17 @@ def application_of(spec, root: Path):
                            options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
 
 
-def serve_configs(configs: list, root: Path) -> list:
+def serve_configs(configs: list, root: Optional[Path] = None) -> list:
     """Deploy each archiver config as its own application at ``/predictions/<model_name>`` (the
     URLs TorchServe uses) on the running Ray Serve; returns the model names."""
     from ray import serve
 
     from .archive import load_spec
 
-    root = Path(root).resolve()
     names = []
     for config in configs:
         spec = load_spec(Path(config), root)
-        serve.run(application_of(spec, root), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
+        serve.run(application_of(spec), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
         names.append(spec.model_name)
     return names
 

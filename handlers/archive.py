@@ -3,12 +3,13 @@
 
 Usage::
 
-    python -m handlers.archive                      # every config in archiver_configs/
-    python -m handlers.archive archiver_configs/digits.yaml --model-store model_store
+    python -m handlers.archive                      # every config in ./archiver_configs/
+    python -m handlers.archive my_model.yaml --model-store model_store
 
 Each archive carries the ``handlers`` package, so it runs on a stock TorchServe whose Python has
-torch, numpy and Pillow but not this project. Paths in a config are relative to ``--root``
-(default: the current directory, the repository root).
+torch, numpy and Pillow but not this project. Paths in a config are relative to the config
+file's folder, or to its ``root:`` (itself relative to that folder); ``--root DIR`` overrides
+both. A config's ``build`` command runs in that same folder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from ._settings import ConfigError, did_you_mean
 from ._torchserve import check_model_config, read_settings
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+SPEC_KEYS = ("model_name", "version", "root", "handler", "serialized_file", "model_file", "extra_files", "build",
+             "model_config", "ray_serve")
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 # TorchServe's keys of a model config (the ones this tool checks; others pass through).
 POSITIVE_INT_KEYS = ("batchSize", "minWorkers", "maxWorkers", "responseTimeout")
@@ -52,6 +55,7 @@ class ArchiveSpec:
     """One model to archive, as read from its config file."""
 
     source: Path
+    root: Path  # where the config's paths start, and where its build command runs
     model_name: str
     version: str
     handler: Path
@@ -67,8 +71,10 @@ class ArchiveConfigError(ValueError):
     """A config file is wrong; the message names the file, the key and the problem."""
 
 
-def load_spec(path: Path, root: Path) -> ArchiveSpec:
-    """Read and check one archiver config."""
+def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
+    """Read and check one archiver config. Its paths start from ``root`` when given, else from
+    the config's own ``root:`` key or folder."""
+    path = Path(path).resolve()
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -79,11 +85,9 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
     def fail(key: str, problem: str):
         raise ArchiveConfigError(f"{path}: {key}: {problem}")
 
-    known = {"model_name", "version", "handler", "serialized_file", "model_file", "extra_files", "build", "model_config",
-             "ray_serve"}
     for key in raw:
-        if key not in known:
-            fail(key, f"not a known key; known keys: {', '.join(sorted(known))}")
+        if key not in SPEC_KEYS:
+            fail(key, f"not a known key{did_you_mean(key, SPEC_KEYS)}; known keys: {', '.join(sorted(SPEC_KEYS))}")
     for key in ("model_name", "version", "handler", "model_config"):
         if key not in raw:
             fail(key, "missing (required)")
@@ -93,6 +97,10 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
     build = raw.get("build")
     if build is not None and not (isinstance(build, list) and all(isinstance(a, str) for a in build)):
         fail("build", f"must be a command as a list of strings, got {build!r}")
+
+    if root is None:
+        root = _own_root(path, raw.get("root", "."), fail)
+    root = Path(root).resolve()
 
     def existing(key: str, value: Any, must_exist: bool) -> Path:
         if not isinstance(value, str) or not value:
@@ -106,6 +114,7 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
     built_later = build is not None
     spec = ArchiveSpec(
         source=path,
+        root=root,
         model_name=name,
         version=str(raw["version"]),
         handler=existing("handler", raw["handler"], True),
@@ -127,6 +136,15 @@ def load_spec(path: Path, root: Path) -> ArchiveSpec:
     except ConfigError as exc:
         fail("model_config", str(exc))
     return spec
+
+
+def _own_root(config_path: Path, value: Any, fail) -> Path:
+    if not isinstance(value, str) or not value:
+        fail("root", f"must be a folder path (relative to the config's folder), got {value!r}")
+    root = (config_path.parent / value).resolve()
+    if not root.is_dir():
+        fail("root", f"{root} is not a folder")
+    return root
 
 
 def ineffective_settings(spec: ArchiveSpec) -> list:
@@ -189,13 +207,13 @@ def _handler_class(handler_file: Path, fail):
     return classes[0]
 
 
-def build_artefacts(spec: ArchiveSpec, root: Path, force: bool) -> bool:
-    """Run the config's build command when an artefact is missing (or ``force``)."""
+def build_artefacts(spec: ArchiveSpec, force: bool = False) -> bool:
+    """Run the config's build command (in ``spec.root``) when an artefact is missing (or ``force``)."""
     wanted = [p for p in [spec.serialized_file, *spec.extra_files] if p is not None]
     if spec.build is None or (not force and all(p.exists() for p in wanted)):
         return False
     command = [sys.executable if arg == "python" else arg for arg in spec.build]
-    subprocess.run(command, cwd=root, check=True)
+    subprocess.run(command, cwd=spec.root, check=True)
     missing = [str(p) for p in wanted if not p.exists()]
     if missing:
         raise ArchiveConfigError(f"{spec.source}: build: the command ran but did not make {', '.join(missing)}")
@@ -233,14 +251,14 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
     return model_store / f"{spec.model_name}.mar"
 
 
-def archive_config(path: Path, root: Path, model_store: Path, model_config_updates: Optional[dict] = None,
-                   **changes) -> Path:
+def archive_config(path: Path, model_store: Path, model_config_updates: Optional[dict] = None,
+                   root: Optional[Path] = None, **changes) -> Path:
     """Check one config, build its artefacts if missing, archive it into ``model_store``. For a
     variant of a shipped model, ``changes`` replace fields of the spec (e.g. ``model_name``,
     ``handler``) and ``model_config_updates`` are merged into its model config. Returns the
     path of the ``.mar``."""
     spec = load_spec(path, root)
-    build_artefacts(spec, root, force=False)
+    build_artefacts(spec)
     if model_config_updates:
         changes["model_config"] = {**spec.model_config, **model_config_updates}
     return archive(dataclasses.replace(spec, **changes), model_store)
@@ -256,18 +274,19 @@ def _archiver() -> str:
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handlers.archive", description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="*", type=Path, help="config files (default: archiver_configs/*.yaml)")
+    parser.add_argument("configs", nargs="*", type=Path, help="config files (default: ./archiver_configs/*.yaml)")
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
-    parser.add_argument("--root", type=Path, default=Path("."), help="where config paths start from")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="where every config's paths start (default: each config's root: key, else its folder)")
     parser.add_argument("--rebuild", action="store_true", help="run build commands even if artefacts exist")
     parser.add_argument("--check", action="store_true", help="only check the configs")
     args = parser.parse_args(argv)
-    root = args.root.resolve()
-    configs = args.configs or sorted((root / "archiver_configs").glob("*.yaml"))
+    default_folder = (args.root or Path(".")) / "archiver_configs"
+    configs = args.configs or sorted(default_folder.glob("*.yaml"))
     if not configs:
-        parser.error(f"no configs given and none in {root / 'archiver_configs'}")
+        parser.error(f"no configs given and none in {default_folder}")
     try:
-        specs = [load_spec(path, root) for path in configs]
+        specs = [load_spec(path, args.root) for path in configs]
     except ArchiveConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -282,7 +301,7 @@ def main(argv: Optional[list] = None) -> int:
         prefix = f"[{number}/{len(specs)}] {spec.model_name}"
         print(f"{prefix}: checking artefacts", flush=True)
         try:
-            if build_artefacts(spec, root, args.rebuild):
+            if build_artefacts(spec, args.rebuild):
                 print(f"{prefix}: built artefacts with {' '.join(spec.build)}", flush=True)
             print(f"{prefix}: archiving with torch-model-archiver", flush=True)
             written = archive(spec, args.model_store)

@@ -4,7 +4,7 @@ local Ray cluster (loopback only, dashboard off), at the same URLs as TorchServe
 
 Usage::
 
-    python -m handlers.ray_serve [CONFIG ...] [--port 8000] [--root .]
+    python -m handlers.ray_serve [CONFIG ...] [--port 8000] [--root DIR]
 
 or, on a Ray cluster you run yourself (``ray start``), one application per config::
 
@@ -32,20 +32,20 @@ def app(args: dict):
     """Application builder for ``serve run handlers.ray_serve:app config=PATH [root=DIR]``."""
     if "config" not in args:
         raise ValueError("pass config=<archiver config>, e.g. config=archiver_configs/quickstart.yaml")
-    return build_app(args["config"], args.get("root", "."))
+    return build_app(args["config"], args.get("root"))
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handlers.ray_serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", type=Path, help="archiver configs (default: archiver_configs/*.yaml)")
-    parser.add_argument("--root", type=Path, default=Path("."), help="where config paths start from")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="where every config's paths start (default: each config's root: key, else its folder)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the node; each replica reserves one unless its ray_actor_options "
                              "say otherwise (default: the cores, at least one per config)")
     args = parser.parse_args(argv)
-    root = args.root.resolve()
-    configs = [c if c.is_absolute() else root / c for c in args.configs] or sorted((root / "archiver_configs").glob("*.yaml"))
+    configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
     stop = threading.Event()
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, len(configs) + 1)
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
@@ -53,7 +53,7 @@ def main(argv: Optional[list] = None) -> int:
         # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            names = serve_configs(configs, root)
+            names = serve_configs(configs, args.root)
             for name in names:
                 print(f"{name}: curl -X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input>", flush=True)
             print("serving on Ray Serve; Ctrl-C stops it", flush=True)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def fault_archive(model_store):
     """The test-only faulty model (fault_handler.py) beside the examples, as ``faults``."""
     archive_config(
-        ROOT / "archiver_configs" / "quickstart.yaml", ROOT, model_store,
+        ROOT / "archiver_configs" / "quickstart.yaml", model_store,
         model_name="faults",
         handler=Path(__file__).resolve().parent / "fault_handler.py",
         model_config={
@@ -52,7 +52,7 @@ def readme_handler_config(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def readme_archive(model_store, readme_handler_config):
-    archive_config(readme_handler_config, ROOT, model_store)
+    archive_config(readme_handler_config, model_store)
     return "readme_handler"
 
 

@@ -55,7 +55,7 @@ def kserve_v2(tmp_path_factory):
     batch; the instances of that one request are the handler's batch."""
     store = tmp_path_factory.mktemp("kserve_store")
     archive_config(
-        ROOT / "archiver_configs" / "tabular.yaml", ROOT, store,
+        ROOT / "archiver_configs" / "tabular.yaml", store,
         model_name="tabular_kserve", model_config_updates={"batchSize": 1, "maxBatchDelay": 1},
     )
     server = TorchServe(

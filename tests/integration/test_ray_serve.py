@@ -53,7 +53,7 @@ def ray_serve(model_store, readme_handler_config):
     try:
         configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in MODELS] + [readme_handler_config]
         started = time.monotonic()
-        serve_configs(configs, ROOT)
+        serve_configs(configs)
         print(f"\nRay Serve: {len(configs)} applications deployed in {time.monotonic() - started:.1f} s")
         yield f"http://127.0.0.1:{port}"
     finally:

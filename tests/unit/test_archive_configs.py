@@ -98,3 +98,61 @@ def test_settings_that_cannot_take_effect_are_warned_about_by_the_check(tmp_path
     path = write_config(tmp_path, model_config={**config, "handler": handler})
     assert main(["--check", "--root", str(ROOT), str(path)]) == 0
     assert words in capsys.readouterr().err
+
+
+def write_project(folder: Path) -> Path:
+    """A user's project outside the checkout: handler, model, build script and a config whose
+    paths are relative to the config file."""
+    folder.mkdir(parents=True)
+    for name in ("handler.py", "model.py", "build.py"):
+        (folder / name).write_text((ROOT / "examples" / "quickstart" / name).read_text())
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.pop("root")
+    config.update(handler="handler.py", model_file="model.py", serialized_file="out/weights.pt",
+                  build=["python", "build.py", "out"])
+    path = folder / "my_model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_paths_start_at_the_config_files_folder_wherever_the_command_runs(tmp_path, monkeypatch):
+    """Regression: paths were resolved against the current directory, so a config only worked
+    from the folder it was written for (--root appeared only in --help)."""
+    config = write_project(tmp_path / "project")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main([str(config), "--model-store", "store"]) == 0
+    assert (tmp_path / "project" / "out" / "weights.pt").exists()  # the build ran in the config's folder
+    assert (elsewhere / "store" / "quickstart.mar").exists()
+
+
+def test_a_root_key_moves_where_the_paths_start_relative_to_the_config(tmp_path):
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "handler.py").write_text((ROOT / "examples" / "quickstart" / "handler.py").read_text())
+    config = project / "configs" / "my_model.yaml"
+    config.write_text(yaml.safe_dump({"model_name": "mine", "version": "1", "root": "..", "handler": "handler.py",
+                                      "model_config": {"batchSize": 2}}))
+    spec = load_spec(config)
+    assert spec.root == project.resolve()
+    assert spec.handler == (project / "handler.py").resolve()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"root": "no/such/folder"}, "root: "),
+    ({"root": 3}, "root: must be a folder path"),
+    ({"handlr": "x.py"}, "handlr: not a known key (did you mean 'handler'?)"),
+])
+def test_a_bad_root_or_a_misspelled_top_level_key_is_refused(tmp_path, overrides, message):
+    path = write_config(tmp_path, **overrides)
+    with pytest.raises(ArchiveConfigError) as caught:
+        load_spec(path)
+    assert message in str(caught.value)
+
+
+def test_every_shipped_config_checks_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    configs = sorted(str(p) for p in (ROOT / "archiver_configs").glob("*.yaml"))
+    assert main(["--check", *configs]) == 0
+    assert f"{len(configs)} config(s) OK" in capsys.readouterr().out
