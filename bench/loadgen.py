@@ -65,9 +65,15 @@ class LoadResult:
 
 def run_closed_loop(url: str, bodies: list, headers: dict, concurrency: int, seconds: float,
                     warmup_s: float = 2.0, timeout_s: float = 120.0,
-                    server_counter: Optional[Callable[[], float]] = None) -> LoadResult:
+                    server_counter: Optional[Callable[[], float]] = None,
+                    body_headers: Optional[list] = None) -> LoadResult:
     """Drive ``url`` with ``concurrency`` clients for ``seconds`` (after ``warmup_s`` not counted).
-    ``server_counter``: read when measuring starts and ends (e.g. a Prometheus counter)."""
+    ``server_counter``: read when measuring starts and ends (e.g. a Prometheus counter).
+    ``body_headers``: one dict per body (same order), added to ``headers`` for that body (e.g.
+    each body's own Content-Type)."""
+    if body_headers is not None and len(body_headers) != len(bodies):
+        raise ValueError(f"body_headers must have one entry per body: {len(body_headers)} for {len(bodies)} bodies")
+    to_send = [(body, {**headers, **(body_headers[i] if body_headers else {})}) for i, body in enumerate(bodies)]
     result = LoadResult(concurrency=concurrency, seconds=seconds)
     lock = threading.Lock()
     start_gate = threading.Barrier(concurrency + 1)
@@ -79,11 +85,11 @@ def run_closed_loop(url: str, bodies: list, headers: dict, concurrency: int, sec
         position = index
         start_gate.wait()
         while not stop.is_set():
-            body = bodies[position % len(bodies)]
+            body, request_headers = to_send[position % len(to_send)]
             position += concurrency
             sent = time.perf_counter()
             try:
-                response = session.post(url, data=body, headers=headers, timeout=timeout_s)
+                response = session.post(url, data=body, headers=request_headers, timeout=timeout_s)
                 status, batch = response.status_code, response.headers.get("X-Batch-Size")
             except requests.RequestException:
                 status, batch = 599, None
