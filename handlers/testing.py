@@ -217,10 +217,16 @@ def start_handler(
     handler_config: Optional[Mapping[str, Any]] = None,
     model_config: Optional[Mapping[str, Any]] = None,
     manifest: Optional[Mapping[str, Any]] = None,
+    model_file: Optional[str] = None,
+    serialized_file: Optional[str] = None,
     **system_properties,
 ):
     """Create and initialize a handler as TorchServe would, with ``handler_config`` as the
-    ``handler:`` section of its model config. Remember to ``close()`` it."""
+    ``handler:`` section of its model config and ``model_file``/``serialized_file`` (in
+    ``model_dir``) as its archive's ``--model-file``/``--serialized-file``. Remember to
+    ``close()`` it."""
+    if manifest is None and (model_file or serialized_file):
+        manifest = {"model": {"modelName": "model", "modelFile": model_file, "serializedFile": serialized_file}}
     config = dict(model_config or {})
     if handler_config is not None:
         config["handler"] = dict(handler_config)

@@ -76,3 +76,33 @@ def test_isolates_bad_request_catches_a_handler_that_hides_a_bad_request():
             assert_isolates_bad_request(handler, [[1, 1, 1, 1], [2, 2, 2, 2]], "bad", 400)
     finally:
         handler.close()
+
+
+def test_start_handler_loads_the_model_files_it_is_given(tmp_path):
+    """Regression: start_handler(MyHandler) with a model file and weights had no way to name them
+    and failed with "the archive has no model"."""
+    import torch
+
+    from handlers import MicroBatchHandler
+    from handlers.testing import run_batch, start_handler
+
+    (tmp_path / "model.py").write_text(
+        "import torch\n\nclass Double(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.scale = torch.nn.Parameter(torch.ones(1))\n\n"
+        "    def forward(self, x):\n        return self.scale * x\n")
+    torch.save({"scale": torch.tensor([2.0])}, tmp_path / "weights.pt")
+
+    class Numbers(MicroBatchHandler):
+        def preprocess_one(self, request):
+            return torch.tensor(request.json(), dtype=torch.float32)
+
+        def postprocess_one(self, output, item):
+            return output.tolist()
+
+    handler = start_handler(Numbers, model_dir=tmp_path, model_file="model.py", serialized_file="weights.pt")
+    try:
+        responses, context = run_batch(handler, [b"[1, 2]", b"[3, 4]"])
+    finally:
+        handler.close()
+    assert context.statuses() == [200, 200]
+    assert responses == [[2.0, 4.0], [6.0, 8.0]]
