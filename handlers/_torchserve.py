@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ._metrics import batch_metrics
 from ._request import Request
 from ._responses import JSON
-from ._settings import SECTION, ModelFiles, check_positive_number, read_handler_settings
+from ._settings import SECTION, ConfigError, ModelFiles, check_positive_number, read_handler_settings
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,45 @@ def model_files_from_manifest(manifest: Mapping[str, Any]) -> ModelFiles:
 def initialize(handler, context) -> None:
     """Start ``handler`` the way the archive says: its model config's ``handler:`` section, the
     device TorchServe assigned, the model files of its manifest, the deadline inside
-    ``responseTimeout``."""
-    model_config = context.model_yaml_config or {}
-    handler.manifest = context.manifest or {}
-    handler.start(
-        model_dir=context.system_properties.get("model_dir", "."),
-        section=model_config.get(SECTION),
-        device=device_for(context.system_properties),
-        model_files=model_files_from_manifest(handler.manifest),
-        server_timeout_s=response_timeout(model_config),
-        server_timeout_name="responseTimeout",
-    )
+    ``responseTimeout``. When start-up fails, one :func:`startup_failure_line` is logged before
+    the exception goes on to TorchServe (which logs its traceback and ends the worker)."""
+    try:
+        model_config = context.model_yaml_config or {}
+        handler.manifest = context.manifest or {}
+        handler.start(
+            model_dir=context.system_properties.get("model_dir", "."),
+            section=model_config.get(SECTION),
+            device=device_for(context.system_properties),
+            model_files=model_files_from_manifest(handler.manifest),
+            server_timeout_s=response_timeout(model_config),
+            server_timeout_name="responseTimeout",
+        )
+    except Exception as exc:
+        log.error("%s", startup_failure_line(_model_name(context), exc))
+        raise
+
+
+# The one line a worker logs when its model cannot start; scripts/torchserve_instance.py finds it
+# in TorchServe's log by this prefix and " cannot start: ".
+STARTUP_FAILURE_PREFIX = "microbatch-handlers: model "
+
+
+def startup_failure_line(model_name: str, exc: BaseException) -> str:
+    """``microbatch-handlers: model <name> cannot start: <message>``, on one line. A ConfigError's
+    message says it all; any other exception is named (``KeyError: 'labels'`` says more than
+    ``'labels'``)."""
+    message = " ".join(str(exc).split())
+    if not isinstance(exc, ConfigError) or not message:
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"{STARTUP_FAILURE_PREFIX}{model_name} cannot start: {message}"
+
+
+def _model_name(context) -> str:
+    name = getattr(context, "model_name", None)
+    if not name:
+        manifest = getattr(context, "manifest", None) or {}
+        name = manifest.get("model", {}).get("modelName") if isinstance(manifest, Mapping) else None
+    return str(name or "?")
 
 
 def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:

@@ -1,14 +1,39 @@
 """Serve every archive in model_store/ with config.properties, print a working curl command per
 model, and stop TorchServe on Ctrl-C (or SIGTERM). Run through ``make serve``.
+
+A model whose worker dies at start-up (weights that do not load, a ``load_model`` that raises, a
+handler file that does not import, a module missing in the worker's Python) is reported within
+seconds, on stderr, in one line from its worker, with no traceback::
+
+    error: model broken cannot start: RuntimeError: weights.pt was saved for 8 features ...
+    (tracebacks in .serve/logs/model_log.log)
+
+Its workers are then stopped (scaled to none: TorchServe would restart them over and over, each
+time logging the traceback again); its requests get TorchServe's 503. Then:
+
+- every model failed: TorchServe is stopped and the exit status is 1, at once;
+- some failed: the others are served as usual, with their curl commands, and when stopped the
+  command says again which failed and exits with status 1;
+- none failed: exit status 0 when stopped.
+
+A model neither ready nor failed after ``READY_TIMEOUT_S`` (or a TorchServe that exits while
+starting) ends the command with status 1 and the tail of TorchServe's log.
+
+``--model-store``, ``--workdir`` and ``--free-ports`` serve other archives from another folder on
+free ports (two instances side by side, tests); the defaults are ``make serve``'s.
 """
 
+from __future__ import annotations
+
+import argparse
 import mimetypes
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Optional
 
-from scripts.torchserve_instance import TorchServe, read_properties
+from scripts.torchserve_instance import Ports, TorchServe, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,31 +57,84 @@ def curl_for(server: TorchServe, model: str) -> str:
     )
 
 
-def main() -> int:
-    config = ROOT / "config.properties"
-    model_store = ROOT / read_properties(config).get("model_store", "model_store")
-    models = sorted(p.stem for p in model_store.glob("*.mar"))
-    if not models:
-        print(f"no archives in {model_store}: run `make archives` first", file=sys.stderr)
-        return 1
-    server = TorchServe(ROOT / ".serve", model_store, config)
-    server.stop()  # a TorchServe left by an earlier `make serve` of this checkout, if any
-    print(f"starting TorchServe with {config.name}: {', '.join(models)}", flush=True)
-    server.start()
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
+def shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (as a user of ``make serve`` types it)."""
     try:
-        server.wait_ready(models)
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def failure_reporter(server: TorchServe):
+    """``on_failure`` for :meth:`TorchServe.wait_started`: print the model's line and stop its
+    workers at once (TorchServe would restart them, logging the traceback each time)."""
+
+    def report(model: str, reason: str) -> None:
+        print(f"error: model {model} cannot start: {reason}", file=sys.stderr, flush=True)
+        try:
+            server.stop_model(model)
+        except (RuntimeError, OSError) as exc:
+            print(f"warning: TorchServe keeps restarting {model}'s worker: {exc}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def parse_args(argv: Optional[list]) -> argparse.Namespace:
+    config = ROOT / "config.properties"
+    parser = argparse.ArgumentParser(prog="python -m scripts.serve", description=__doc__.split("\n\n")[0])
+    default_store = ROOT / read_properties(config).get("model_store", "model_store")
+    parser.add_argument("--model-store", type=Path, default=default_store,
+                        help="the folder of .mar files to serve (default: config.properties' model_store)")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".serve",
+                        help="TorchServe's folder: logs, key file, temp dirs (default: .serve)")
+    parser.add_argument("--free-ports", action="store_true", help="free ports instead of config.properties' ones")
+    args = parser.parse_args(argv)
+    args.config = config
+    return args
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    models = sorted(p.stem for p in args.model_store.glob("*.mar"))
+    if not models:
+        print(f"no archives in {args.model_store}: run `make archives` first", file=sys.stderr)
+        return 1
+    server = TorchServe(args.workdir, args.model_store, args.config, ports=Ports.free() if args.free_ports else None)
+    server.stop()  # a TorchServe left by an earlier run in this workdir, if any
+    # SIGTERM stops us as Ctrl-C does, at any point (while waiting for the models too).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    failed = {}
+    try:
+        print(f"starting TorchServe with {args.config.name}: {', '.join(models)}", flush=True)
+        server.start()
+        try:
+            failed = server.wait_started(models, on_failure=failure_reporter(server))
+        except RuntimeError as exc:  # timed out, or TorchServe exited: the log's tail is all there is
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        if failed:
+            print(f"(tracebacks in {shown(server.model_log_path)})", file=sys.stderr, flush=True)
+        serving = [m for m in models if m not in failed]
+        if not serving:
+            return 1
         print(f"\nready: inference {server.inference_url}, metrics {server.metrics_url}/metrics")
-        print(f"tokens are in {server.workdir / 'key_file.json'}\n")
-        for model in models:
+        print(f"tokens are in {shown(server.workdir / 'key_file.json')}\n")
+        for model in serving:
             print(f"# {model}\n{curl_for(server, model)}\n")
+        if failed:
+            print(f"not serving {', '.join(failed)} (cannot start, see above)")
         print("Ctrl-C stops TorchServe.", flush=True)
-        stopped.wait()
+        threading.Event().wait()  # until Ctrl-C or SIGTERM
+    except KeyboardInterrupt:
+        pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C does not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         print("stopping TorchServe", flush=True)
         server.stop()
+    if failed:
+        print(f"error: {', '.join(failed)} could not start (exit status 1)", file=sys.stderr)
+        return 1
     return 0
 
 

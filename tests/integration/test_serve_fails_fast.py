@@ -1,0 +1,207 @@
+"""`make serve` with a model whose worker cannot start (issue 12, item 4): the one line that says
+why, within seconds, no traceback; the healthy models served; a non-zero exit status; and the
+TorchServe it started gone afterwards.
+
+The broken models fail only in the worker, where the archive check cannot see: a ``load_model``
+that raises, and a handler file importing a module that is beside it at archive time but not in
+the archive (as a package missing from the worker's Python would).
+"""
+
+import json
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from handlers.archive import archive_config
+from scripts.torchserve_instance import TorchServe
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+REPORTED_WITHIN_S = 20
+LOAD_ERROR = "weights.pt was saved for 8 features, the model has 4: rebuild it with examples/quickstart/build.py"
+
+RAISING_HANDLER = f'''
+from handlers import MicroBatchHandler
+
+
+class WeightsMismatchHandler(MicroBatchHandler):
+    def load_model(self, model_dir, device):
+        raise RuntimeError("{LOAD_ERROR}")
+'''
+
+IMPORTING_HANDLER = '''
+import helper_beside_the_handler
+
+from handlers import MicroBatchHandler
+
+
+class ImportingHandler(MicroBatchHandler):
+    pass
+'''
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    """quickstart.mar, weights_mismatch.mar (load_model raises) and missing_module.mar (the
+    handler file does not import in the worker), in one folder."""
+    folder = tmp_path_factory.mktemp("fails_fast")
+    store = folder / "store"
+    (folder / "weights_mismatch.py").write_text(RAISING_HANDLER)
+    (folder / "missing_module.py").write_text(IMPORTING_HANDLER)
+    (folder / "helper_beside_the_handler.py").write_text("VALUE = 1\n")
+    config = ROOT / "archiver_configs" / "quickstart.yaml"
+    sys.path.insert(0, str(folder))  # the helper imports here (archive check), not in the worker
+    try:
+        archive_config(config, root=ROOT, model_store=store)
+        for name in ("weights_mismatch", "missing_module"):
+            archive_config(config, root=ROOT, model_store=store, model_name=name, handler=folder / f"{name}.py")
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("helper_beside_the_handler", None)
+    return store
+
+
+class Serve:
+    """``python -m scripts.serve`` on free ports, its output read line by line with timestamps."""
+
+    def __init__(self, model_store: Path, workdir: Path):
+        self.workdir = workdir
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "scripts.serve", "--model-store", str(model_store), "--workdir", str(workdir),
+             "--free-ports"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines = []  # (seconds since start, line)
+        self._queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._queue.put((time.monotonic() - self.started, line.rstrip("\n")))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> float:
+        """Seconds from start to the first line matching ``pattern``; fails after ``timeout``."""
+        for seconds, line in self.lines:
+            if re.search(pattern, line):
+                return seconds
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is None:
+                pytest.fail(f"no line matching {pattern!r} within {timeout} s; output:\n{self.output}")
+            self.lines.append(item)
+            if re.search(pattern, item[1]):
+                return item[0]
+
+    def wait_exit(self, timeout: float) -> int:
+        code = self.process.wait(timeout=timeout)
+        while (item := self._queue.get(timeout=10)) is not None:
+            self.lines.append(item)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if (self.workdir / "config.properties").exists():  # a TorchServe left by a failed test
+            TorchServe(self.workdir, self.workdir, self.workdir / "config.properties").stop()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended; only its parent has not noticed
+
+
+def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_served(archives, tmp_path):
+    workdir = tmp_path / "serve"
+    serve = Serve(archives, workdir)
+    try:
+        mismatch_s = serve.wait_for(r"^error: model weights_mismatch cannot start: ", 60)
+        missing_s = serve.wait_for(r"^error: model missing_module cannot start: ", 60)
+        ready_s = serve.wait_for(r"^Ctrl-C stops TorchServe\.", 60)
+        print(f"failures reported after {mismatch_s:.1f} s (load_model raised) and {missing_s:.1f} s (import "
+              f"error); the healthy model served after {ready_s:.1f} s")
+        assert max(mismatch_s, missing_s) < REPORTED_WITHIN_S
+        output = serve.output
+        assert f"error: model weights_mismatch cannot start: RuntimeError: {LOAD_ERROR}" in output
+        assert "error: model missing_module cannot start: ModuleNotFoundError: No module named " \
+               "'helper_beside_the_handler'" in output
+        assert f"(tracebacks in {workdir / 'logs' / 'model_log.log'})" in output
+        assert "not serving weights_mismatch, missing_module" in output
+        assert "Traceback" not in output and "MODEL_LOG" not in output
+
+        # The printed curl command works: its URL and its token.
+        curl = next(line for line in serve.output.splitlines() if line.startswith("curl ") and "/quickstart" in line)
+        token = re.search(r"Authorization: Bearer (\S+?)'", curl).group(1)
+        url = curl.split()[-1]
+        answer = requests.post(url, data=json.dumps({"id": "ff", "x": [1, 2, 3, 4]}), timeout=30,
+                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"id": "ff", "y": [3.0, 5.0, 7.0, 9.0]}
+
+        # The broken models' workers are stopped, not restarted over and over.
+        server = TorchServe(workdir, archives, workdir / "config.properties")
+        for model in ("weights_mismatch", "missing_module"):
+            status, body = server.get(f"{server.management_url}/models/{model}", api="management")
+            assert status == 200 and json.loads(body)[0]["workers"] == [], body
+            deaths = {line for line in server.log_path.read_text().splitlines()
+                      if f"-{model}_1.0 " in line and "Retry worker:" in line}  # TorchServe logs each twice
+            assert len(deaths) <= 2, deaths
+        torchserve_pid = server.pid()
+        assert torchserve_pid is not None and alive(torchserve_pid)
+        assert torchserve_pid in server.processes()
+
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.wait_exit(60) == 1
+        assert "stopping TorchServe" in serve.output
+        assert "error: weights_mismatch, missing_module could not start (exit status 1)" in serve.output
+        assert not alive(torchserve_pid)
+        assert server.processes() == []
+    finally:
+        serve.kill()
+
+
+def test_when_the_only_model_cannot_start_serve_exits_1_at_once(archives, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(archives / "weights_mismatch.mar", store)
+    workdir = tmp_path / "serve"
+    serve = Serve(store, workdir)
+    try:
+        code = serve.wait_exit(60)
+        elapsed = time.monotonic() - serve.started
+        reported_s = serve.wait_for(r"^error: model weights_mismatch cannot start: ", 0)
+        print(f"failure reported after {reported_s:.1f} s, exit status {code} after {elapsed:.1f} s")
+        assert code == 1, serve.output
+        assert reported_s < REPORTED_WITHIN_S
+        assert elapsed < REPORTED_WITHIN_S + 10  # reported, then TorchServe stopped
+        assert f"error: model weights_mismatch cannot start: RuntimeError: {LOAD_ERROR}" in serve.output
+        assert "Traceback" not in serve.output and "curl" not in serve.output
+        assert TorchServe(workdir, store, workdir / "config.properties").processes() == []
+    finally:
+        serve.kill()
