@@ -26,25 +26,28 @@ def fault_archive(model_store):
     return "faults"
 
 
-def readme_handler_code() -> str:
-    """The README's "Write a handler" example, as a user would paste it."""
-    section = (ROOT / "README.md").read_text().split("## Write a handler", 1)[1]
-    return section.split("```python", 1)[1].split("```", 1)[0]
-
-
 @pytest.fixture(scope="session")
 def readme_handler_config(tmp_path_factory):
-    """An archiver config serving the README's handler, unchanged, with the quickstart model
-    (y = 2x + 1), as ``readme_handler``."""
+    """The README walkthrough's project (model, weights, handler, archiver config) made from its
+    blocks as they stand, served as ``readme_handler``."""
+    import os
+    import subprocess
+    import sys
+
     import yaml
 
+    from tests.docs_blocks import blocks_named
+
     folder = tmp_path_factory.mktemp("readme_handler")
-    (folder / "my_handler.py").write_text(readme_handler_code())
-    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
-    config.update(model_name="readme_handler", handler=str(folder / "my_handler.py"))
-    for key in ("model_file", "serialized_file"):
-        config[key] = str(ROOT / config[key])
-    config["build"] = [arg if not arg.startswith(("examples/", "build/")) else str(ROOT / arg) for arg in config["build"]]
+    blocks = blocks_named("walkthrough")
+    for block in blocks:
+        if block.file_name:
+            (folder / block.file_name).write_text(block.text)
+    [weights] = [block for block in blocks if "torch.save" in block.text and not block.file_name]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["bash", "-c", weights.text], cwd=folder, env=env, check=True)
+    config = yaml.safe_load((folder / "my_model.yaml").read_text())
+    config.update(model_name="readme_handler")
     path = folder / "readme_handler.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
