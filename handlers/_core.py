@@ -16,14 +16,17 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 import torch
 
 from ._engine import BatchEngine, BatchReport
-from ._errors import BadRequest
+from ._errors import BadRequest, UnsupportedMediaType
 from ._loading import PRECISIONS, load_model_files, prepare_model
-from ._request import Request
+from ._request import NO_BODY, Request
 from ._responses import JSON, content_type, json_ready
 from ._scatter import split_output
 from ._settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
 
 log = logging.getLogger(__name__)
+# TorchServe hands a form post (curl -d without a Content-Type) over as fields with no body.
+NO_BODY_MESSAGE = ("the request has no body: send it raw with its Content-Type (e.g. application/json or "
+                   "text/plain); curl -d without -H 'Content-Type: ...' sends a form")
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ class MicroBatchHandler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are in place before other streams read them
         self._engine = BatchEngine(
-            self.preprocess_one, self._infer_micro_batch, self._postprocess_one_json_ready, self.settings,
+            self._preprocess_request, self._infer_micro_batch, self._postprocess_one_json_ready, self.settings,
             inference_on_cpu=self.device.type == "cpu",
             size_hint=self.size_hint if type(self).size_hint is not MicroBatchHandler.size_hint else None,
         )
@@ -238,6 +241,11 @@ class MicroBatchHandler:
         return output.tolist() if isinstance(output, torch.Tensor) else output
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _preprocess_request(self, request: Request) -> Any:
+        if request.body is NO_BODY:  # no hook can read it: say what the client should send
+            raise UnsupportedMediaType(NO_BODY_MESSAGE)
+        return self.preprocess_one(request)
 
     def _postprocess_one_json_ready(self, output: Any, item: Any) -> Any:
         return json_ready(self.postprocess_one(output, item))

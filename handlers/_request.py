@@ -9,6 +9,16 @@ from typing import Any, Mapping, Optional
 from ._errors import BadRequest
 
 
+class _NoBody:
+    def __repr__(self) -> str:
+        return "NO_BODY"
+
+
+# The body of a request that had none (a form post: TorchServe hands over its fields instead);
+# distinct from None, which is a JSON null.
+NO_BODY = _NoBody()
+
+
 @dataclass(frozen=True)
 class Request:
     """One request of a batch.

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ._errors import BadRequest, PayloadTooLarge
+from ._request import Request
 
 
-def request_text(body: Any, max_chars: int) -> str:
-    """The text of a request: a plain/UTF-8 body, a JSON string, or JSON ``{"text": "..."}``."""
+def request_text(body: Any, max_chars: int, content_type: Optional[str] = None) -> str:
+    """The text of a request: a plain/UTF-8 body, a JSON string, or JSON ``{"text": "..."}``.
+    A body sent as ``application/json`` that is still undecoded did not parse: a 400, not text."""
+    if content_type and content_type.startswith("application/json") and isinstance(body, (bytes, bytearray, str)):
+        body = Request(body).json() if isinstance(body, (bytes, bytearray)) else body
     if isinstance(body, (bytes, bytearray)):
         try:
             body = bytes(body).decode("utf-8")

@@ -62,7 +62,7 @@ class TextHandler(MicroBatchHandler):
         return float(len(body)) if isinstance(body, (str, bytes, bytearray)) else 0.0
 
     def preprocess_one(self, request: Request) -> TextItem:
-        text = request_text(request.body, self.config["max_chars"])
+        text = request_text(request.body, self.config["max_chars"], request.header("Content-Type"))
         with parsing_client_data("the tokenizer could not read the text"):
             ids = self.tokenizer.encode(text).ids
         return TextItem(ids)

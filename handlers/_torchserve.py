@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 from ._metrics import batch_metrics
-from ._request import Request
+from ._request import NO_BODY, Request
 from ._responses import JSON
 from ._settings import SECTION, ConfigError, ModelFiles, check_positive_number, read_handler_settings
 
@@ -152,13 +152,13 @@ def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:
 
 def body_of(row: Mapping[str, Any]) -> Any:
     """The payload of one row of TorchServe's ``data`` list (``body`` for raw POSTs, ``data`` for
-    form fields); None when the request had neither."""
+    a form field named so; None for a JSON null); ``NO_BODY`` when the request had neither."""
     if not isinstance(row, dict) and not isinstance(row, abc.Mapping):  # dict first: the common, cheap case
         return row
     for key in ("body", "data"):
         if row.get(key) is not None:
             return row[key]
-    return None
+    return None if "body" in row or "data" in row else NO_BODY
 
 
 def report_metrics(context, report) -> None:

@@ -127,7 +127,7 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
         build=build,
         ray_serve=_checked_ray_section(raw.get("ray_serve"), fail),
     )
-    handler_class = _handler_class(spec.handler, fail)
+    handler_class = _handler_class(spec, fail)
     try:
         if handler_class is not None:  # the checks start-up makes: one schema for both
             check_model_config(spec.model_config, handler_class)
@@ -190,14 +190,32 @@ def _checked_model_config(config: Any, fail) -> dict:
     return dict(config)
 
 
-def _handler_class(handler_file: Path, fail):
-    """The handler class defined in ``handler_file``, to check the config as start-up would. A
-    file with more than one class fails: TorchServe refuses it ("Expected only one class in custom
-    service code") and the worker crash-loops. None for a file with no class (a module-level
-    ``handle`` function, which TorchServe also accepts) or a class that is not ours."""
+def _handler_class(spec: ArchiveSpec, fail):
+    """The handler class defined in the spec's handler file, imported as the worker will import
+    it: beside the archive's other files and nothing else of the project's folder. A file with
+    more than one class fails: TorchServe refuses it ("Expected only one class in custom service
+    code") and the worker crash-loops. None for a file with no class (a module-level ``handle``
+    function, which TorchServe also accepts) or a class that is not ours."""
     from ._loading import classes_defined_in  # imports torch: only when a config is checked
 
-    classes = classes_defined_in(str(handler_file))
+    handler_file = spec.handler
+    with tempfile.TemporaryDirectory(prefix="check-") as staged:
+        for path in (spec.handler, spec.model_file, *spec.extra_files):
+            if path is not None and path.exists():  # built artefacts may come later
+                _copy_into(path, Path(staged))
+        sys.path.insert(0, staged)  # the worker's model_dir is on its sys.path
+        loaded_before = set(sys.modules)
+        try:
+            classes = classes_defined_in(str(Path(staged) / handler_file.name))
+        except Exception as exc:  # noqa: BLE001 - any import error of a user's file, in one line
+            fail("handler", f"{handler_file.name} cannot be imported as the archive will hold it "
+                            f"({type(exc).__name__}: {exc}); a module it imports must be in extra_files "
+                            f"(or installed in TorchServe's Python)")
+        finally:
+            sys.path.remove(staged)
+            for name in set(sys.modules) - loaded_before:  # the next config's files, not these
+                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(staged):
+                    del sys.modules[name]
     if len(classes) > 1:
         names = ", ".join(c.__name__ for c in classes)
         fail("handler", f"{handler_file.name} defines {len(classes)} classes ({names}); TorchServe needs exactly one "
@@ -229,11 +247,7 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
         # --extra-files DIR flattens DIR into the archive root: stage a folder that holds handlers/.
         shutil.copytree(PACKAGE_DIR, stage / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         for extra in spec.extra_files:
-            target = stage / extra.name
-            if extra.is_dir():
-                shutil.copytree(extra, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            else:
-                shutil.copy2(extra, target)
+            _copy_into(extra, stage)
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         command = [
@@ -249,6 +263,14 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
         # builds of the same model (two checkouts, a test session beside `make serve`) apart.
         subprocess.run(command, check=True, env={**os.environ, "TMPDIR": tmp})
     return model_store / f"{spec.model_name}.mar"
+
+
+def _copy_into(path: Path, folder: Path) -> None:
+    """``path`` (a file or a folder) into ``folder``, as ``--extra-files`` lays it out."""
+    if path.is_dir():
+        shutil.copytree(path, folder / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    else:
+        shutil.copy2(path, folder / path.name)
 
 
 def archive_config(path: Path, model_store: Path, model_config_updates: Optional[dict] = None,

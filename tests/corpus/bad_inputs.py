@@ -146,6 +146,8 @@ def corpus() -> list:
                  400, "the text holds an unpaired surrogate at position 4"),
         BadInput("a lone surrogate in a JSON string", "text_embedding", b'"\\udfff"', "application/json", 400,
                  "unpaired surrogate at position 0"),
+        BadInput("malformed JSON sent as JSON to a text handler", "text_embedding", b'{"text": "abc', "application/json",
+                 400, "not valid JSON"),
         BadInput("control characters and NULs in text (valid)", "text_embedding", b"a\x00b\x07c \x1b[0m \xe2\x80\x8b",
                  "text/plain", 200, ""),
         BadInput("JSON without text", "text_embedding", b'{"txt": "hello"}', "application/json", 400,

@@ -156,3 +156,34 @@ def test_every_shipped_config_checks_from_any_folder(tmp_path, monkeypatch, caps
     configs = sorted(str(p) for p in (ROOT / "archiver_configs").glob("*.yaml"))
     assert main(["--check", *configs]) == 0
     assert f"{len(configs)} config(s) OK" in capsys.readouterr().out
+
+
+def handler_importing_a_helper(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "features.py").write_text("def featurize(text):\n    return [len(text)]\n")
+    handler = folder / "langid.py"
+    handler.write_text("from features import featurize\nfrom handlers import MicroBatchHandler\n\n\n"
+                       "class LangId(MicroBatchHandler):\n    pass\n")
+    return handler
+
+
+def test_a_handler_importing_a_module_listed_in_extra_files_checks_from_any_folder(tmp_path, monkeypatch):
+    """Regression (found by a new user): the check imported the handler from wherever it ran, so a
+    handler importing its own helper module (in extra_files, as TorchServe needs) crashed the
+    check with a bare ModuleNotFoundError unless run from the project folder."""
+    handler = handler_importing_a_helper(tmp_path / "project")
+    path = write_config(tmp_path / "project", handler=str(handler), extra_files=[str(tmp_path / "project" / "features.py")])
+    monkeypatch.chdir(tmp_path)
+    assert load_spec(path, ROOT).handler == handler
+
+
+def test_a_module_the_archive_will_not_hold_fails_the_check_in_one_line(tmp_path):
+    """The handler imports features.py from its folder, but the config does not list it: the worker
+    would fail with ModuleNotFoundError, so the check does, naming the fix."""
+    handler = handler_importing_a_helper(tmp_path / "project")
+    path = write_config(tmp_path / "project", handler=str(handler))
+    with pytest.raises(ArchiveConfigError) as caught:
+        load_spec(path, ROOT)
+    message = str(caught.value)
+    assert "handler: langid.py cannot be imported as the archive will hold it" in message
+    assert "No module named 'features'" in message and "extra_files" in message

@@ -93,6 +93,16 @@ def test_form_data_rows_are_read_like_bodies(handler_factory):
     assert handler.handle([{"data": b"[0, 0, 0, 0]"}], context) == [[1.0, 1.0, 1.0, 1.0]]
 
 
+def test_a_form_post_with_no_body_gets_its_own_415_saying_what_to_send(handler_factory):
+    """Regression: `curl -d` without a Content-Type reached the hooks as None ("expected a JSON
+    array, got NoneType"): the row holds form fields and no body."""
+    handler = handler_factory()
+    context = FakeContext.for_batch(2)
+    responses = handler.handle([{'{"x": [1, 2]}': b""}, {"body": b"[0, 0, 0, 0]"}], context)
+    assert context.statuses() == [415, 200]
+    assert "curl -d without -H 'Content-Type: ...' sends a form" in responses[0]["message"]
+
+
 class PoisonHandler(AffineHandler):
     def infer(self, batch):
         if (batch == 13.0).any():

@@ -45,6 +45,16 @@ def test_bad_text_is_refused_with_a_reason(body, error, words):
     assert words in caught.value.message
 
 
+def test_a_body_sent_as_json_that_does_not_parse_is_a_400_not_text():
+    """Regression: TorchServe forwards malformed application/json as bytes; the text handlers
+    classified the literal characters with a 200."""
+    with pytest.raises(BadRequest) as caught:
+        request_text(b'{"text": "abc', 100, "application/json")
+    assert "not valid JSON" in caught.value.message
+    assert request_text("abc", 100, "application/json") == "abc"  # a JSON string TorchServe decoded
+    assert request_text(b'{"text": "abc', 100, "text/plain") == '{"text": "abc'
+
+
 def test_text_can_be_plain_utf8_a_json_string_or_an_object():
     assert request_text(b"caf\xc3\xa9", 100) == request_text("café", 100) == request_text({"text": "café"}, 100)
 
