@@ -88,7 +88,7 @@ def _load_npy(data: bytes, spec: TensorSpec) -> np.ndarray:
     if dtype.hasobject:
         raise BadRequest("the .npy data holds Python objects; object arrays are refused (they need pickle)")
     if dtype.kind not in "biuf":  # before np.load: a void or string dtype may declare a gigabyte per item
-        raise BadRequest(f"expected numbers ({spec.describe()}), got values of type {dtype}")
+        raise BadRequest(f"expected numbers ({spec.describe()}), got {_kind_of(dtype)}")
     # Python ints, not int64: a product of sizes past 2**63 must not wrap around under the limit.
     elements = math.prod(shape)
     if elements > spec.max_elements:  # checked from the header, before any allocation
@@ -103,10 +103,16 @@ def _load_npy(data: bytes, spec: TensorSpec) -> np.ndarray:
     return _cast(array, spec)
 
 
+def _kind_of(dtype: np.dtype) -> str:
+    """What a client sent, in its words rather than numpy's (``<U21``)."""
+    words = {"U": "strings", "S": "bytes", "O": "mixed values", "c": "complex numbers", "M": "dates", "m": "durations"}
+    return f"{words.get(dtype.kind, 'values')} (numpy type {dtype})"
+
+
 def _cast(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     target = np.dtype(spec.dtype)
     if array.dtype.kind not in "biuf":
-        raise BadRequest(f"expected numbers ({spec.describe()}), got values of type {array.dtype}")
+        raise BadRequest(f"expected numbers ({spec.describe()}), got {_kind_of(array.dtype)}")
     if array.dtype.kind == "b" and target.kind != "b":
         raise BadRequest(f"expected {spec.dtype} numbers, got booleans")
     if not np.can_cast(array.dtype, target, casting="same_kind"):

@@ -6,13 +6,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._errors import BadRequest, PayloadTooLarge
+from ._errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from ._request import Request
 
 
 def request_text(body: Any, max_chars: int, content_type: Optional[str] = None) -> str:
     """The text of a request: a plain/UTF-8 body, a JSON string, or JSON ``{"text": "..."}``.
     A body sent as ``application/json`` that is still undecoded did not parse: a 400, not text."""
+    if content_type and content_type.split("/")[0] in ("image", "audio", "video"):
+        raise UnsupportedMediaType(f"expected text (text/plain or application/json), got {content_type}")
     if content_type and content_type.startswith("application/json") and isinstance(body, (bytes, bytearray, str)):
         body = Request(body).json() if isinstance(body, (bytes, bytearray)) else body
     if isinstance(body, (bytes, bytearray)):

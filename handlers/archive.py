@@ -107,7 +107,8 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
             fail(key, f"must be a path, got {value!r}")
         resolved = root / value
         if must_exist and not resolved.exists():
-            fail(key, f"{resolved} does not exist")
+            nearby = [p.name for p in resolved.parent.iterdir()] if resolved.parent.is_dir() else []
+            fail(key, f"{resolved} does not exist{did_you_mean(resolved.name, nearby)}")
         return resolved
 
     # Built artefacts may be missing until the build command has run.

@@ -27,6 +27,7 @@ def write_config(tmp_path, **overrides):
     ({"model_name": None}, "model_name: missing (required)"),
     ({"model_name": "bad name!"}, "model_name: must be letters, digits"),
     ({"handler": "examples/nowhere.py"}, "examples/nowhere.py does not exist"),
+    ({"handler": "examples/quickstart/handlr.py"}, "handlr.py does not exist (did you mean 'handler.py'?)"),
     ({"modelname": "x"}, "modelname: not a known key"),
     ({"build": "python build.py"}, "build: must be a command as a list of strings"),
     ({"model_config": {"batchSize": 0}}, "model_config.batchSize: must be an integer >= 1, got 0"),

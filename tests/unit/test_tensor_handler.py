@@ -153,3 +153,14 @@ def test_an_npy_body_shorter_than_its_header_declares_is_a_400_before_it_is_read
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000, 1000), }"  # 4 MB declared, 64 bytes sent
     with pytest.raises(BadRequest, match="declares 4,000,000 bytes, the body holds 64"):
         parse_array(npy_with_header(header), TensorSpec(shape=(-1, -1), dtype="float32"))
+
+
+@pytest.mark.parametrize("body, words", [
+    ([1, "a", 3, 4], "got strings (numpy type <U"),
+    ([1, None, 3, 4], "got mixed values (numpy type object)"),
+])
+def test_values_that_are_not_numbers_are_named_in_the_clients_words(body, words):
+    """Regression (a new user's trial): `[1, "a"]` was refused as "values of type <U21"."""
+    with pytest.raises(BadRequest) as caught:
+        parse_array(body, SPEC)
+    assert words in caught.value.message

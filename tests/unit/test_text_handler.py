@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from handlers import BadRequest, PayloadTooLarge, TextClassifierHandler, pad_to_longest, request_text
+from handlers import (
+    BadRequest,
+    PayloadTooLarge,
+    TextClassifierHandler,
+    UnsupportedMediaType,
+    pad_to_longest,
+    request_text,
+)
 from handlers.testing import assert_isolates_bad_request, assert_matches_alone, run_batch, start_handler
 
 SENTENCES = [
@@ -53,6 +60,12 @@ def test_a_body_sent_as_json_that_does_not_parse_is_a_400_not_text():
     assert "not valid JSON" in caught.value.message
     assert request_text("abc", 100, "application/json") == "abc"  # a JSON string TorchServe decoded
     assert request_text(b'{"text": "abc', 100, "text/plain") == '{"text": "abc'
+
+
+def test_an_image_sent_to_a_text_handler_is_a_415():
+    with pytest.raises(UnsupportedMediaType) as caught:
+        request_text(b"\x89PNG\r\n", 100, "image/png")
+    assert "got image/png" in caught.value.message
 
 
 def test_text_can_be_plain_utf8_a_json_string_or_an_object():
