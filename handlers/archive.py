@@ -203,7 +203,7 @@ def _handler_class(spec: ArchiveSpec, fail):
     with tempfile.TemporaryDirectory(prefix="check-") as staged:
         for path in (spec.handler, spec.model_file, *spec.extra_files):
             if path is not None and path.exists():  # built artefacts may come later
-                _copy_into(path, Path(staged))
+                (Path(staged) / path.name).symlink_to(path)  # the archive's layout, without copying weights
         sys.path.insert(0, staged)  # the worker's model_dir is on its sys.path
         loaded_before = set(sys.modules)
         try:
