@@ -26,6 +26,7 @@ class Request:
     Attributes:
         body: what TorchServe passed: ``bytes``/``bytearray`` for binary bodies, ``str`` for
             ``text/*``, already-decoded JSON (dict, list, number) for ``application/json``.
+            A request with no body (a form post) is answered 415 before any hook sees it.
         headers: the request's headers (names as the client sent them).
     """
 
