@@ -15,8 +15,8 @@ def request_text(body: Any, max_chars: int, content_type: Optional[str] = None) 
     A body sent as ``application/json`` that is still undecoded did not parse: a 400, not text."""
     if content_type and content_type.split("/")[0] in ("image", "audio", "video"):
         raise UnsupportedMediaType(f"expected text (text/plain or application/json), got {content_type}")
-    if content_type and content_type.startswith("application/json") and isinstance(body, (bytes, bytearray, str)):
-        body = Request(body).json() if isinstance(body, (bytes, bytearray)) else body
+    if content_type and content_type.startswith("application/json") and isinstance(body, (bytes, bytearray)):
+        body = Request(body).json()
     if isinstance(body, (bytes, bytearray)):
         try:
             body = bytes(body).decode("utf-8")

@@ -352,13 +352,10 @@ class TorchServe:
         """Scale ``model`` to no workers, so that TorchServe stops restarting a worker that cannot
         start (and filling its log). Its requests then get 503. Allowed with
         ``enable_model_api=false``, unlike unregistering."""
-        url = f"{self.management_url}/models/{model}?min_worker=0&max_worker=0"
-        request = urllib.request.Request(url, method="PUT", headers=self.auth("management"))
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                response.read()
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"could not stop {model}'s workers: {error.code} {error.read()[:200]!r}") from None
+        status, body = self.get(f"{self.management_url}/models/{model}?min_worker=0&max_worker=0", api="management",
+                                method="PUT")
+        if status >= 300:
+            raise RuntimeError(f"could not stop {model}'s workers: {status} {body[:200]!r}")
 
     def model_ready(self, model: str) -> bool:
         try:
@@ -370,8 +367,9 @@ class TorchServe:
         workers = json.loads(body)[0].get("workers", [])
         return any(w.get("status") == "READY" for w in workers)
 
-    def get(self, url: str, api: str = "inference", headers: Optional[dict] = None) -> tuple:
-        request = urllib.request.Request(url, headers={**self.auth(api), **(headers or {})})
+    def get(self, url: str, api: str = "inference", headers: Optional[dict] = None, method: str = "GET") -> tuple:
+        """``(status, body)`` of ``url``, with this instance's token for ``api``."""
+        request = urllib.request.Request(url, method=method, headers={**self.auth(api), **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, response.read()

@@ -1,11 +1,16 @@
-"""Small helpers for the integration tests: concurrent calls released together, worker pids."""
+"""Small helpers for the integration tests: concurrent calls released together, worker pids, a
+process's output read as it comes."""
 
 import contextlib
 import json
+import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pytest
 import requests
 
 
@@ -62,3 +67,56 @@ def background_load(clients, send, join_timeout=90):
         stop.set()
         for thread in threads:
             thread.join(timeout=join_timeout)
+
+
+class ProcessOutput:
+    """The output lines of a ``subprocess.Popen`` (text mode, stdout piped), read on a thread as
+    they come, each with the seconds since ``started``."""
+
+    def __init__(self, process, started: float):
+        self.process = process
+        self.started = started
+        self.lines = []  # (seconds since start, line)
+        self._queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._queue.put((time.monotonic() - self.started, line.rstrip("\n")))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> float:
+        """Seconds from start to the first line matching ``pattern``; fails after ``timeout``."""
+        for seconds, line in self.lines:
+            if re.search(pattern, line):
+                return seconds
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is None:
+                pytest.fail(f"no line matching {pattern!r} within {timeout} s; output:\n{self.text}")
+            self.lines.append(item)
+            if re.search(pattern, item[1]):
+                return item[0]
+
+    def wait_exit(self, timeout: float) -> int:
+        """The process's exit status, once it has ended and every line is read."""
+        code = self.process.wait(timeout=timeout)
+        while (item := self._queue.get(timeout=10)) is not None:
+            self.lines.append(item)
+        return code
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended; only its parent has not noticed

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import requests
 
 from scripts.torchserve_instance import Ports, TorchServe
 from tests.docs_blocks import ROOT, blocks_named, outputs_in_order, script_of
+
+from .helpers import ProcessOutput, alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 TORCHSERVE_PORTS = (8080, 8081, 8082, 7070, 7071)  # what the docs' commands use, as a user's would
@@ -93,21 +94,6 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
         server.stop()
 
 
-def read_until(process, marker: str, timeout: float, lines: list) -> bool:
-    """Collect ``process``'s output lines into ``lines`` (on a thread, to the end); True once
-    ``marker`` was printed within ``timeout`` s."""
-    seen = threading.Event()
-
-    def pump():
-        for line in process.stdout:
-            lines.append(line)
-            if marker in line:
-                seen.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    return seen.wait(timeout)
-
-
 def test_make_serve_and_the_commands_it_prints(tmp_path):
     """`make serve` as the README says, every curl command it prints, then docs/queueing.md's
     demonstration against it (from a folder of its own, with the tokens where make serve puts them)."""
@@ -115,12 +101,12 @@ def test_make_serve_and_the_commands_it_prints(tmp_path):
     [block] = blocks_named("make-serve")
     process = subprocess.Popen(["bash", "-c", block.text], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
-    lines = []
+    output = ProcessOutput(process, time.monotonic())
+    server = TorchServe(ROOT / ".serve", ROOT / "model_store", ROOT / "config.properties")  # make serve's own
     try:
-        ready = read_until(process, "Ctrl-C stops TorchServe", 900, lines)
-        assert ready, "".join(lines[-80:])
-        commands = [line.strip() for line in lines if line.startswith("curl ")]
-        assert len(commands) >= 5, "".join(lines[-40:])
+        output.wait_for(r"Ctrl-C stops TorchServe", 900)
+        commands = [line.strip() for _, line in output.lines if line.startswith("curl ")]
+        assert len(commands) >= 5, output.text[-4000:]
         for command in commands:
             answer = subprocess.run(["bash", "-c", command + " -s -w ' %{http_code}'"], cwd=ROOT, capture_output=True,
                                     text=True, timeout=120)
@@ -133,14 +119,12 @@ def test_make_serve_and_the_commands_it_prints(tmp_path):
         counts = result.stdout.split('"jobQueueStatus"')[-1]
         assert " 503" in counts and " 200" in counts, result.stdout[-2000:]
     finally:
-        pid_file = ROOT / ".serve" / "tmp" / ".model_server.pid"
-        server_pid = int(pid_file.read_text()) if pid_file.exists() else None
+        server_pid = server.pid()
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as the README says
-        process.wait(timeout=180)
-    assert "stopping TorchServe" in "".join(lines)
+        output.wait_exit(180)
+    assert "stopping TorchServe" in output.text
     if server_pid is not None:
-        with pytest.raises(ProcessLookupError):
-            os.kill(server_pid, 0)
+        assert not alive(server_pid)
 
 
 def test_the_ray_serve_commands_run_as_written():

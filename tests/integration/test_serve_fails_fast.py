@@ -8,13 +8,11 @@ the archive (as a package missing from the worker's Python would).
 """
 
 import json
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import requests
 
 from handlers.archive import archive_config
 from scripts.torchserve_instance import TorchServe
+
+from .helpers import ProcessOutput, alive
 
 pytestmark = pytest.mark.integration
 
@@ -82,41 +82,13 @@ class Serve:
              "--free-ports"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.lines = []  # (seconds since start, line)
-        self._queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self._queue.put((time.monotonic() - self.started, line.rstrip("\n")))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> float:
-        """Seconds from start to the first line matching ``pattern``; fails after ``timeout``."""
-        for seconds, line in self.lines:
-            if re.search(pattern, line):
-                return seconds
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is None:
-                pytest.fail(f"no line matching {pattern!r} within {timeout} s; output:\n{self.output}")
-            self.lines.append(item)
-            if re.search(pattern, item[1]):
-                return item[0]
-
-    def wait_exit(self, timeout: float) -> int:
-        code = self.process.wait(timeout=timeout)
-        while (item := self._queue.get(timeout=10)) is not None:
-            self.lines.append(item)
-        return code
+        self._output = ProcessOutput(self.process, self.started)
+        self.wait_for = self._output.wait_for
+        self.wait_exit = self._output.wait_exit
 
     @property
     def output(self) -> str:
-        return "\n".join(line for _, line in self.lines)
+        return self._output.text
 
     def kill(self):
         if self.process.poll() is None:
@@ -127,14 +99,6 @@ class Serve:
                 self.process.kill()
         if (self.workdir / "config.properties").exists():  # a TorchServe left by a failed test
             TorchServe(self.workdir, self.workdir, self.workdir / "config.properties").stop()
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has ended; only its parent has not noticed
 
 
 def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_served(archives, tmp_path):
