@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import abc
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -137,9 +138,13 @@ def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:
     Content-Type and ``X-Batch-Size`` written to the context."""
     if not handler.initialized:
         raise RuntimeError(f"{type(handler).__name__}.handle() called before initialize()")
-    # Behind a KServe envelope the rows are the instances of one request: each gets its headers.
-    one_request = len(data) != len(getattr(context, "request_processor", None) or data)
-    requests = [Request(body_of(row), _headers(context, 0 if one_request else idx)) for idx, row in enumerate(data)]
+    envelope = _calling_envelope()
+    # Behind a KServe envelope the rows are the instances of one request (the batch's first):
+    # each gets that request's headers. The length test covers other envelopes that join the
+    # instances of a batch.
+    one_request = _is_kserve(envelope) or len(data) != len(getattr(context, "request_processor", None) or data)
+    requests = [Request(_body(envelope, row), _headers(context, 0 if one_request else idx))
+                for idx, row in enumerate(data)]
     if getattr(handler, "_unhealthy_after_last_batch", False):
         _end_worker_if_still_unhealthy(handler, context)
     responses, report = handler.respond(requests)
@@ -147,12 +152,13 @@ def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:
     handler._unhealthy_after_last_batch = handler.unhealthy_reason is not None
     if handler._unhealthy_after_last_batch:
         log.error("this worker is unhealthy (%s): it ends itself when the next batch arrives", handler.unhealthy_reason)
-    return _write(responses, context)
+    return _write(responses, context, one_request)
 
 
 def body_of(row: Mapping[str, Any]) -> Any:
-    """The payload of one row of TorchServe's ``data`` list (``body`` for raw POSTs, ``data`` for
-    a form field named so; None for a JSON null); ``NO_BODY`` when the request had neither."""
+    """The payload of one row of TorchServe's own ``data`` list, as it is without an envelope
+    (``body`` for raw POSTs, ``data`` for a form field named so; None for a JSON null);
+    ``NO_BODY`` when the request had neither."""
     if not isinstance(row, dict) and not isinstance(row, abc.Mapping):  # dict first: the common, cheap case
         return row
     for key in ("body", "data"):
@@ -182,6 +188,45 @@ def report_metrics(context, report) -> None:
 
 # -- internals -------------------------------------------------------------------------------------
 
+_ENVELOPES = "ts.torch_handler.request_envelope"
+
+
+def _calling_envelope():
+    """The TorchServe request envelope whose ``handle`` this batch came through; None without one."""
+    # Ask the caller, not the rows: a KServe v1 request whose one instance is {"body": x} gives
+    # the same rows and context as a plain request with body x, and the context keeps no body to
+    # compare with. TorchServe (ts/model_loader.py) makes the envelope's bound ``handle`` the
+    # entry point, and BaseEnvelope.handle calls ours itself: the envelope is on the call stack.
+    # Envelopes load only from TorchServe's package; without its base module there is none.
+    base = sys.modules.get(f"{_ENVELOPES}.base")
+    if base is None:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "handle" and isinstance(frame.f_locals.get("self"), base.BaseEnvelope):
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
+def _is_envelope(envelope, module: str, class_name: str) -> bool:
+    loaded = sys.modules.get(f"{_ENVELOPES}.{module}")
+    return envelope is not None and loaded is not None and isinstance(envelope, getattr(loaded, class_name))
+
+
+def _is_kserve(envelope) -> bool:
+    """KServe v1 or v2: both read the batch's first request only and answer it with one JSON."""
+    return _is_envelope(envelope, "kserve", "KServeEnvelope") or _is_envelope(envelope, "kservev2", "KServev2Envelope")
+
+
+def _body(envelope, row: Any) -> Any:
+    """The body of one row: TorchServe's own row without an envelope (:func:`body_of`); behind
+    one, what its ``parse_input`` made of the request: a body or an instance, unchanged whatever
+    its type, except a KServe v2 input, whose body is its (reshaped) ``data``."""
+    if envelope is None or _is_envelope(envelope, "kservev2", "KServev2Envelope"):
+        return body_of(row)
+    return row
+
 
 def _headers(context, idx: int) -> dict:
     try:
@@ -190,17 +235,18 @@ def _headers(context, idx: int) -> dict:
         return {}
 
 
-def _write(responses: list, context) -> list:
+def _write(responses: list, context, one_request: bool) -> list:
     requests = len(getattr(context, "request_processor", None) or responses)
     for idx in range(requests):
         context.set_response_header(idx, BATCH_SIZE_HEADER, str(requests))
     failures = [(idx, response) for idx, response in enumerate(responses) if response.status != 200]
-    if requests != len(responses):
+    if one_request:
         # Behind a KServe envelope the items are the instances of one request: its status is
-        # that of the first failed instance; every instance keeps its own answer or error.
+        # that of the first failed instance; every instance keeps its own answer or error, in
+        # the envelope's JSON (even when there is one instance).
         failures = [(0, response) for _, response in failures[:1]]
     for idx in range(requests):
-        context.set_response_content_type(idx, responses[idx].content_type if requests == len(responses) else JSON)
+        context.set_response_content_type(idx, JSON if one_request else responses[idx].content_type)
     for idx, response in failures:
         context.set_response_status(response.status, _phrase(response.status), idx)
     return [response.body for response in responses]
