@@ -129,13 +129,13 @@ def describe(exc: BaseException) -> str:
 def preprocess_error(exc: BaseException) -> RequestError:
     """The error a request gets when its preprocessing raised ``exc``.
 
-    Decoding and validation errors (``ValueError`` and its kin, e.g. ``UnicodeDecodeError``,
-    ``json.JSONDecodeError``) mean the input is malformed: 400. Anything else is a bug: 500.
+    A :class:`RequestError` (a 4xx raised on purpose, or by ``parsing_client_data`` around a call
+    that parses the client's data) is the request's own answer. Anything else, a ``ValueError``
+    included, came from the handler's own code: a 500 :class:`InternalError`, which the engine
+    logs with its traceback, never blamed on the client.
     """
     if isinstance(exc, RequestError):
         return exc
-    if isinstance(exc, (ValueError, json.JSONDecodeError)):
-        return BadRequest(f"malformed request: {describe(exc)}")
     return InternalError(f"preprocessing failed: {describe(exc)}")
 
 

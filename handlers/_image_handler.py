@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._client_data import parsing_client_data
 from ._errors import BadRequest
 from ._images import ImageGeometry, ImageLimits, decode_image, image_bytes
 from ._loading import model_dtype, read_labels
@@ -127,8 +128,12 @@ def requested_top_k(request: Request, default: int) -> int:
     if isinstance(request.body, dict) and "top_k" in request.body:
         value = request.body["top_k"]
     elif request.header(TOP_K_HEADER) is not None:
-        text = request.header(TOP_K_HEADER)
-        value = int(text) if text.strip().isdigit() else text
+        value = text = request.header(TOP_K_HEADER)
+        digits = text.strip()
+        # ASCII digits only: str.isdigit() also passes "²", which int() refuses.
+        if digits.isascii() and digits.isdigit():
+            with parsing_client_data(f"top_k (the {TOP_K_HEADER} header) must be a whole number >= 1"):
+                value = int(digits)  # ValueError past Python's digit limit (4300)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise BadRequest(f"top_k must be a whole number >= 1, got {value!r}")
     return value

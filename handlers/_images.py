@@ -111,12 +111,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in HIGH_BIT_DEPTH_MODES:
-        values = np.asarray(image, dtype=np.float64)
+        # A float TIFF's NaN is black rather than an invalid cast to uint8 (infinities clip).
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
         top = 65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
         grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")  # uint8 → "L"
     if image.mode in TRANSPARENT_MODES or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
+        # Pillow converts premultiplied grey ("La", a TIFF with associated alpha) only to "LA".
+        rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")

@@ -14,9 +14,12 @@ class QuickstartHandler(MicroBatchHandler):
         payload = request.json()
         if not isinstance(payload, dict) or "x" not in payload:
             raise BadRequest('expected a JSON object {"id": ..., "x": [4 numbers]}')
-        x = torch.as_tensor(payload["x"], dtype=torch.float32) if _numbers(payload["x"], 4) else None
-        if x is None:
+        if not _numbers(payload["x"], 4):
             raise BadRequest(f'"x" must be a list of 4 numbers, got {payload["x"]!r:.80}')
+        try:
+            x = torch.as_tensor(payload["x"], dtype=torch.float32)
+        except OverflowError:  # a JSON integer past float range, e.g. 1 followed by 400 zeros
+            raise BadRequest(f'"x" holds a number too large for float32, got {payload["x"]!r:.80}') from None
         return {"id": payload.get("id"), "x": x}
 
     def collate(self, items):

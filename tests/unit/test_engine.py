@@ -107,18 +107,20 @@ def test_a_malformed_request_gets_its_4xx_and_the_others_their_results():
     assert values(report)[2:] == [{"input": 3.0, "output": 7.0}, {"input": 4.0, "output": 9.0}]
 
 
-def test_a_value_error_in_preprocessing_is_a_400_and_other_errors_a_500():
+def test_only_a_request_error_in_preprocessing_is_a_4xx_and_any_other_error_a_500():
     def picky(request):
+        if request == "bad":
+            raise BadRequest("cannot parse")
         if request == "value":
-            raise ValueError("cannot parse")
+            raise ValueError("a bug of the handler: not the request's doing")
         if request == "bug":
             raise KeyError("oops")
         return 1.0
 
     with engine(preprocess=picky) as e:
-        report = e.run(["value", "bug", "fine"])
-    assert values(report)[:2] == [400, 500]
-    assert report.outcomes[2].ok
+        report = e.run(["bad", "value", "bug", "fine"])
+    assert values(report)[:3] == [400, 500, 500]
+    assert report.outcomes[3].ok
 
 
 def test_a_poison_item_fails_alone_and_its_micro_batch_neighbours_succeed():
