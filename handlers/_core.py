@@ -17,10 +17,12 @@ import torch
 
 from ._engine import BatchEngine, BatchReport
 from ._errors import BadRequest, UnsupportedMediaType
-from ._loading import PRECISIONS, load_model_files, prepare_model
+from ._loading import PRECISIONS, load_model_files, model_dtype, prepare_model
+from ._model_call import ModelCall
 from ._request import NO_BODY, Request
 from ._responses import JSON, content_type, json_ready
-from ._scatter import split_output
+from ._scatter import ITEMS, SHARED, Batched, Scatter
+from ._self_test import load_samples, run_self_test
 from ._settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,24 @@ def _to_cpu(leaf: Any) -> Any:
     return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
 
 
+# Messages of CUDA errors that leave the context unusable for the rest of the process: every
+# later call fails too, so the worker must be replaced (torch >= 2.8 raises AcceleratorError).
+BROKEN_DEVICE_MESSAGES = ("device-side assert", "illegal memory access", "unspecified launch failure",
+                          "misaligned address", "illegal instruction", "an illegal", "uncorrectable ecc",
+                          "cuda error: unknown error", "launch timed out")
+
+
+def breaks_device(exc: BaseException) -> bool:
+    """True for an accelerator error after which the device cannot be used in this process."""
+    text = str(exc).lower()
+    if "out of memory" in text:
+        return False
+    if type(exc).__name__ == "AcceleratorError":
+        return True
+    return isinstance(exc, RuntimeError) and ("cuda error" in text or "cudnn_status_execution_failed" in text) and any(
+        message in text for message in BROKEN_DEVICE_MESSAGES)
+
+
 class MicroBatchHandler:
     """Base handler: parallel preprocessing, pipelined micro-batch inference, scatter postprocessing.
 
@@ -61,7 +81,8 @@ class MicroBatchHandler:
     ``infer(batch) -> output``
         Run the model (default: ``self.model(batch)``), under ``torch.inference_mode()``.
     ``split(output, count) -> [output, ...]``
-        Cut the micro-batch output into one output per item (default: along dim 0, on the CPU).
+        Cut the micro-batch output into one output per item (default: by the batch layout proven
+        on samples, declared in ``batch_dims``, or probed once; see ``handlers._scatter``).
     ``postprocess_one(output, item) -> response``
         Turn one output into a response (default: ``output.tolist()``).
 
@@ -81,7 +102,11 @@ class MicroBatchHandler:
     # Settings of every handler; a subclass's own ``options`` are added to these.
     # torch_threads: torch's CPU threads in this worker (0: torch's default, one per core). With
     # several workers on one machine, cores / workers keeps them from oversubscribing the cores.
-    options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0}
+    # batch_dims: how the output is batched, by output path (see handlers._scatter): a tensor's
+    # batch dimension, "items" or "shared". invariance_rtol/atol: how close a sample's answer
+    # beside other requests must be to its answer alone, in the start-up self-test.
+    options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0,
+                               "batch_dims": {}, "invariance_rtol": 1e-3, "invariance_atol": 1e-4}
 
     def __init__(self):
         self.initialized = False
@@ -94,6 +119,9 @@ class MicroBatchHandler:
         self.model_dir = "."
         self._engine: Optional[BatchEngine] = None
         self._model_thread = threading.local()  # each model thread's own CUDA stream
+        self._scatter = Scatter()
+        self.input_dtype = torch.float32  # floating inputs are cast to the model's precision
+        self.self_test: Any = None  # the start-up self-test's report, when samples ran
 
     # -- settings -------------------------------------------------------------------------------
 
@@ -115,6 +143,15 @@ class MicroBatchHandler:
             raise ConfigError(f"handler.precision must be one of {', '.join(PRECISIONS)}, got {options['precision']!r}")
         if options["torch_threads"] < 0:
             raise ConfigError(f"handler.torch_threads must be >= 0 (0: torch's default), got {options['torch_threads']!r}")
+        for path, dim in options["batch_dims"].items():
+            if not isinstance(path, str) or not path.startswith("output") or not (
+                dim in (ITEMS, SHARED) or isinstance(dim, int) and not isinstance(dim, bool)
+            ):
+                raise ConfigError(f"handler.batch_dims maps an output path ('output', 'output[0]', "
+                                  f"\"output['logits']\") to a dimension, 'items' or 'shared', got {path!r}: {dim!r}")
+        for key in ("invariance_rtol", "invariance_atol"):
+            if options[key] < 0:
+                raise ConfigError(f"handler.{key} must be >= 0, got {options[key]!r}")
 
     @classmethod
     def read_config(cls, section: Optional[Mapping[str, Any]], server_timeout_s: Optional[float] = None,
@@ -129,8 +166,10 @@ class MicroBatchHandler:
 
     def start(self, model_dir: str = ".", section: Optional[Mapping[str, Any]] = None, device: Any = "cpu",
               model_files: ModelFiles = ModelFiles(), server_timeout_s: Optional[float] = None,
-              server_timeout_name: str = "the server's timeout") -> None:
-        """Read and check the settings, load the model on ``device``, start the pools."""
+              server_timeout_name: str = "the server's timeout", samples: Optional[Sequence] = None) -> None:
+        """Read and check the settings, load the model on ``device``, run the self-test on the
+        samples (``samples``, else those shipped in ``model_dir``; see ``handlers._self_test``),
+        start the pools. Raises ConfigError (``SelfTestFailed`` for a failed self-test)."""
         self.settings, self.config = self.read_config(section, server_timeout_s, server_timeout_name)
         threads = self.config["torch_threads"]
         if threads:
@@ -144,10 +183,19 @@ class MicroBatchHandler:
         self.setup(self.model_dir)
         model = self.load_model(self.model_dir, self.device)
         self.model = prepare_model(model, self.device, self.config["precision"], self.config["channels_last"])
+        self.input_dtype = model_dtype(self.model)
+        self._scatter = Scatter(self.config["batch_dims"])
+        self.on_device()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the weights are in place before other streams read them
+            # The weights and on_device's tensors are in place before other streams read them.
+            torch.cuda.synchronize(self.device)
+        samples = load_samples(self.model_dir) if samples is None else list(samples)
+        if samples:
+            self.self_test = run_self_test(self, samples)
+            log.info("%s %s", type(self).__name__, self.self_test.summary())
+        model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device)
         self._engine = BatchEngine(
-            self._preprocess_request, self._infer_micro_batch, self._postprocess_one_json_ready, self.settings,
+            self._preprocess_request, model_call, self._postprocess_one_json_ready, self.settings,
             inference_on_cpu=self.device.type == "cpu",
             size_hint=self.size_hint if type(self).size_hint is not MicroBatchHandler.size_hint else None,
         )
@@ -197,6 +245,11 @@ class MicroBatchHandler:
         """Load what the per-request hooks need besides the model (labels, a tokenizer, ...);
         ``self.config`` holds the checked options. Runs once, before ``load_model``."""
 
+    def on_device(self) -> None:
+        """Put what the model threads share besides the model on ``self.device`` (e.g.
+        normalisation constants), once: it runs after ``load_model`` and before the device is
+        synchronised, so that every model thread's stream sees it complete."""
+
     def load_model(self, model_dir: str, device: torch.device) -> Any:
         """Load the model files the server named (``self.model_files``): a model file + its
         state_dict (``weights_only=True``), or a TorchScript file."""
@@ -207,7 +260,7 @@ class MicroBatchHandler:
         payload = request.json()
         try:
             return torch.as_tensor(payload, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise BadRequest(f"expected a JSON array of numbers: {exc}") from None
 
     def collate(self, items: list) -> Any:
@@ -216,7 +269,17 @@ class MicroBatchHandler:
             batch = torch.stack(items)
         except RuntimeError as exc:
             raise BadRequest(f"items of this micro-batch do not stack: {exc}") from None
-        return batch.to(self.device, non_blocking=True)
+        return self.to_model(batch)
+
+    def to_model(self, batch: torch.Tensor) -> torch.Tensor:
+        """A host tensor as the model takes it: on its device (through pinned memory, so that the
+        copy is asynchronous on a GPU) and, when floating, in the model's precision."""
+        dtype = self.input_dtype if batch.is_floating_point() else batch.dtype
+        if self.device.type == "cuda":
+            if batch.device.type == "cpu":
+                batch = batch.pin_memory()
+            return batch.to(self.device, dtype=dtype, non_blocking=True)
+        return batch.to(self.device, dtype=dtype)
 
     def size_hint(self, request: Request) -> float:
         """Override to group requests of like size into micro-batches (cheap: it runs on every
@@ -228,13 +291,16 @@ class MicroBatchHandler:
         return self.model(batch)
 
     def split(self, output: Any, count: int) -> list:
-        """One output per item, by the output's structure (see ``handlers._scatter``): tensors
-        cut along the first dimension after one copy to the CPU; tuples, dicts, named tuples and
-        dataclasses cut field by field; a list taken as one entry per item. Anything else, or a
-        first dimension that is not ``count``, is a :class:`SplitFailed` (500) naming the shapes."""
-        if isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == count:
-            return list(output.detach().cpu().unbind(0))  # the common case, without the tree walk
-        return split_output(output, count, to_host=_to_cpu)
+        """One output per item, by the batch layout known from evidence (see
+        ``handlers._scatter``): declared in ``batch_dims``, learned from the samples at start-up,
+        or probed once on live traffic. Tensors are copied to the CPU once, then cut; tuples,
+        dicts, named tuples and dataclasses cut field by field. An output that cannot be cut
+        per request is a :class:`SplitFailed` (500) naming the part and how to declare it."""
+        layout = self._scatter.layout
+        if type(layout) is Batched and isinstance(output, torch.Tensor) and output.dim() > layout.dim \
+                and output.shape[layout.dim] == count:
+            return list(output.detach().cpu().unbind(layout.dim))  # the common case, without the tree walk
+        return self._scatter.split(output, count, to_host=_to_cpu)
 
     def postprocess_one(self, output: Any, item: Any) -> Any:
         """A tensor → nested lists (JSON-ready)."""
@@ -248,16 +314,24 @@ class MicroBatchHandler:
         return self.preprocess_one(request)
 
     def _postprocess_one_json_ready(self, output: Any, item: Any) -> Any:
-        return json_ready(self.postprocess_one(output, item))
+        # The outputs are inference tensors: an in-place op on one is only allowed in inference mode.
+        with torch.inference_mode():
+            return json_ready(self.postprocess_one(output, item))
 
-    def _infer_micro_batch(self, items: list) -> list:
+    def _forward(self, items: list) -> Any:
+        """collate → infer for one micro-batch, on the model thread that runs it."""
         # inference_mode is thread-local: enter it on the model thread that runs this.
+        with torch.inference_mode(), self._own_stream():
+            return self.infer(self.collate(items))
+
+    def _split_on_host(self, output: Any, count: int) -> list:
+        """``split`` on the model thread; outputs a custom split leaves on the GPU are made safe
+        for the pool threads that read them on the default stream."""
         with torch.inference_mode(), self._own_stream() as stream:
-            outputs = self.split(self.infer(self.collate(items)), len(items))
+            parts = self.split(output, count)
             if stream is not None:
-                # Outputs a custom split leaves on the GPU are read by pool threads, on other streams.
-                stream.synchronize()
-            return outputs
+                _hand_over(parts, stream, torch.cuda.default_stream(self.device))
+            return parts
 
     @contextlib.contextmanager
     def _own_stream(self):
@@ -272,3 +346,19 @@ class MicroBatchHandler:
             stream = self._model_thread.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
             yield stream
+
+
+def _hand_over(parts: list, stream, reader) -> None:
+    """GPU tensors made on the model thread's ``stream`` are read on ``reader`` (the pool threads'
+    default stream): their memory is not reused until ``reader``'s work is done (record_stream),
+    and ``stream``'s kernels are finished before the pool sees them."""
+    from ._scatter import map_arrays
+
+    def record(leaf):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(reader)
+        return leaf
+
+    for part in parts:
+        map_arrays(part, record)
+    stream.synchronize()

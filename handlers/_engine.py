@@ -22,17 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ._clocks import Deadline, PerItemCost, StageTimes
-from ._errors import (
-    DeadlineExceeded,
-    InternalError,
-    OutOfMemory,
-    ServiceUnavailable,
-    SplitFailed,
-    describe,
-    inference_error,
-    postprocess_error,
-    preprocess_error,
-)
+from ._errors import DeadlineExceeded, InternalError, ServiceUnavailable, describe, postprocess_error, preprocess_error
+from ._model_call import ModelCall
 from ._outcome import Failure, Outcome, Success, attempt
 from ._pool import CallChunk, StagePool
 from ._settings import EngineSettings
@@ -45,9 +36,6 @@ log = logging.getLogger(__name__)
 # micro-batch's postprocessing, and every request still to collect once a stuck stage is found
 # (it may only have been queued behind it), gets this share of what is left.
 PREPROCESS_SHARE_OF_DEADLINE = 0.5
-# Once out of memory capped the micro-batch size, every this many batches one runs uncapped:
-# memory freed since (another model unloaded, fragmentation gone) lifts the cap.
-PROBE_CAPPED_SIZE_EVERY = 16
 # How many pool threads hung stages may hold at once, each replaced by a fresh thread: the
 # bound on threads a worker grows (pool_size + this), and past it the worker asks to be replaced.
 MAX_STUCK_PER_THREAD = 2
@@ -91,8 +79,9 @@ class BatchEngine:
 
     Args:
         preprocess: ``request -> item``; runs on the pool, one request at a time.
-        infer_micro_batch: ``[item, ...] -> [output, ...]`` (one output per item, in order); runs
-            on the model thread(s), one micro-batch at a time per model thread.
+        infer_micro_batch: a :class:`ModelCall` (which owns collate → infer → split and the
+            retries around it), or a plain ``[item, ...] -> [output, ...]`` (one output per item,
+            in order); runs on the model thread(s), one micro-batch at a time per model thread.
         postprocess: ``(output, item) -> response``; runs on the pool, one request at a time.
         settings: sizes and the deadline.
         inference_on_cpu: the model shares the CPU cores with the pool (no accelerator); the
@@ -113,7 +102,7 @@ class BatchEngine:
     def __init__(
         self,
         preprocess: Preprocess,
-        infer_micro_batch: InferMicroBatch,
+        infer_micro_batch: "ModelCall | InferMicroBatch",
         postprocess: Postprocess,
         settings: EngineSettings = EngineSettings(),
         inference_on_cpu: bool = False,
@@ -121,7 +110,7 @@ class BatchEngine:
     ):
         self.settings = settings
         self._preprocess = preprocess
-        self._infer_micro_batch = infer_micro_batch
+        self._model_call = infer_micro_batch if isinstance(infer_micro_batch, ModelCall) else ModelCall(infer_micro_batch)
         self._postprocess = postprocess
         self._size_hint = size_hint
         self._preprocess_cost = PerItemCost()
@@ -136,11 +125,6 @@ class BatchEngine:
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
         self._stuck_model_calls: set = set()
         self._health_lock = threading.Lock()
-        self._safe_size_lock = threading.Lock()
-        self._safe_size: Optional[int] = None
-        self._smallest_oom: Optional[int] = None
-        self._sizes_that_fit: set = set()
-        self._capped_batches = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -163,6 +147,7 @@ class BatchEngine:
             plan = self._plan(requests)
             self._run_pipeline(requests, plan, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
+            # (hooks' errors never get here: each is caught, BaseExceptions too, by its request)
             log.exception("batch of %d failed inside the engine", len(requests))
             error = InternalError(f"the handler failed on this batch: {describe(exc)}")
             outcomes = [outcome or Failure(error) for outcome in outcomes]
@@ -175,13 +160,16 @@ class BatchEngine:
     @property
     def safe_micro_batch_size(self) -> Optional[int]:
         """The largest micro-batch known to fit in memory, once the model ran out of it (else None)."""
-        return self._safe_size
+        return self._model_call.safe_size
 
     @property
     def unhealthy_reason(self) -> Optional[str]:
         """Why this engine cannot serve (a model call hung past its deadline and still running,
-        or every pool thread held by hung stages); None when it can. A server should replace a
-        worker whose engine stays unhealthy."""
+        every pool thread held by hung stages, or an accelerator left broken by a model call); None
+        when it can. A server should replace a worker whose engine stays unhealthy."""
+        broken = self._model_call.unhealthy_reason
+        if broken is not None:
+            return broken
         with self._health_lock:
             if self._stuck_model_calls:
                 return "the model is stuck in a call that outlived its batch's deadline"
@@ -245,41 +233,7 @@ class BatchEngine:
             return 0.0
 
     def _micro_batch_size(self, batch_size: int) -> Optional[int]:
-        size = self._sizing.size_for(batch_size)
-        with self._safe_size_lock:
-            safe = self._safe_size
-            if safe is None or (size is not None and size <= safe):
-                return size
-            self._capped_batches += 1
-            if self._capped_batches % PROBE_CAPPED_SIZE_EVERY == 0:
-                return size  # a probe: if it fits now, the cap is lifted
-            return safe
-
-    def _remember_out_of_memory(self, size: int) -> None:
-        with self._safe_size_lock:
-            self._smallest_oom = size if self._smallest_oom is None else min(size, self._smallest_oom)
-            self._update_safe_size()
-
-    def _remember_fit(self, size: int) -> None:
-        with self._safe_size_lock:
-            if self._smallest_oom is not None and size >= self._smallest_oom:
-                log.warning("a micro-batch of %d fitted in memory again: the cap of %s is lifted", size, self._safe_size)
-                self._smallest_oom = self._safe_size = None
-                self._sizes_that_fit.clear()
-                self._capped_batches = 0
-            if size not in self._sizes_that_fit:
-                self._sizes_that_fit.add(size)
-                if self._smallest_oom is not None:
-                    self._update_safe_size()
-
-    def _update_safe_size(self) -> None:
-        # The largest size seen to fit below the smallest that ran out of memory (until one is
-        # seen: one less than that).
-        below = [s for s in self._sizes_that_fit if s < self._smallest_oom]
-        safe = max(below) if below else max(1, self._smallest_oom - 1)
-        if safe != self._safe_size:
-            self._safe_size = safe
-            log.warning("out of memory in inference: micro-batches are capped at %d from now on", safe)
+        return self._model_call.cap(self._sizing.size_for(batch_size))
 
     def _run_pipeline(self, requests, plan, deadline, outcomes, times) -> None:
         # Queue every micro-batch's preprocessing at once (in order), so that the pool works
@@ -346,7 +300,7 @@ class BatchEngine:
         the pool. Returns ``Success(([(position, Failure)], [(positions, CallChunk)]))``."""
         items = dict(ready)
         failed, succeeded = [], []
-        for position, outcome in self._infer_isolating(ready, deadline, times):
+        for position, outcome in self._model_call.run(ready, deadline, times):
             (succeeded if outcome.ok else failed).append((position, outcome))
         outputs = dict((position, outcome.value) for position, outcome in succeeded)
         positions = [position for position, _ in succeeded]
@@ -393,49 +347,6 @@ class BatchEngine:
                     deadline = after_a_stuck_stage()
             collected.append((position, outcome))
         return collected, deadline
-    def _infer_isolating(self, ready: list, deadline: Deadline, times: StageTimes) -> list:
-        """Infer ``ready`` (``[(position, item), ...]``); when that raises, split it in halves and
-        retry each, so that a poison item fails alone and its neighbours still get results.
-
-        Out of memory caps later micro-batches only when the size caused it: when every part
-        fitted after the split. A request that runs out of memory even alone is the cause; it
-        gets its 507 and the size stays as it was."""
-        items = [item for _, item in ready]
-        started = time.perf_counter()
-        outcome = attempt(self._infer_checked, inference_error, items)
-        times.add_call(len(items), time.perf_counter() - started)
-        if outcome.ok:
-            self._remember_fit(len(ready))
-            return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
-        if len(ready) == 1:
-            return [(ready[0][0], outcome)]
-        if deadline.expired():
-            late = self._late("inference", deadline)
-            return [(position, late) for position, _ in ready]
-        log.warning(
-            "inference failed on a micro-batch of %d (%s); retrying its halves to isolate the cause",
-            len(ready),
-            outcome.error.message,
-        )
-        middle = len(ready) // 2
-        results = self._infer_isolating(ready[:middle], deadline, times) + self._infer_isolating(
-            ready[middle:], deadline, times
-        )
-        out_of_memory_alone = any(not o.ok and isinstance(o.error, OutOfMemory) for _, o in results)
-        if isinstance(outcome.error, OutOfMemory) and not out_of_memory_alone:
-            self._remember_out_of_memory(len(ready))
-        return results
-
-    def _infer_checked(self, items: list) -> list:
-        outputs = list(self._infer_micro_batch(items))
-        if len(outputs) != len(items):
-            # A contract bug in the model step; a real check, not an assert (python -O drops those).
-            raise SplitFailed(
-                f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}: "
-                f"split(output, count) must return one output per item"
-            )
-        return outputs
-
     # -- helpers ------------------------------------------------------------------------------
 
     def _note_stuck_model_call(self, job: Future) -> None:
@@ -463,7 +374,7 @@ class BatchEngine:
             return self._late(stage, deadline)
         except CancelledError:
             return Failure(InternalError(f"{stage} was cancelled: the handler is shutting down"))
-        except Exception as exc:  # noqa: BLE001 - e.g. the pool was closed under a running batch
+        except BaseException as exc:  # noqa: BLE001 - e.g. the pool was closed under a running batch
             return Failure(InternalError(f"{stage} failed inside the handler: {describe(exc)}"))
 
     @staticmethod
@@ -483,8 +394,7 @@ def log_server_errors(outcomes: Sequence[Outcome]) -> None:
         if outcome is not None and not outcome.ok and outcome.error.status >= 500:
             errors.setdefault(id(outcome.error), (outcome.error, []))[1].append(position)
     for error, positions in errors.values():
-        cause = error.__cause__ or error
-        traceback = (type(cause), cause, cause.__traceback__) if cause.__traceback__ is not None else None
         level = logging.WARNING if error.status in (503, 504) else logging.ERROR
-        log.log(level, "request(s) %s of a batch of %d: %d %s: %s", positions, len(outcomes), error.status,
-                error.kind, error.message, exc_info=traceback)
+        traceback = getattr(error, "traceback_text", None)
+        log.log(level, "request(s) %s of a batch of %d: %d %s: %s%s", positions, len(outcomes), error.status,
+                error.kind, error.message, f"\n{traceback}" if traceback and level == logging.ERROR else "")

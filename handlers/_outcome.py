@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -30,15 +31,24 @@ Outcome = Union[Success, Failure]
 
 
 def attempt(stage: Callable[..., Any], classify: Callable[[BaseException], RequestError], *args) -> Outcome:
-    """Run ``stage(*args)``; an exception becomes this request's :class:`Failure`, never a dead
-    thread or a lost request."""
+    """Run ``stage(*args)``; whatever it raises becomes this request's :class:`Failure`, never a
+    dead thread or a lost request: ``SystemExit`` from a library's ``exit()`` and a Rust
+    extension's panic (``BaseException``\\ s both) included."""
     try:
         return Success(stage(*args))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - every error must reach its request (a Rust
-        # extension's panic, e.g. the tokenizers' PanicException, is a BaseException)
-        error = classify(exc)
-        if error is not exc and error.__cause__ is None:
-            error.__cause__ = exc  # keeps the traceback for the log of a 5xx
-        return Failure(error)
+    except BaseException as exc:  # noqa: BLE001 - every error must reach its request
+        return Failure(error_of(exc, classify))
+
+
+def error_of(exc: BaseException, classify: Callable[[BaseException], RequestError]) -> RequestError:
+    """The request's error for ``exc``. A 5xx keeps the traceback as text (``traceback_text``,
+    for the log); no frame is kept: the frames of a failed model call hold its tensors, on a GPU
+    the very memory that a retry on a smaller micro-batch needs."""
+    error = classify(exc)
+    error.cause_type = type(exc).__name__
+    if error.status >= 500:
+        error.traceback_text = "".join(traceback.format_exception(exc)).rstrip()
+    for held in {id(exc): exc, id(error): error}.values():
+        held.__traceback__ = None
+        held.__cause__ = held.__context__ = None
+    return error

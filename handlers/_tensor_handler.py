@@ -47,4 +47,4 @@ class TensorHandler(MicroBatchHandler):
         # One tensor per micro-batch, not per request (a torch tensor costs microseconds to make).
         # Arrays of one declared shape stack; with -1 axes, differing lengths are a micro-batch
         # the engine splits and retries, so each request still gets its own answer.
-        return torch.from_numpy(np.stack(items)).to(self.device, non_blocking=True)
+        return self.to_model(torch.from_numpy(np.stack(items)))

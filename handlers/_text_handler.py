@@ -70,8 +70,8 @@ class TextHandler(MicroBatchHandler):
     def collate(self, items: list) -> dict:
         ids, mask = pad_to_longest([item.ids for item in items], self.pad_id)
         return {
-            "input_ids": torch.from_numpy(ids).to(self.device, non_blocking=True),
-            "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True),
+            "input_ids": self.to_model(torch.from_numpy(ids)),
+            "attention_mask": self.to_model(torch.from_numpy(mask)),
         }
 
 

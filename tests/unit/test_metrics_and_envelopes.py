@@ -43,6 +43,9 @@ def test_each_batch_reports_its_size_model_calls_stage_times_and_errors(handler)
 def test_a_clean_batch_reports_no_errors(handler):
     _, context = run_batch(handler, [[1, 2, 3, 4]] * 3)
     assert context.metrics.named("RequestErrors") == []
+    # Micro-batches of 2 and 1, and once a probe of the first half to learn the output's layout.
+    assert context.metrics.named("ModelCalls")[0].value == 3
+    _, context = run_batch(handler, [[1, 2, 3, 4]] * 3)
     assert context.metrics.named("ModelCalls")[0].value == 2
 
 

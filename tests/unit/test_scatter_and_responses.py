@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from handlers import SplitFailed
-from handlers._scatter import split_output
+from handlers._scatter import learn_layout, split_output
 from handlers.testing import FakeContext, assert_matches_alone, run_batch, start_handler
 
 from .models import AffineHandler
@@ -82,18 +82,20 @@ def test_structured_outputs_give_each_request_its_own_part(kind, micro_batch_siz
 
 
 @pytest.mark.parametrize("output, problem", [
-    ((torch.zeros(2, 3), torch.zeros(5)), "output[1] has shape [5]"),
-    ({"logits": torch.zeros(2, 3), "count": 7}, "output['count'] is a int"),
-    ([torch.zeros(3)] * 3, "output is a list of 3 entries"),
-    (torch.tensor(1.0), "output is a 0-d Tensor"),
-    ({}, "output is an empty dict"),
+    (lambda n: (torch.zeros(n, 3), torch.zeros(5)), "output[1] has no dimension that follows the micro-batch size"),
+    (lambda n: {"logits": torch.zeros(n, 3), "count": 7}, "output['count'] is a int, one value for the whole"),
+    (lambda n: [torch.zeros(3)] * 3, "output[0] has no dimension that follows"),
+    (lambda n: torch.tensor(1.0), "output has no dimension that follows"),
+    (lambda n: torch.zeros(n, n), "has the micro-batch size in dimensions [0, 1]"),
+    (lambda n: [torch.zeros(2)] * (n + 1), "neither one entry per request nor a fixed number"),
+    (lambda n: {}, "output is an empty mapping"),
 ])
 def test_an_output_that_cannot_be_attributed_is_a_clear_500_naming_split_and_shapes(output, problem):
     with pytest.raises(SplitFailed) as raised:
-        split_output(output, 2)
+        learn_layout({2: output(2), 3: output(3)})
     message = raised.value.message
     assert problem in message
-    assert "override split(output, count)" in message
+    assert "handler.batch_dims" in message and "override split(output, count)" in message
     assert raised.value.status == 500
 
 
@@ -112,7 +114,10 @@ def test_a_handler_whose_output_cannot_be_split_answers_500s_not_a_mix_of_answer
 
 
 def test_numpy_leaves_are_cut_along_their_first_dimension():
-    parts = split_output({"a": np.arange(6).reshape(3, 2), "b": [["x"], ["y"], ["z"]]}, 3)
+    def output(n):
+        return {"a": np.arange(2 * n).reshape(n, 2), "b": [[chr(ord("x") + i)] for i in range(n)]}
+
+    parts = split_output(output(3), 3, layout=learn_layout({3: output(3), 1: output(1)}))
     assert [p["a"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
     assert [p["b"] for p in parts] == [["x"], ["y"], ["z"]]
 

@@ -1,0 +1,233 @@
+"""The model call: one micro-batch through the model (collate → infer → split), and every policy
+around it, owned here so that the engine only schedules:
+
+- **retry by splitting**: a failed micro-batch is cut in halves and each retried, so that a
+  poison request fails alone; not when splitting cannot cure it (a split failure: the output's
+  layout is the same at any size; an accelerator left broken). Two halves failing alike do not
+  stop it: a micro-batch may hold two poison requests, one in each half, and a request is never
+  failed for a batch-mate's error;
+- **out of memory**: the micro-batch size is capped when the size caused it (every part fitted
+  after the split), and the cap is probed now and then and lifted when a full size fits again;
+  the failed attempt is freed before the halves run (its traceback kept as text, not frames);
+- **a broken accelerator** (a device-side assert leaves the CUDA context unusable): no retry,
+  and the model call reports itself unhealthy at once, so that the server replaces the worker;
+- **a batch layout to learn**: when the split asks for evidence (:class:`LayoutUnknown`), the
+  model is called once more on the first half and the layout learned from both sizes.
+
+Plain Python: the model's steps come in as functions; it imports neither torch nor a server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from ._clocks import Deadline, StageTimes
+from ._errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
+                      inference_error)
+from ._outcome import Failure, Outcome, Success, attempt
+from ._scatter import LayoutUnknown
+
+log = logging.getLogger(__name__)
+
+# Once out of memory capped the micro-batch size, every this many batches one runs uncapped:
+# memory freed since (another model unloaded, fragmentation gone) lifts the cap.
+PROBE_CAPPED_SIZE_EVERY = 16
+
+Forward = Callable[[list], Any]  # items of one micro-batch -> the model's output for them
+Split = Callable[[Any, int], Sequence[Any]]  # (output, count) -> one output per item
+
+
+def never(exc: BaseException) -> bool:
+    return False
+
+
+class ModelCall:
+    """Calls the model on micro-batches and gives each request its own outcome.
+
+    Args:
+        forward: ``items -> output`` for one micro-batch (collate + infer); runs on a model thread.
+        split: ``(output, count) -> [output, ...]``; None when ``forward`` already returns one
+            output per item. It may raise :class:`LayoutUnknown` to have the model probed.
+        breaks_device: ``exc -> bool``: the error left the accelerator unusable (sticky CUDA
+            errors); the model call is then unhealthy for good.
+
+    Example::
+
+        call = ModelCall(lambda items: [2 * x for x in items])
+        outcomes = call.run([(0, 1.0), (1, 2.0)], Deadline(5), StageTimes())
+    """
+
+    def __init__(self, forward: Forward, split: Optional[Split] = None, breaks_device: Callable = never):
+        self._forward = forward
+        self._split = split
+        self._breaks_device = breaks_device
+        self._lock = threading.Lock()
+        self._broken: Optional[str] = None
+        self._safe_size: Optional[int] = None
+        self._smallest_oom: Optional[int] = None
+        self._sizes_that_fit: set = set()
+        self._capped_batches = 0
+
+    # -- public -------------------------------------------------------------------------------
+
+    def run(self, ready: list, deadline: Deadline, times: StageTimes) -> list:
+        """``[(position, item)]`` of one micro-batch → ``[(position, outcome)]``, every position
+        once; never raises."""
+        if self._broken is not None:
+            refused = Failure(_unavailable(self._broken))
+            return [(position, refused) for position, _ in ready]
+        return self._isolate(ready, deadline, times, None, top=True)
+
+    def cap(self, size: Optional[int]) -> Optional[int]:
+        """The micro-batch size to use instead of ``size`` (None: the whole batch) while out of
+        memory caps it; every :data:`PROBE_CAPPED_SIZE_EVERY` capped batches, ``size`` itself."""
+        with self._lock:
+            safe = self._safe_size
+            if safe is None or (size is not None and size <= safe):
+                return size
+            self._capped_batches += 1
+            if self._capped_batches % PROBE_CAPPED_SIZE_EVERY == 0:
+                return size  # a probe: if it fits now, the cap is lifted
+            return safe
+
+    @property
+    def safe_size(self) -> Optional[int]:
+        """The largest micro-batch known to fit in memory, once the model ran out of it (else None)."""
+        return self._safe_size
+
+    @property
+    def unhealthy_reason(self) -> Optional[str]:
+        """Why this model cannot be called any more (the accelerator is broken), or None."""
+        return self._broken
+
+    # -- isolation ------------------------------------------------------------------------------
+
+    def _isolate(self, ready: list, deadline: Deadline, times: StageTimes, outcome: Optional[Outcome],
+                 top: bool = False) -> list:
+        """Outcomes for ``ready``; ``outcome`` is that of a call already made on exactly these items."""
+        if outcome is None:
+            outcome = self._call(ready, times)
+        if outcome.ok:
+            self._remember_fit(len(ready))
+            return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
+        error = outcome.error
+        if len(ready) == 1 or not self._splitting_may_cure(error):
+            return [(position, outcome) for position, _ in ready]
+        if deadline.expired():
+            late = Failure(DeadlineExceeded(f"inference did not finish within {deadline.seconds:.3g} s (the "
+                                            f"handler's deadline_s bounds each batch)"))
+            return [(position, late) for position, _ in ready]
+        if top:
+            log.warning("inference failed on a micro-batch of %d (%s); retrying its parts to isolate the cause",
+                        len(ready), error.message)
+        middle = len(ready) // 2
+        left, right = ready[:middle], ready[middle:]
+        left_outcome = self._call(left, times)
+        right_outcome = self._call(right, times) if self._broken is None else None
+        if right_outcome is None:  # the left half broke the device: nothing more may run
+            return self._isolate(left, deadline, times, left_outcome) + self.run(right, deadline, times)
+        results = (self._isolate(left, deadline, times, left_outcome)
+                   + self._isolate(right, deadline, times, right_outcome))
+        out_of_memory_alone = any(not o.ok and isinstance(o.error, OutOfMemory) for _, o in results)
+        if isinstance(error, OutOfMemory) and not out_of_memory_alone:
+            self._remember_out_of_memory(len(ready))
+        return results
+
+    def _splitting_may_cure(self, error: RequestError) -> bool:
+        if self._broken is not None or isinstance(error, (SplitFailed, DeadlineExceeded)):
+            return False
+        return getattr(error, "retry_may_cure", True)
+
+    def _call(self, ready: list, times: StageTimes) -> Outcome:
+        """One model call on ``ready``'s items (plus a probe of its first half, if the split asks
+        for one); the outcome holds one output per item."""
+        items = [item for _, item in ready]
+        if self._broken is not None:
+            return Failure(_unavailable(self._broken))
+        started = time.perf_counter()
+        try:
+            return attempt(self._outputs, self._classify, items, times)
+        finally:
+            times.add_call(len(items), time.perf_counter() - started)
+
+    def _outputs(self, items: list, times: StageTimes) -> list:
+        output = self._forward(items)
+        if self._split is None:
+            outputs = list(output)
+        else:
+            try:
+                outputs = list(self._split(output, len(items)))
+            except LayoutUnknown as unknown:
+                outputs = self._probe_then_split(items, output, unknown, times)
+        if len(outputs) != len(items):
+            # A contract bug in the model step; a real check, not an assert (python -O drops those).
+            raise SplitFailed(f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}: "
+                              f"split(output, count) must return one output per item")
+        return outputs
+
+    def _probe_then_split(self, items: list, output: Any, unknown: LayoutUnknown, times: StageTimes) -> list:
+        """The output's layout is unknown: call the model on the first half too, learn the layout
+        from the two sizes, then split."""
+        half = items[: len(items) // 2]
+        started = time.perf_counter()
+        try:
+            smaller = self._forward(half)
+        finally:
+            times.add_call(len(half), time.perf_counter() - started)
+        unknown.learn({len(items): output, len(half): smaller})
+        log.info("learned the batch layout of the model's output from micro-batches of %d and %d",
+                 len(items), len(half))
+        return list(self._split(output, len(items)))
+
+    def _classify(self, exc: BaseException) -> RequestError:
+        if self._breaks_device(exc):
+            with self._lock:
+                if self._broken is None:
+                    self._broken = f"the accelerator is in an unrecoverable state ({type(exc).__name__}: " \
+                                   f"{_first_line(exc)})"
+            log.critical("%s: this worker cannot serve any more and reports itself unhealthy", self._broken)
+            error = InferenceFailed(f"the accelerator failed on this micro-batch and cannot be used any more "
+                                    f"({type(exc).__name__}: {_first_line(exc)}); this worker is being replaced")
+            error.retry_may_cure = False
+            return error
+        return inference_error(exc)
+
+    # -- out of memory ----------------------------------------------------------------------------
+
+    def _remember_out_of_memory(self, size: int) -> None:
+        with self._lock:
+            self._smallest_oom = size if self._smallest_oom is None else min(size, self._smallest_oom)
+            self._update_safe_size()
+
+    def _remember_fit(self, size: int) -> None:
+        with self._lock:
+            if self._smallest_oom is not None and size >= self._smallest_oom:
+                log.warning("a micro-batch of %d fitted in memory again: the cap of %s is lifted", size, self._safe_size)
+                self._smallest_oom = self._safe_size = None
+                self._sizes_that_fit.clear()
+                self._capped_batches = 0
+            if size not in self._sizes_that_fit:
+                self._sizes_that_fit.add(size)
+                if self._smallest_oom is not None:
+                    self._update_safe_size()
+
+    def _update_safe_size(self) -> None:
+        # The largest size seen to fit below the smallest that ran out of memory (until one is
+        # seen: one less than that).
+        below = [s for s in self._sizes_that_fit if s < self._smallest_oom]
+        safe = max(below) if below else max(1, self._smallest_oom - 1)
+        if safe != self._safe_size:
+            self._safe_size = safe
+            log.warning("out of memory in inference: micro-batches are capped at %d from now on", safe)
+
+
+def _unavailable(reason: str) -> RequestError:
+    return ServiceUnavailable(f"this worker cannot serve now: {reason}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,219 @@
+"""The start-up self-test: the user's sample requests run alone and together at several
+micro-batch sizes, before anything is served.
+
+It proves two things on the model itself, not on guesses: the **batch layout** of its output
+(which parts follow the micro-batch size, along which dimension: :mod:`handlers._scatter`), and
+that it is **batch-invariant**: each sample's answer beside other requests equals its answer
+alone, within a tolerance. A model that mixes the requests of a batch (a layer in training mode,
+padding that leaks into the result) is refused with one line naming the sample, the output part
+and the difference. It doubles as the warm-up.
+
+Samples travel in the archive (``microbatch_samples/`` in the model folder, written by
+``python -m handlers.archive`` from the config's ``samples:``), so TorchServe, Ray Serve, the
+test kit and ``python -m handlers.archive --check`` all run the same test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ._errors import SplitFailed
+from ._request import Request, decoded_body
+from ._scatter import children_of, child_path, cut, is_array, learn_layout, ROOT
+from ._settings import ConfigError
+
+SAMPLES_DIR = "microbatch_samples"
+SAMPLES_INDEX = "samples.json"
+# Content types by file extension (a sample of another type names it in the config).
+CONTENT_TYPES = {".json": "application/json", ".txt": "text/plain", ".npy": "application/octet-stream"}
+BINARY = "application/octet-stream"
+# Micro-batch sizes the samples run together at (plus the configured micro_batch_size, up to the cap).
+TOGETHER_SIZES = (2, 3)
+LARGEST_SIZE_TRIED = 64
+
+
+class SelfTestFailed(ConfigError):
+    """The model failed its self-test on the samples; the message says which sample, where, and why."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample request: its file name (for messages) and the request as a server hands it over."""
+
+    name: str
+    request: Request
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    samples: int
+    model_calls: int
+    sizes: tuple
+    seconds: float
+    layout_learned: bool
+
+    def summary(self) -> str:
+        layout = "batch layout learned, " if self.layout_learned else ""
+        return (f"self-test: {self.samples} sample(s) alone and together at micro-batch sizes "
+                f"{', '.join(map(str, self.sizes))}: {layout}answers batch-invariant; {self.model_calls} model calls "
+                f"in {self.seconds:.2f} s")
+
+
+def content_type_of(name: str) -> str:
+    return CONTENT_TYPES.get(os.path.splitext(name)[1].lower(), BINARY)
+
+
+def load_samples(model_dir: str) -> list:
+    """The samples shipped in ``model_dir/microbatch_samples/`` (none when the folder is absent)."""
+    folder = Path(model_dir) / SAMPLES_DIR
+    index = folder / SAMPLES_INDEX
+    if not index.is_file():
+        return []
+    samples = []
+    for entry in json.loads(index.read_text()):
+        body = (folder / entry["file"]).read_bytes()
+        content_type = entry.get("content_type") or content_type_of(entry["file"])
+        headers = {"Content-Type": content_type}
+        samples.append(Sample(entry["file"], Request(decoded_body(body, content_type), headers)))
+    return samples
+
+
+def run_self_test(handler, samples: list) -> SelfTestReport:
+    """Run ``samples`` through ``handler`` (started, its engine not yet serving): alone, then
+    together at :data:`TOGETHER_SIZES` and the configured micro-batch size. Learns the batch
+    layout (when the handler uses the default ``split``) and checks batch invariance.
+
+    Raises:
+        SelfTestFailed: one line naming the sample, the output part and the difference.
+    """
+    started = time.perf_counter()
+    items = [_preprocessed(handler, sample) for sample in samples]
+    calls = 0
+
+    def forward(positions: list) -> Any:
+        nonlocal calls
+        calls += 1
+        try:
+            return handler._forward([items[p] for p in positions])
+        except Exception as exc:  # noqa: BLE001 - named with the samples
+            names = ", ".join(samples[p].name for p in positions)
+            raise SelfTestFailed(f"self-test: the model raised on sample(s) {names}: {type(exc).__name__}: "
+                                 f"{_first_line(exc)}") from None
+
+    sizes = _sizes(handler)
+    groups = {n: [(i + n) % len(samples) for i in range(n)] for n in sizes}  # each sample in turn
+    alone = {p: forward([p]) for p in range(len(samples))}
+    together = {n: forward(positions) for n, positions in groups.items()}
+    scatter = getattr(handler, "_scatter", None)
+    learned = scatter is not None and type(handler).split is _default_split()
+    if learned:
+        try:
+            scatter.learn({1: alone[0], **together}, "samples")
+        except SplitFailed as exc:
+            raise SelfTestFailed(f"self-test: {exc.message}") from None
+    rtol, atol = tolerance(handler)
+    alone_parts = {p: _split(handler, output, 1)[0] for p, output in alone.items()}
+    for n, positions in groups.items():
+        parts = _split(handler, together[n], n)
+        for slot, (p, part) in enumerate(zip(positions, parts)):
+            difference = first_difference(alone_parts[p], part, rtol, atol)
+            if difference:
+                raise SelfTestFailed(
+                    f"self-test: sample {samples[p].name} answers differently beside other requests (micro-batch "
+                    f"of {n}, position {slot}): {difference} (tolerance rtol {rtol:g}, atol {atol:g}). The model "
+                    f"mixes the requests of a batch: a layer left in training mode (BatchNorm, Dropout: call "
+                    f"model.eval()), padding that leaks into the result, or a statistic over the batch"
+                )
+    return SelfTestReport(len(samples), calls, (1, *sizes), time.perf_counter() - started, learned)
+
+
+def tolerance(handler) -> tuple:
+    """``(rtol, atol)`` from the handler's settings; at least 1e-2 in half precision on a GPU."""
+    rtol, atol = handler.config["invariance_rtol"], handler.config["invariance_atol"]
+    if handler.device.type == "cuda" and handler.config["precision"] != "float32":
+        rtol, atol = max(rtol, 1e-2), max(atol, 1e-2)
+    return rtol, atol
+
+
+def first_difference(alone: Any, together: Any, rtol: float, atol: float, path: str = ROOT) -> Optional[str]:
+    """Where two answers differ beyond the tolerance, in words; None when they agree."""
+    if is_array(alone) or is_array(together):
+        if not (is_array(alone) and is_array(together)):
+            return f"{path} is a {type(alone).__name__} alone and a {type(together).__name__} together"
+        if tuple(alone.shape) != tuple(together.shape):
+            return f"{path} has shape {list(alone.shape)} alone and {list(together.shape)} together"
+        return _array_difference(alone, together, rtol, atol, path)
+    structure, other = children_of(alone), children_of(together)
+    if structure is not None or other is not None:
+        if structure is None or other is None or [k for k, _ in structure[1]] != [k for k, _ in other[1]]:
+            return f"{path} is structured differently alone and together"
+        for (key, a), (_, b) in zip(structure[1], other[1]):
+            found = first_difference(a, b, rtol, atol, child_path(path, alone, key))
+            if found:
+                return found
+        return None
+    if isinstance(alone, float) or isinstance(together, float):
+        if isinstance(alone, (int, float)) and isinstance(together, (int, float)) and (
+            math.isclose(alone, together, rel_tol=rtol, abs_tol=atol) or (math.isnan(alone) and math.isnan(together))
+        ):
+            return None
+    elif alone == together:
+        return None
+    return f"{path} is {alone!r} alone and {together!r} together"
+
+
+def _array_difference(alone: Any, together: Any, rtol: float, atol: float, path: str) -> Optional[str]:
+    import torch
+
+    a = torch.as_tensor(alone).detach().cpu()
+    b = torch.as_tensor(together).detach().cpu()
+    if not (a.is_floating_point() or a.is_complex() or b.is_floating_point()):
+        unequal = a != b
+    else:
+        a, b = a.double(), b.double()
+        unequal = ~torch.isclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+    if not bool(unequal.any()):
+        return None
+    where = tuple(int(i) for i in unequal.nonzero()[0])
+    index = "".join(f"[{i}]" for i in where)
+    return f"{path}{index} is {a[where].item():.6g} alone and {b[where].item():.6g} together"
+
+
+def _preprocessed(handler, sample: Sample) -> Any:
+    try:
+        return handler._preprocess_request(sample.request)
+    except Exception as exc:  # noqa: BLE001 - a sample the handler refuses is a broken config
+        raise SelfTestFailed(f"self-test: sample {sample.name} is refused by preprocess_one: {type(exc).__name__}: "
+                             f"{_first_line(exc)}") from None
+
+
+def _split(handler, output: Any, count: int) -> list:
+    try:
+        return list(handler._split_on_host(output, count))
+    except Exception as exc:  # noqa: BLE001 - named as the self-test's finding
+        raise SelfTestFailed(f"self-test: {_first_line(exc)}") from None
+
+
+def _sizes(handler) -> tuple:
+    sizes = list(TOGETHER_SIZES)
+    configured = handler.settings.micro_batch_size
+    if configured and configured not in sizes and configured <= LARGEST_SIZE_TRIED:
+        sizes.append(configured)
+    return tuple(sizes)
+
+
+def _default_split():
+    from ._core import MicroBatchHandler
+
+    return MicroBatchHandler.split
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
