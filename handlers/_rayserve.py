@@ -75,7 +75,7 @@ def application_of(spec):
     model files and extra files shipped to each replica."""
     from ray import serve
 
-    from .archive import build_artefacts
+    from .archive import build_artefacts, sample_files
 
     build_artefacts(spec)
     options = spec.ray_serve  # checked with the rest of the config
@@ -83,6 +83,7 @@ def application_of(spec):
     for path in (spec.model_file, spec.serialized_file, *spec.extra_files):
         if path is not None:
             files.update(_files_of(path))
+    files.update(sample_files(spec))  # the start-up self-test's samples, as the .mar holds them
     model_files = ModelFiles(model_file=spec.model_file.name if spec.model_file else None,
                              serialized_file=spec.serialized_file.name if spec.serialized_file else None)
     model_config = dict(spec.model_config)

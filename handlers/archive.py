@@ -15,6 +15,7 @@ both. A config's ``build`` command runs in that same folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -29,12 +30,12 @@ from typing import Any, Optional
 
 import yaml
 
-from ._settings import ConfigError, did_you_mean
-from ._torchserve import check_model_config, read_settings
+from ._settings import ConfigError, ModelFiles, did_you_mean
+from ._torchserve import check_model_config, read_settings, response_timeout
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPEC_KEYS = ("model_name", "version", "root", "handler", "serialized_file", "model_file", "extra_files", "build",
-             "model_config", "ray_serve")
+             "model_config", "ray_serve", "samples")
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 # TorchServe's keys of a model config (the ones this tool checks; others pass through).
 POSITIVE_INT_KEYS = ("batchSize", "minWorkers", "maxWorkers", "responseTimeout")
@@ -65,6 +66,8 @@ class ArchiveSpec:
     extra_files: list = field(default_factory=list)
     build: Optional[list] = None
     ray_serve: dict = field(default_factory=dict)  # how to serve it on Ray Serve (handlers.ray_serve)
+    # Sample requests (path, content type or None) for the start-up self-test (handlers._self_test).
+    samples: list = field(default_factory=list)
 
 
 class ArchiveConfigError(ValueError):
@@ -127,6 +130,7 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
         extra_files=[existing("extra_files", f, not built_later) for f in raw.get("extra_files") or []],
         build=build,
         ray_serve=_checked_ray_section(raw.get("ray_serve"), fail),
+        samples=_checked_samples(raw.get("samples"), existing, not built_later, fail),
     )
     handler_class = _handler_class(spec, fail)
     try:
@@ -137,6 +141,47 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
     except ConfigError as exc:
         fail("model_config", str(exc))
     return spec
+
+
+def _checked_samples(samples: Any, existing, must_exist: bool, fail) -> list:
+    """``samples:`` as ``[(path, content type or None)]``: each entry a path (a file, or a folder
+    of sample files) or ``{file: PATH, content_type: TYPE}``."""
+    if samples is None:
+        return []
+    if not isinstance(samples, list):
+        fail("samples", f"must be a list of sample request files, got {samples!r}")
+    checked = []
+    for entry in samples:
+        content_type = None
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"file", "content_type"}
+            if unknown or "file" not in entry:
+                fail("samples", f"an entry is a path or {{file: PATH, content_type: TYPE}}, got {entry!r}")
+            entry, content_type = entry["file"], entry.get("content_type")
+        path = existing("samples", entry, must_exist)
+        if path.is_dir():
+            checked += [(file, content_type) for file in sorted(path.iterdir()) if file.is_file()]
+        else:
+            checked.append((path, content_type))
+    return checked
+
+
+def sample_files(spec: ArchiveSpec) -> dict:
+    """The archive's sample files, ``{path inside the model folder: bytes}``, with their index
+    (the folder :func:`handlers._self_test.load_samples` reads at start-up)."""
+    import json
+
+    from ._self_test import SAMPLES_DIR, SAMPLES_INDEX, content_type_of
+
+    if not spec.samples:
+        return {}
+    files, index = {}, []
+    for number, (path, content_type) in enumerate(spec.samples, 1):
+        name = f"{number:02d}_{path.name}"
+        files[f"{SAMPLES_DIR}/{name}"] = path.read_bytes()
+        index.append({"file": name, "content_type": content_type or content_type_of(path.name)})
+    files[f"{SAMPLES_DIR}/{SAMPLES_INDEX}"] = json.dumps(index, indent=1).encode()
+    return files
 
 
 def _own_root(config_path: Path, value: Any, fail) -> Path:
@@ -200,23 +245,13 @@ def _handler_class(spec: ArchiveSpec, fail):
     from ._loading import classes_defined_in  # imports torch: only when a config is checked
 
     handler_file = spec.handler
-    with tempfile.TemporaryDirectory(prefix="check-") as staged:
-        for path in (spec.handler, spec.model_file, *spec.extra_files):
-            if path is not None and path.exists():  # built artefacts may come later
-                (Path(staged) / path.name).symlink_to(path)  # the archive's layout, without copying weights
-        sys.path.insert(0, staged)  # the worker's model_dir is on its sys.path
-        loaded_before = set(sys.modules)
+    with staged_model_dir(spec) as staged:
         try:
             classes = classes_defined_in(str(Path(staged) / handler_file.name))
         except Exception as exc:  # noqa: BLE001 - any import error of a user's file, in one line
             fail("handler", f"{handler_file.name} cannot be imported as the archive will hold it "
                             f"({type(exc).__name__}: {exc}); a module it imports must be in extra_files "
                             f"(or installed in TorchServe's Python)")
-        finally:
-            sys.path.remove(staged)
-            for name in set(sys.modules) - loaded_before:  # the next config's files, not these
-                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(staged):
-                    del sys.modules[name]
     if len(classes) > 1:
         names = ", ".join(c.__name__ for c in classes)
         fail("handler", f"{handler_file.name} defines {len(classes)} classes ({names}); TorchServe needs exactly one "
@@ -226,9 +261,63 @@ def _handler_class(spec: ArchiveSpec, fail):
     return classes[0]
 
 
+@contextlib.contextmanager
+def staged_model_dir(spec: ArchiveSpec):
+    """A temporary model folder laid out as the archive will be (its files linked, not copied),
+    on ``sys.path`` as the worker's model_dir is; modules imported from it are forgotten after."""
+    with tempfile.TemporaryDirectory(prefix="check-") as staged:
+        for path in (spec.handler, spec.model_file, spec.serialized_file, *spec.extra_files):
+            if path is not None and path.exists():  # built artefacts may come later
+                (Path(staged) / path.name).symlink_to(path)  # the archive's layout, without copying weights
+        if all(path.exists() for path, _ in spec.samples):
+            for name, content in sample_files(spec).items():
+                (Path(staged) / name).parent.mkdir(exist_ok=True)
+                (Path(staged) / name).write_bytes(content)
+        sys.path.insert(0, staged)
+        loaded_before = set(sys.modules)
+        try:
+            yield staged
+        finally:
+            sys.path.remove(staged)
+            for name in set(sys.modules) - loaded_before:  # the next config's files, not these
+                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(staged):
+                    del sys.modules[name]
+
+
+def self_test(spec: ArchiveSpec) -> str:
+    """Start the config's handler on the CPU as a worker would (its files as the archive holds
+    them, its model config) and run its start-up self-test on the samples. Returns the self-test's
+    summary (or why it did not run); raises ArchiveConfigError naming the failure."""
+    from ._loading import load_handler_class
+
+    missing = [p for p in (spec.serialized_file, *spec.extra_files, *(p for p, _ in spec.samples))
+               if p is not None and not p.exists()]
+    if missing:
+        return f"not run: {missing[0]} is not built yet (python -m handlers.archive builds it)"
+    if not spec.samples:
+        return "not run: no samples (samples: in the config)"
+    with staged_model_dir(spec) as staged:
+        handler_class = load_handler_class(str(Path(staged) / spec.handler.name))
+        if not hasattr(handler_class, "read_config"):
+            return "not run: the handler is not a MicroBatchHandler"
+        handler = handler_class()
+        try:
+            model_config = spec.model_config
+            handler.start(model_dir=staged, section=model_config.get("handler"), device="cpu",
+                          model_files=ModelFiles(model_file=spec.model_file.name if spec.model_file else None,
+                                                 serialized_file=spec.serialized_file.name
+                                                 if spec.serialized_file else None),
+                          server_timeout_s=response_timeout(model_config), server_timeout_name="responseTimeout")
+        except Exception as exc:  # noqa: BLE001 - a model that cannot start, in one line
+            raise ArchiveConfigError(f"{spec.source}: the model cannot start: {' '.join(str(exc).split())}") from None
+        finally:
+            handler.close()
+        return handler.self_test.summary()
+
+
 def build_artefacts(spec: ArchiveSpec, force: bool = False) -> bool:
     """Run the config's build command (in ``spec.root``) when an artefact is missing (or ``force``)."""
-    wanted = [p for p in [spec.serialized_file, *spec.extra_files] if p is not None]
+    wanted = [p for p in [spec.serialized_file, *spec.extra_files, *(p for p, _ in spec.samples)] if p is not None]
     if spec.build is None or (not force and all(p.exists() for p in wanted)):
         return False
     command = [sys.executable if arg == "python" else arg for arg in spec.build]
@@ -249,6 +338,9 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
         shutil.copytree(PACKAGE_DIR, stage / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         for extra in spec.extra_files:
             _copy_into(extra, stage)
+        for name, content in sample_files(spec).items():
+            (stage / name).parent.mkdir(exist_ok=True)
+            (stage / name).write_bytes(content)
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         command = [
@@ -302,7 +394,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--root", type=Path, default=None,
                         help="where every config's paths start (default: each config's root: key, else its folder)")
     parser.add_argument("--rebuild", action="store_true", help="run build commands even if artefacts exist")
-    parser.add_argument("--check", action="store_true", help="only check the configs")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the configs, and run each model's self-test on its samples where its files are built")
     args = parser.parse_args(argv)
     default_folder = (args.root or Path(".")) / "archiver_configs"
     configs = args.configs or sorted(default_folder.glob("*.yaml"))
@@ -317,6 +410,12 @@ def main(argv: Optional[list] = None) -> int:
         for note in ineffective_settings(spec):
             print(f"warning: {spec.source}: {note}", file=sys.stderr)
     if args.check:
+        for spec in specs:
+            try:
+                print(f"{spec.model_name}: {self_test(spec)}", flush=True)
+            except ArchiveConfigError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         print(f"{len(specs)} config(s) OK: {', '.join(s.model_name for s in specs)}")
         return 0
     for number, spec in enumerate(specs, 1):

@@ -60,14 +60,20 @@ class LocalServer:
 
     @classmethod
     def start(cls, handler_class: type, model_dir: str = ".", handler_config: Optional[Mapping[str, Any]] = None,
-              model_files=None, device: str = "cpu") -> "LocalServer":
+              model_files=None, device: str = "cpu", samples: Optional[Sequence[Any]] = None) -> "LocalServer":
         """Create ``handler_class`` and start it with ``handler_config`` as its ``handler:``
-        section (checked as every server checks it)."""
+        section (checked as every server checks it). ``samples``: request bodies (as
+        :meth:`send` takes them) for the start-up self-test, instead of those shipped in
+        ``model_dir``; a failed self-test raises ``ConfigError``."""
+        from ._request import Request
+        from ._self_test import Sample
         from ._settings import ModelFiles
 
+        if samples is not None:
+            samples = [s if isinstance(s, Sample) else Sample(f"#{i}", Request(s, {})) for i, s in enumerate(samples)]
         handler = handler_class()
         handler.start(model_dir=str(model_dir), section=handler_config, device=device,
-                      model_files=model_files or ModelFiles())
+                      model_files=model_files or ModelFiles(), samples=samples)
         return cls(handler)
 
     def send(self, bodies: Sequence[Any], headers: Optional[Sequence[Mapping[str, str]]] = None) -> list:

@@ -1,5 +1,6 @@
 """The archive command checks configs before it runs torch-model-archiver."""
 
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -107,10 +108,11 @@ def write_project(folder: Path) -> Path:
     folder.mkdir(parents=True)
     for name in ("handler.py", "model.py", "build.py"):
         (folder / name).write_text((ROOT / "examples" / "quickstart" / name).read_text())
+    shutil.copytree(ROOT / "examples" / "quickstart" / "samples", folder / "samples")
     config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
     config.pop("root")
     config.update(handler="handler.py", model_file="model.py", serialized_file="out/weights.pt",
-                  build=["python", "build.py", "out"])
+                  build=["python", "build.py", "out"], samples=["samples"])
     path = folder / "my_model.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
