@@ -153,7 +153,7 @@ class BatchEngine:
             outcomes = [outcome or Failure(error) for outcome in outcomes]
         try:
             self._sizing.observe(len(requests), times.seconds["preprocess"], list(times.calls))
-        except Exception:  # noqa: BLE001 - sizing is advice; the answers stand
+        except BaseException:  # noqa: BLE001 - sizing is advice (a strategy of the user's); the answers stand
             log.exception("the micro-batch sizing strategy failed to learn from a batch")
         return self._report(outcomes, plan, times)
 
@@ -229,11 +229,15 @@ class BatchEngine:
     def _hint(self, request: Any) -> float:
         try:
             return float(self._size_hint(request))
-        except Exception:  # noqa: BLE001 - a hint is advice: a bad request is judged by preprocessing
+        except BaseException:  # noqa: BLE001 - a hint is advice: a bad request is judged by preprocessing
             return 0.0
 
     def _micro_batch_size(self, batch_size: int) -> Optional[int]:
-        return self._model_call.cap(self._sizing.size_for(batch_size))
+        try:
+            size = self._sizing.size_for(batch_size)
+        except BaseException as exc:  # noqa: BLE001 - a strategy's SystemExit must not escape run()
+            raise RuntimeError(f"the micro-batch sizing strategy failed: {describe(exc)}") from None
+        return self._model_call.cap(size)
 
     def _run_pipeline(self, requests, plan, deadline, outcomes, times) -> None:
         # Queue every micro-batch's preprocessing at once (in order), so that the pool works

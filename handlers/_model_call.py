@@ -12,7 +12,8 @@ around it, owned here so that the engine only schedules:
 - **a broken accelerator** (a device-side assert leaves the CUDA context unusable): no retry,
   and the model call reports itself unhealthy at once, so that the server replaces the worker;
 - **a batch layout to learn**: when the split asks for evidence (:class:`LayoutUnknown`), the
-  model is called once more on the first half and the layout learned from both sizes.
+  model is called once more at another size (the first half; a lone request twice over) and the
+  layout learned from both sizes, with a third size when two leave it ambiguous.
 
 Plain Python: the model's steps come in as functions; it imports neither torch nor a server.
 """
@@ -28,7 +29,7 @@ from ._clocks import Deadline, StageTimes
 from ._errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
                       inference_error)
 from ._outcome import Failure, Outcome, Success, attempt
-from ._scatter import LayoutUnknown
+from ._scatter import LayoutAmbiguous, LayoutUnknown
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +170,32 @@ class ModelCall:
         return outputs
 
     def _probe_then_split(self, items: list, output: Any, unknown: LayoutUnknown, times: StageTimes) -> list:
-        """The output's layout is unknown: call the model on the first half too, learn the layout
-        from the two sizes, then split."""
-        half = items[: len(items) // 2]
-        started = time.perf_counter()
-        try:
-            smaller = self._forward(half)
-        finally:
-            times.add_call(len(half), time.perf_counter() - started)
-        unknown.learn({len(items): output, len(half): smaller})
-        log.info("learned the batch layout of the model's output from micro-batches of %d and %d",
-                 len(items), len(half))
-        return list(self._split(output, len(items)))
+        """The output's layout is unknown: call the model at other sizes too (the first half, then
+        one request, then one more than the micro-batch; a lone request twice, then three times
+        over) until the layout is learned from the sizes seen, then split."""
+        count = len(items)
+        if count >= 2:
+            probes = [items[: count // 2], items[:1], items[:1] * (count + 1)]
+        else:
+            probes = [items * 2, items * 3]
+        observations = {count: output}
+        for probe in probes:
+            if len(probe) in observations:
+                continue
+            started = time.perf_counter()
+            try:
+                observations[len(probe)] = self._forward(probe)
+            finally:
+                times.add_call(len(probe), time.perf_counter() - started)
+            try:
+                unknown.learn(observations)
+                break
+            except LayoutAmbiguous:
+                if probe is probes[-1]:
+                    raise
+        log.info("learned the batch layout of the model's output from micro-batches of %s",
+                 ", ".join(map(str, sorted(observations))))
+        return list(self._split(output, count))
 
     def _classify(self, exc: BaseException) -> RequestError:
         if self._breaks_device(exc):

@@ -11,9 +11,10 @@ known from one of (first match wins, and a later one is checked against the earl
    of that tensor, ``"items"`` (a list with one entry per request) or ``"shared"`` (the same
    value for every request, copied to each);
 2. **samples** run at start-up at several micro-batch sizes (:mod:`handlers._self_test`);
-3. a **probe** on live traffic: the first time a micro-batch of two or more has no known layout,
-   the model is called once more on its first half, and the layout is learned from the two
-   sizes. That layout is then reused for every later call whose output fits it.
+3. a **probe** on live traffic: the first time a micro-batch has no known layout, the model is
+   called once more at another size (its first half; a lone request twice over), and the layout
+   is learned from the two sizes (a third size when two leave it ambiguous). That layout is then
+   reused for every later call whose output fits it.
 
 Learning from calls at two or more sizes ``n``: a tensor dimension whose size is ``n`` in every
 call carries the batch (exactly one such dimension, else the output is refused as ambiguous); a
@@ -22,12 +23,13 @@ fixed is a structure (heads, feature maps) cut entry by entry; tuples, dicts, na
 dataclasses are structures. A part that does not follow the batch belongs to no single request
 and is refused, unless declared ``"shared"``.
 
-A micro-batch of one request needs no evidence (there is nobody else's data to hand out): its
-output is cut by the plain convention (the first dimension of size 1).
+A lone request is probed too (with itself twice over), so that its answer has the same shape
+alone as beside others.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from collections import abc
@@ -79,6 +81,10 @@ Layout = Any  # Batched | Items | Shared | Fields
 
 class LayoutMismatch(SplitFailed):
     """An output does not fit the layout in use (its structure or a batched size changed)."""
+
+
+class LayoutAmbiguous(SplitFailed):
+    """Several dimensions followed the micro-batch size at every size seen: another size may tell."""
 
 
 class LayoutUnknown(Exception):
@@ -218,7 +224,7 @@ def _learn_array(path: str, sizes: list, shapes: list, wanted: Any) -> Layout:
     if len(following) > 1:
         _refuse(path, f"has the micro-batch size in dimensions {following} at every size tried "
                       f"({_shapes(shapes, sizes)}): which one is the batch is ambiguous (an output that pairs "
-                      f"requests, such as a similarity matrix, cannot be split per request)")
+                      f"requests, such as a similarity matrix, cannot be split per request)", LayoutAmbiguous)
     _refuse(path, f"has no dimension that follows the micro-batch size ({_shapes(shapes, sizes)}): a value "
                   f"for the whole micro-batch belongs to no single request")
 
@@ -249,26 +255,6 @@ def declared_layout(output: Any, declared: Mapping[str, Any], path: str = ROOT) 
     return Fields(kind, tuple(key for key, _ in entries), tuple(children))
 
 
-def convention(output: Any, path: str = ROOT) -> Layout:
-    """The layout of a one-request output without evidence: a tensor's first dimension of size
-    1, a list of one entry as that request's entry, other lists and structures cut by part."""
-    if is_array(output):
-        shape = tuple(output.shape)
-        if 1 not in shape:
-            _refuse(path, f"has shape {list(shape)}: no dimension of size 1 for a micro-batch of 1", count=1)
-        return Batched(shape.index(1))
-    if isinstance(output, list) and len(output) == 1:
-        return Items()
-    structure = children_of(output)
-    if structure is None:
-        _refuse(path, f"is a {type(output).__name__}, which belongs to no single request", count=1)
-    kind, entries = structure
-    if not entries:
-        _refuse(path, f"is an empty {kind}", count=1)
-    return Fields(kind, tuple(key for key, _ in entries),
-                  tuple(convention(child, child_path(path, output, key)) for key, child in entries))
-
-
 def may_hold_a_batch(output: Any, count: int) -> bool:
     """Whether any part of ``output`` could carry a micro-batch of ``count`` (a tensor with a
     dimension of that size, or a list): if not, no probe can make it splittable."""
@@ -280,9 +266,9 @@ def may_hold_a_batch(output: Any, count: int) -> bool:
     return structure[0] == "list" or any(may_hold_a_batch(child, count) for _, child in structure[1])
 
 
-def _refuse(path: str, problem: str, count: Optional[int] = None) -> None:
-    raise SplitFailed(f"the model output cannot be split per request: {path} {problem}. To say how it is "
-                      f"batched, {HOW_TO_FIX}")
+def _refuse(path: str, problem: str, error: type = SplitFailed) -> None:
+    raise error(f"the model output cannot be split per request: {path} {problem}. To say how it is "
+                f"batched, {HOW_TO_FIX}")
 
 
 def _sizes(sizes: list) -> str:
@@ -325,7 +311,8 @@ def cut(layout: Layout, output: Any, count: int, to_host: Callable[[Any], Any] =
         return [map_arrays(entry, to_host) for entry in output]
     if isinstance(layout, Shared):
         value = map_arrays(output, to_host)
-        return [value] * count
+        # A copy each: postprocessing runs concurrently, and may change its part in place.
+        return [value] + [copy.deepcopy(value) for _ in range(count - 1)]
     structure = children_of(output)
     if structure is None or structure[0] != layout.kind or tuple(k for k, _ in structure[1]) != layout.keys:
         raise LayoutMismatch(f"{path} is not the {layout.kind} of fields {list(layout.keys)} learned")
@@ -401,8 +388,6 @@ class Scatter:
                 parts = cut(layout, output, count, to_host)
                 self._use(layout, "declaration")
                 return parts
-        if count == 1:
-            return cut(convention(output), output, 1, to_host)
         if not may_hold_a_batch(output, count):
             leaves = "; ".join(describe_leaves(output))
             raise SplitFailed(f"the model output of a micro-batch of {count} cannot be split per request: no part of "
@@ -418,17 +403,3 @@ class Scatter:
     def _use(self, layout: Layout, source: str) -> None:
         with self._lock:
             self._layout, self.source = layout, source
-
-
-def split_output(output: Any, count: int, to_host: Callable[[Any], Any] = lambda leaf: leaf,
-                 layout: Optional[Layout] = None) -> list:
-    """``output`` cut by ``layout``, or without one by what a single call proves: a micro-batch
-    of one by the convention; larger ones only where no other reading exists (else SplitFailed)."""
-    if layout is not None:
-        return cut(layout, output, count, to_host)
-    try:
-        return Scatter().split(output, count, to_host)
-    except LayoutUnknown:
-        leaves = "; ".join(describe_leaves(output))
-        raise SplitFailed(f"the batch layout of this output cannot be known from one call of {count} ({leaves}). "
-                          f"To say how it is batched, {HOW_TO_FIX}") from None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ._errors import SplitFailed
+from ._errors import SplitFailed, is_out_of_memory
 from ._request import Request, decoded_body
 from ._scatter import children_of, child_path, cut, is_array, learn_layout, ROOT
 from ._settings import ConfigError
@@ -96,12 +96,14 @@ def run_self_test(handler, samples: list) -> SelfTestReport:
     items = [_preprocessed(handler, sample) for sample in samples]
     calls = 0
 
-    def forward(positions: list) -> Any:
+    def forward(positions: list, out_of_memory_is_fatal: bool = True) -> Any:
         nonlocal calls
         calls += 1
         try:
             return handler._forward([items[p] for p in positions])
         except Exception as exc:  # noqa: BLE001 - named with the samples
+            if not out_of_memory_is_fatal and is_out_of_memory(exc):
+                return None  # this size does not fit: serving caps it the same way
             names = ", ".join(samples[p].name for p in positions)
             raise SelfTestFailed(f"self-test: the model raised on sample(s) {names}: {type(exc).__name__}: "
                                  f"{_first_line(exc)}") from None
@@ -109,7 +111,12 @@ def run_self_test(handler, samples: list) -> SelfTestReport:
     sizes = _sizes(handler)
     groups = {n: [(i + n) % len(samples) for i in range(n)] for n in sizes}  # each sample in turn
     alone = {p: forward([p]) for p in range(len(samples))}
-    together = {n: forward(positions) for n, positions in groups.items()}
+    together = {n: forward(positions, out_of_memory_is_fatal=False) for n, positions in groups.items()}
+    groups = {n: positions for n, positions in groups.items() if together[n] is not None}
+    together = {n: output for n, output in together.items() if output is not None}
+    if not together:
+        raise SelfTestFailed(f"self-test: the model ran out of memory on every micro-batch of samples tried "
+                             f"({', '.join(map(str, sizes))})")
     scatter = getattr(handler, "_scatter", None)
     learned = scatter is not None and type(handler).split is _default_split()
     if learned:
@@ -130,7 +137,7 @@ def run_self_test(handler, samples: list) -> SelfTestReport:
                     f"mixes the requests of a batch: a layer left in training mode (BatchNorm, Dropout: call "
                     f"model.eval()), padding that leaks into the result, or a statistic over the batch"
                 )
-    return SelfTestReport(len(samples), calls, (1, *sizes), time.perf_counter() - started, learned)
+    return SelfTestReport(len(samples), calls, (1, *together), time.perf_counter() - started, learned)
 
 
 def tolerance(handler) -> tuple:

@@ -3,6 +3,8 @@
 - ``"fault": "slow"``: preprocessing takes 3× the batch deadline (then finishes);
 - ``"fault": "hang_model"``: inference of a micro-batch holding this request hangs for a
   minute (far past the deadline): the worker answers its batch, then ends itself to be replaced;
+- ``"fault": "device_assert"``: inference raises a CUDA device-side assert, and every later call
+  in this worker raises it too (a CUDA context left broken, as an out-of-range index leaves it);
 - out of memory on every micro-batch larger than 2 (as a too-small GPU would).
 
 The model answers a structure, ``(y, y.sum(dim=1))``, scattered by the default ``split``.
@@ -16,7 +18,11 @@ from handlers import BadRequest, MicroBatchHandler
 
 POISON = 13.0
 HANG = -7.0
+DEVICE_ASSERT = -13.0
 FITS_IN_MEMORY = 2
+DEVICE_ASSERT_MESSAGE = ("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously "
+                         "reported at some other API call, so the stacktrace below might be incorrect.")
+_device_broken = []  # once set, this worker's (simulated) CUDA context is unusable
 
 
 class FaultyHandler(MicroBatchHandler):
@@ -31,12 +37,17 @@ class FaultyHandler(MicroBatchHandler):
             x = torch.full_like(x, POISON)
         if payload.get("fault") == "hang_model":
             x = torch.full_like(x, HANG)
+        if payload.get("fault") == "device_assert":
+            x = torch.full_like(x, DEVICE_ASSERT)
         return {"id": payload.get("id"), "x": x}
 
     def collate(self, items):
         return super().collate([item["x"] for item in items])
 
     def infer(self, batch):
+        if _device_broken or (batch == DEVICE_ASSERT).all(dim=1).any():
+            _device_broken.append(True)
+            raise RuntimeError(DEVICE_ASSERT_MESSAGE)
         if batch.shape[0] > FITS_IN_MEMORY:
             raise MemoryError(f"CUDA out of memory (simulated) on a micro-batch of {batch.shape[0]}")
         if (batch == POISON).all(dim=1).any():

@@ -92,3 +92,34 @@ def test_a_model_call_hung_past_the_deadline_answers_its_batch_then_the_worker_i
           f"{len(background)} background requests, statuses {statuses}, 0 lost")
     model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()
     assert "ending this worker so that TorchServe starts a fresh one" in model_log
+
+
+def test_a_sticky_accelerator_error_fails_its_micro_batch_at_once_then_the_worker_is_replaced(torchserve):
+    """Regression: a device-side assert (one client's out-of-range index) left the CUDA context
+    broken; every later request was a 500 (each micro-batch split to singles) while the worker
+    reported itself healthy, so it was never replaced. Now the micro-batch that hit it gets its
+    500 without retries, the worker reports itself unhealthy and ends itself when the next batch
+    arrives, and TorchServe starts a fresh one."""
+    pids_before = worker_pids(torchserve, "faults")
+    broken = post_json(torchserve, "faults", {"id": "assert", "x": [1, 1, 1, 1], "fault": "device_assert"})
+    assert broken.status_code == 500, broken.text
+    assert "the accelerator failed on this micro-batch" in broken.json()["message"]
+    answered_at = time.monotonic()
+    recovered, statuses = None, []
+    while time.monotonic() - answered_at < 120:
+        response = post_json(torchserve, "faults", {"id": "after", "x": [2, 2, 2, 2]})
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            recovered = time.monotonic() - answered_at
+            break
+        time.sleep(0.1)  # the dying worker's batch, or no worker registered yet: ask again
+    assert recovered is not None, f"no answer within 120 s of the broken accelerator: {sorted(set(statuses))}"
+    assert response.json() == {"id": "after", "y": [5.0] * 4, "sum": 20.0}
+    assert set(statuses[:-1]) <= {500, 503}, statuses
+    pids_after = worker_pids(torchserve, "faults")
+    assert pids_after and set(pids_after).isdisjoint(pids_before), (pids_before, pids_after)
+    print(f"\nbroken accelerator: worker replaced, requests succeed again {recovered:.2f} s later "
+          f"(statuses meanwhile: {statuses[:-1]})")
+    model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()
+    assert "the accelerator is in an unrecoverable state" in model_log
+    assert "ending this worker so that TorchServe starts a fresh one" in model_log

@@ -648,3 +648,99 @@ def test_the_text_handler_moves_ids_and_mask_through_to_model_keeping_them_integ
     # ids and mask of each micro-batch (of 2 and of 1; a probe of the layout may add one more of 1)
     assert {batch.shape[0] for batch in seen} == {1, 2} and len(seen) % 2 == 0
     assert all(batch.dtype == torch.int64 for batch in seen)  # token ids stay integers
+
+
+# -- found by the first review of the fixes ---------------------------------------------------------
+
+
+def test_system_exit_from_a_size_hint_or_a_sizing_strategy_does_not_escape_run():
+    """Regression: size_hint and a sizing strategy run on the calling thread, outside any stage;
+    their SystemExit escaped run()."""
+
+    def hint(request):
+        if request == 13.0:
+            sys.exit(3)
+        return request
+
+    settings = EngineSettings(micro_batch_size=2, pool_size=2, deadline_s=5)
+    with BatchEngine(parse, affine, as_dict, settings, size_hint=hint) as engine:
+        assert values(engine.run([1.0, 13.0, 2.0])) == [as_dict(3.0, 1.0), as_dict(27.0, 13.0), as_dict(5.0, 2.0)]
+
+        class ExitingSizing:
+            def size_for(self, batch_size):
+                sys.exit(4)
+
+            def observe(self, *args):
+                sys.exit(5)
+
+        engine._sizing = ExitingSizing()
+        report = engine.run([1.0, 2.0])
+    assert values(report) == [500, 500]
+    assert "sizing strategy failed: SystemExit: 4" in report.outcomes[0].error.message
+
+
+def test_a_value_declared_shared_is_each_requests_own_copy():
+    """Regression: every request got the same object for a 'shared' part; an in-place op in
+    postprocess_one changed it for its batch-mates too."""
+
+    class SharedScale(AffineHandler):
+        def infer(self, batch):
+            return {"y": super().infer(batch), "scale": torch.tensor(10.0)}
+
+        def postprocess_one(self, output, item):
+            return {"scale": output["scale"].mul_(2).item()}
+
+    config = {"micro_batch_size": 4, "pool_size": 2,
+              "batch_dims": {"output['y']": 0, "output['scale']": "shared"}}
+    handler = start_handler(SharedScale, handler_config=config)
+    try:
+        responses, context = run_batch(handler, bodies(4))
+    finally:
+        handler.close()
+    assert context.statuses() == [200] * 4
+    assert responses == [{"scale": 20.0}] * 4
+
+
+def test_a_lone_request_gets_the_same_answer_shape_as_beside_others():
+    """Regression: on a fresh worker a one-entry list of heads, [{"logits": y}], sent alone was
+    cut by a guess (the list as one entry per request) and answered {"logits": [[...]]}; beside
+    others, [{"logits": [...]}]. A lone request is probed too (itself twice over)."""
+
+    class OneHead(AffineHandler):
+        def infer(self, batch):
+            return [{"logits": super().infer(batch)}]
+
+        def postprocess_one(self, output, item):
+            return output
+
+    handler = start_handler(OneHead, handler_config={"micro_batch_size": 4, "pool_size": 2})
+    try:
+        alone, _ = run_batch(handler, bodies(1))
+        together, _ = run_batch(handler, bodies(3))
+    finally:
+        handler.close()
+    assert alone[0] == together[0] == [{"logits": affine_row(bodies(1)[0])}]
+
+
+def test_a_padded_per_token_output_whose_length_equals_the_batch_at_two_sizes_is_learned_at_a_third():
+    """Regression: (B, T, C) padded to the micro-batch's longest text, with T == B at the batch
+    and at its half, was refused as ambiguous for the whole micro-batch; one more size tells."""
+
+    class PerToken(AffineHandler):
+        def infer(self, batch):
+            y = super().infer(batch)  # (B, 4)
+            # The longest text happens to be as long as the batch at 4 and at 2, not alone.
+            steps = batch.shape[0] if batch.shape[0] > 1 else 3
+            return y.unsqueeze(1).expand(-1, steps, -1) + torch.arange(steps).view(1, -1, 1)
+
+        def postprocess_one(self, output, item):
+            return output[0].tolist()  # the first token's vector
+
+    handler = start_handler(PerToken, handler_config={"micro_batch_size": 4, "pool_size": 2})
+    try:
+        responses, context = run_batch(handler, bodies(4))
+    finally:
+        handler.close()
+    assert context.statuses() == [200] * 4
+    assert responses == [affine_row(body) for body in bodies(4)]
+    assert model_calls(context) == 3  # the micro-batch, its half, then one request

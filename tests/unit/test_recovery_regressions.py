@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from handlers import BatchEngine, EngineSettings
+from handlers import EngineSettings
+from handlers._engine import BatchEngine
 from handlers._engine import MAX_STUCK_PER_THREAD, MIN_STUCK
 from handlers._model_call import PROBE_CAPPED_SIZE_EVERY
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers import SplitFailed
-from handlers._scatter import learn_layout, split_output
+from handlers._errors import SplitFailed
+from handlers._scatter import cut, learn_layout
 from handlers.testing import FakeContext, assert_matches_alone, run_batch, start_handler
 
 from .models import AffineHandler
@@ -117,7 +117,7 @@ def test_numpy_leaves_are_cut_along_their_first_dimension():
     def output(n):
         return {"a": np.arange(2 * n).reshape(n, 2), "b": [[chr(ord("x") + i)] for i in range(n)]}
 
-    parts = split_output(output(3), 3, layout=learn_layout({3: output(3), 1: output(1)}))
+    parts = cut(learn_layout({3: output(3), 1: output(1)}), output(3), 3)
     assert [p["a"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
     assert [p["b"] for p in parts] == [["x"], ["y"], ["z"]]
 

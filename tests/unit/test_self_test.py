@@ -155,3 +155,15 @@ def test_the_archive_carries_the_samples_and_the_worker_refuses_a_mixing_model(t
     with pytest.raises(SelfTestFailed):
         start_archived_handler(tmp_path / "store" / "mixing.mar", tmp_path / "unpacked")
     assert (tmp_path / "unpacked" / SAMPLES_DIR / "samples.json").is_file()
+
+
+def test_a_sample_size_that_runs_out_of_memory_is_skipped_not_fatal():
+    class Small(AffineHandler):
+        def infer(self, batch):
+            if batch.shape[0] > 2:
+                raise MemoryError("CUDA out of memory (simulated)")
+            return super().infer(batch)
+
+    with LocalServer.start(Small, samples=ROWS, handler_config={"micro_batch_size": 2}) as server:
+        assert server.handler.self_test.sizes == (1, 2)
+        assert [r.body for r in server.send(ROWS[:2])] == [affine(row) for row in ROWS[:2]]

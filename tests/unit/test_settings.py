@@ -2,7 +2,8 @@
 
 import pytest
 
-from handlers import ConfigError, EngineSettings, read_settings
+from handlers import ConfigError, EngineSettings
+from handlers._torchserve import read_settings
 from handlers._settings import usable_cores
 
 

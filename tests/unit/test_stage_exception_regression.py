@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from handlers import BatchEngine, EngineSettings
+from handlers import EngineSettings
+from handlers._engine import BatchEngine
 
 micro_batching = pytest.importorskip("ts.handler_utils.micro_batching")
 

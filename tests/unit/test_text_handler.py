@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from handlers import (
-    BadRequest,
-    PayloadTooLarge,
-    TextClassifierHandler,
-    UnsupportedMediaType,
-    pad_to_longest,
-    request_text,
-)
+from handlers import BadRequest, PayloadTooLarge, TextClassifierHandler, UnsupportedMediaType, pad_to_longest, request_text
 from handlers.testing import assert_isolates_bad_request, assert_matches_alone, run_batch, start_handler
 
 SENTENCES = [
