@@ -399,6 +399,6 @@ def log_server_errors(outcomes: Sequence[Outcome]) -> None:
             errors.setdefault(id(outcome.error), (outcome.error, []))[1].append(position)
     for error, positions in errors.values():
         level = logging.WARNING if error.status in (503, 504) else logging.ERROR
-        traceback = getattr(error, "traceback_text", None)
+        traceback = error.traceback_text
         log.log(level, "request(s) %s of a batch of %d: %d %s: %s%s", positions, len(outcomes), error.status,
                 error.kind, error.message, f"\n{traceback}" if traceback and level == logging.ERROR else "")

@@ -20,6 +20,11 @@ class RequestError(Exception):
 
     status: int = 500
     kind: str = "InternalServerError"
+    # Set when the error is given to a request (handlers._outcome.error_of): its traceback as text
+    # (5xx only: for the log, no frames kept), and whether retrying the model on smaller
+    # micro-batches may cure it.
+    traceback_text: str = ""
+    retry_may_cure: bool = True
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -153,3 +158,20 @@ def postprocess_error(exc: BaseException) -> RequestError:
     if isinstance(exc, RequestError):
         return exc
     return PostprocessFailed(f"postprocessing failed: {describe(exc)}")
+
+
+# The one line a worker (TorchServe's or a Ray replica) logs when its model cannot start;
+# scripts/torchserve_instance.py finds it in TorchServe's log by this prefix and " cannot start: ".
+STARTUP_FAILURE_PREFIX = "microbatch-handlers: model "
+
+
+def startup_failure_line(model_name: str, exc: BaseException) -> str:
+    """``microbatch-handlers: model <name> cannot start: <message>``, on one line. A ConfigError's
+    message says it all; any other exception is named (``KeyError: 'labels'`` says more than
+    ``'labels'``)."""
+    from ._settings import ConfigError
+
+    message = " ".join(str(exc).split())
+    if not isinstance(exc, ConfigError) or not message:
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"{STARTUP_FAILURE_PREFIX}{model_name} cannot start: {message}"

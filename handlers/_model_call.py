@@ -140,7 +140,7 @@ class ModelCall:
     def _splitting_may_cure(self, error: RequestError) -> bool:
         if self._broken is not None or isinstance(error, (SplitFailed, DeadlineExceeded)):
             return False
-        return getattr(error, "retry_may_cure", True)
+        return error.retry_may_cure
 
     def _call(self, ready: list, times: StageTimes) -> Outcome:
         """One model call on ``ready``'s items (plus a probe of its first half, if the split asks

@@ -45,7 +45,6 @@ def error_of(exc: BaseException, classify: Callable[[BaseException], RequestErro
     for the log); no frame is kept: the frames of a failed model call hold its tensors, on a GPU
     the very memory that a retry on a smaller micro-batch needs."""
     error = classify(exc)
-    error.cause_type = type(exc).__name__
     if error.status >= 500:
         error.traceback_text = "".join(traceback.format_exception(exc)).rstrip()
     for held in {id(exc): exc, id(error): error}.values():

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ._errors import startup_failure_line
 from ._metrics import batch_metrics
 from ._request import Request, decoded_body
 from ._responses import JSON
@@ -97,9 +98,19 @@ def application_of(spec):
                            options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
 
 
+class ModelCannotStart(RuntimeError):
+    """A model's replicas cannot start; the message is the replica's one line (``microbatch-handlers:
+    model <name> cannot start: <why>``)."""
+
+
 def serve_configs(configs: list, root: Optional[Path] = None) -> list:
     """Deploy each archiver config as its own application at ``/predictions/<model_name>`` (the
-    URLs TorchServe uses) on the running Ray Serve; returns the model names."""
+    URLs TorchServe uses) on the running Ray Serve; returns the model names.
+
+    Raises:
+        ModelCannotStart: a model's replicas failed to start (its self-test refused it, its
+            weights do not load, ...), with the replica's one line.
+    """
     from ray import serve
 
     from .archive import load_spec
@@ -107,9 +118,30 @@ def serve_configs(configs: list, root: Optional[Path] = None) -> list:
     names = []
     for config in configs:
         spec = load_spec(Path(config), root)
-        serve.run(application_of(spec), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
+        try:
+            serve.run(application_of(spec), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
+        except RuntimeError as exc:
+            line = _startup_failure_of(spec.model_name)
+            if line is None:
+                raise
+            raise ModelCannotStart(line) from exc
         names.append(spec.model_name)
     return names
+
+
+def _startup_failure_of(name: str) -> Optional[str]:
+    """The one start-up failure line a replica of application ``name`` raised, from Ray's status."""
+    from ray import serve
+
+    from ._errors import STARTUP_FAILURE_PREFIX
+
+    application = serve.status().applications.get(name)
+    messages = [application.message] + [d.message for d in application.deployments.values()] if application else []
+    for message in messages:
+        for line in reversed((message or "").splitlines()):
+            if STARTUP_FAILURE_PREFIX in line:
+                return line[line.index(STARTUP_FAILURE_PREFIX):]
+    return None
 
 
 def batching_of(model_config: Mapping[str, Any]) -> dict:
@@ -148,9 +180,16 @@ def replica_class(max_concurrent_batches: int) -> type:
                 target = Path(self.model_dir) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content)
-            self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
-            self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
-                               model_files=ModelFiles(**model_files))
+            try:
+                self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
+                self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
+                                   model_files=ModelFiles(**model_files))
+            except Exception as exc:
+                # The same one line as a TorchServe worker's (the self-test's refusal included),
+                # with the traceback in the replica's log; Ray shows the line in the status.
+                line = startup_failure_line(_deployment_name(), exc)
+                log.error("%s", line, exc_info=True)
+                raise ModelCannotStart(line) from None
             self.max_request_bytes = max_request_bytes
             # The handler's engine is blocking: each batch runs on a thread, the event loop stays free.
             self.executor = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix="microbatch-ray-batch")
@@ -187,6 +226,15 @@ def replica_class(max_concurrent_batches: int) -> type:
                 raise RuntimeError(f"unhealthy: {reason}")
 
     return MicroBatchReplica
+
+
+def _deployment_name() -> str:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().deployment
+    except Exception:  # noqa: BLE001 - outside a replica (a test): no name to give
+        return "?"
 
 
 def _device() -> str:

@@ -15,10 +15,11 @@ from collections import abc
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+from ._errors import startup_failure_line
 from ._metrics import batch_metrics
 from ._request import NO_BODY, Request
 from ._responses import JSON
-from ._settings import SECTION, ConfigError, ModelFiles, check_positive_number, read_handler_settings
+from ._settings import SECTION, ModelFiles, check_positive_number, read_handler_settings
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,6 @@ def initialize(handler, context) -> None:
     except Exception as exc:
         log.error("%s", startup_failure_line(_model_name(context), exc))
         raise
-
-
-# The one line a worker logs when its model cannot start; scripts/torchserve_instance.py finds it
-# in TorchServe's log by this prefix and " cannot start: ".
-STARTUP_FAILURE_PREFIX = "microbatch-handlers: model "
-
-
-def startup_failure_line(model_name: str, exc: BaseException) -> str:
-    """``microbatch-handlers: model <name> cannot start: <message>``, on one line. A ConfigError's
-    message says it all; any other exception is named (``KeyError: 'labels'`` says more than
-    ``'labels'``)."""
-    message = " ".join(str(exc).split())
-    if not isinstance(exc, ConfigError) or not message:
-        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return f"{STARTUP_FAILURE_PREFIX}{model_name} cannot start: {message}"
 
 
 def _model_name(context) -> str:

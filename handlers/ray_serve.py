@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._rayserve import build_app, serve_configs, start_local_cluster, stop_local_cluster
+from ._rayserve import ModelCannotStart, build_app, serve_configs, start_local_cluster, stop_local_cluster
 
 
 def app(args: dict):
@@ -58,6 +58,9 @@ def main(argv: Optional[list] = None) -> int:
                 print(f"{name}: curl -X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input>", flush=True)
             print("serving on Ray Serve; Ctrl-C stops it", flush=True)
             stop.wait()
+        except ModelCannotStart as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
         except KeyboardInterrupt:
             pass
         finally:

@@ -28,8 +28,8 @@ def fault_archive(model_store):
 
 @pytest.fixture(scope="session")
 def readme_handler_config(tmp_path_factory):
-    """The README walkthrough's project (model, weights, handler, archiver config) made from its
-    blocks as they stand, served as ``readme_handler``."""
+    """The README walkthrough's project (model, weights, samples, handler, archiver config) made
+    from its blocks as they stand, served as ``readme_handler``."""
     import os
     import subprocess
     import sys
@@ -44,8 +44,10 @@ def readme_handler_config(tmp_path_factory):
         if block.file_name:
             (folder / block.file_name).write_text(block.text)
     [weights] = [block for block in blocks if "torch.save" in block.text and not block.file_name]
+    [samples] = [block for block in blocks if "samples/" in block.text and not block.file_name]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run(["bash", "-c", weights.text], cwd=folder, env=env, check=True)
+    for step in (weights, samples):
+        subprocess.run(["bash", "-c", step.text], cwd=folder, env=env, check=True)
     config = yaml.safe_load((folder / "my_model.yaml").read_text())
     config.update(model_name="readme_handler")
     path = folder / "readme_handler.yaml"

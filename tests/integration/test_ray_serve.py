@@ -230,3 +230,43 @@ def test_the_readme_handler_runs_unchanged_on_both_servers(ray_serve, torchserve
 def test_the_private_cluster_and_its_http_proxy_are_on_loopback(ray_serve):
     assert ray._private.worker.global_worker.node.node_ip_address == "127.0.0.1"
     assert ray_serve.startswith("http://127.0.0.1:")
+
+
+MIXING_HANDLER = '''import torch
+
+from handlers import MicroBatchHandler
+
+
+class BatchMixingHandler(MicroBatchHandler):
+    def preprocess_one(self, request):
+        return torch.tensor(request.json()["x"], dtype=torch.float32)
+
+    def infer(self, batch):
+        y = self.model(batch)
+        return y - y.mean(dim=0, keepdim=True)  # a statistic over the batch
+'''
+
+
+def test_a_model_whose_answers_change_with_batch_mates_is_refused_at_start_up_in_one_line(ray_serve, tmp_path):
+    """The start-up self-test runs in each replica, on the samples shipped with the config: a
+    model that mixes the requests of a batch never serves; Ray reports the replica's one line."""
+    import yaml
+    from ray import serve
+
+    from handlers._rayserve import ModelCannotStart, serve_configs
+
+    (tmp_path / "batch_mixing.py").write_text(MIXING_HANDLER)
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.update(root=str(ROOT), model_name="batch_mixing", handler=str(tmp_path / "batch_mixing.py"))
+    (tmp_path / "mixing.yaml").write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    try:
+        with pytest.raises(ModelCannotStart) as refused:
+            serve_configs([tmp_path / "mixing.yaml"])
+    finally:
+        serve.delete("batch_mixing")
+    print(f"\nrefused after {time.monotonic() - started:.1f} s: {refused.value}")
+    assert str(refused.value).startswith("microbatch-handlers: model batch_mixing cannot start: self-test: sample ")
+    assert "answers differently beside other requests" in str(refused.value)
+    assert requests.post(f"{ray_serve}/predictions/quickstart", json={"id": "q", "x": [1, 2, 3, 4]},
+                         timeout=60).json() == {"id": "q", "y": [3.0, 5.0, 7.0, 9.0]}

@@ -39,6 +39,24 @@ class WeightsMismatchHandler(MicroBatchHandler):
         raise RuntimeError("{LOAD_ERROR}")
 '''
 
+MIXING_HANDLER = '''
+import torch
+
+from handlers import MicroBatchHandler
+
+
+class BatchMixingHandler(MicroBatchHandler):
+    def preprocess_one(self, request):
+        return torch.tensor(request.json()["x"], dtype=torch.float32)
+
+    def infer(self, batch):
+        y = self.model(batch)
+        return y - y.mean(dim=0, keepdim=True)  # a statistic over the batch: answers depend on batch-mates
+'''
+MIXING_LINE = re.compile(r"^error: model batch_mixing cannot start: self-test: sample \d\d_[a-z]\.json answers "
+                         r"differently beside other requests \(micro-batch of \d, position \d\): output\[\d\] is "
+                         r"[-\d.e]+ alone and [-\d.e]+ together", re.M)
+
 IMPORTING_HANDLER = '''
 import helper_beside_the_handler
 
@@ -52,18 +70,20 @@ class ImportingHandler(MicroBatchHandler):
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
-    """quickstart.mar, weights_mismatch.mar (load_model raises) and missing_module.mar (the
-    handler file does not import in the worker), in one folder."""
+    """quickstart.mar, weights_mismatch.mar (load_model raises), missing_module.mar (the
+    handler file does not import in the worker) and batch_mixing.mar (its answers change with
+    their batch-mates: the self-test on quickstart's samples refuses it), in one folder."""
     folder = tmp_path_factory.mktemp("fails_fast")
     store = folder / "store"
     (folder / "weights_mismatch.py").write_text(RAISING_HANDLER)
     (folder / "missing_module.py").write_text(IMPORTING_HANDLER)
+    (folder / "batch_mixing.py").write_text(MIXING_HANDLER)
     (folder / "helper_beside_the_handler.py").write_text("VALUE = 1\n")
     config = ROOT / "archiver_configs" / "quickstart.yaml"
     sys.path.insert(0, str(folder))  # the helper imports here (archive check), not in the worker
     try:
         archive_config(config, root=ROOT, model_store=store)
-        for name in ("weights_mismatch", "missing_module"):
+        for name in ("weights_mismatch", "missing_module", "batch_mixing"):
             archive_config(config, root=ROOT, model_store=store, model_name=name, handler=folder / f"{name}.py")
     finally:
         sys.path.remove(str(folder))
@@ -150,21 +170,27 @@ def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_se
         serve.kill()
 
 
-def test_when_the_only_model_cannot_start_serve_exits_1_at_once(archives, tmp_path):
+@pytest.mark.parametrize("model", ["weights_mismatch", "batch_mixing"])
+def test_when_the_only_model_cannot_start_serve_exits_1_at_once(archives, tmp_path, model):
+    """batch_mixing: a model whose answers change with their batch-mates is refused by the
+    start-up self-test on its samples, in the worker, with its one line."""
     store = tmp_path / "store"
     store.mkdir()
-    shutil.copy(archives / "weights_mismatch.mar", store)
+    shutil.copy(archives / f"{model}.mar", store)
     workdir = tmp_path / "serve"
     serve = Serve(store, workdir)
     try:
         code = serve.wait_exit(60)
         elapsed = time.monotonic() - serve.started
-        reported_s = serve.wait_for(r"^error: model weights_mismatch cannot start: ", 0)
+        reported_s = serve.wait_for(rf"^error: model {model} cannot start: ", 0)
         print(f"failure reported after {reported_s:.1f} s, exit status {code} after {elapsed:.1f} s")
         assert code == 1, serve.output
         assert reported_s < REPORTED_WITHIN_S
         assert elapsed < REPORTED_WITHIN_S + 10  # reported, then TorchServe stopped
-        assert f"error: model weights_mismatch cannot start: RuntimeError: {LOAD_ERROR}" in serve.output
+        if model == "weights_mismatch":
+            assert f"error: model weights_mismatch cannot start: RuntimeError: {LOAD_ERROR}" in serve.output
+        else:
+            assert MIXING_LINE.search(serve.output), serve.output
         assert "Traceback" not in serve.output and "curl" not in serve.output
         assert TorchServe(workdir, store, workdir / "config.properties").processes() == []
     finally:

@@ -122,3 +122,29 @@ def test_outputs_left_on_the_gpu_are_complete_when_postprocessing_reads_them():
             assert responses == [[2 * v for v in row] for row in rows]
     finally:
         handler.close()
+
+
+class HalfAffine(MicroBatchHandler):
+    """y = 2x + 1, on the GPU in the precision the config asks for."""
+
+    def load_model(self, model_dir, device):
+        model = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            model.weight.copy_(2 * torch.eye(4))
+            model.bias.fill_(1.0)
+        return model
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_float32_requests_reach_a_half_precision_model_in_its_precision(precision):
+    """Regression: only the image handler cast inputs; the base collate sent float32 to a float16
+    model and every request failed on the GPU."""
+    handler = start_handler(HalfAffine, gpu_id=0, handler_config={"precision": precision, "micro_batch_size": 2})
+    rows = [[float(i), 0.5, -1.0, 2.0] for i in range(5)]
+    try:
+        assert handler.input_dtype == getattr(torch, precision)
+        responses, context = run_batch(handler, [json.dumps(row).encode() for row in rows])
+    finally:
+        handler.close()
+    assert context.statuses() == [200] * len(rows)
+    assert responses == [[2 * v + 1 for v in row] for row in rows]  # exact in half precision
