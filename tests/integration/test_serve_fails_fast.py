@@ -91,6 +91,15 @@ def archives(tmp_path_factory):
     return store
 
 
+BROKEN = {"weights_mismatch", "missing_module", "batch_mixing"}
+
+
+def broken_models(pattern: str, output: str) -> set:
+    """The model names listed on the one output line that ``pattern`` matches (in any order)."""
+    [names] = re.findall(pattern, output, re.M)
+    return set(names.split(", "))
+
+
 class Serve:
     """``python -m scripts.serve`` on free ports, its output read line by line with timestamps."""
 
@@ -127,16 +136,18 @@ def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_se
     try:
         mismatch_s = serve.wait_for(r"^error: model weights_mismatch cannot start: ", 60)
         missing_s = serve.wait_for(r"^error: model missing_module cannot start: ", 60)
+        mixing_s = serve.wait_for(MIXING_LINE.pattern, 60)
         ready_s = serve.wait_for(r"^Ctrl-C stops TorchServe\.", 60)
         print(f"failures reported after {mismatch_s:.1f} s (load_model raised) and {missing_s:.1f} s (import "
-              f"error); the healthy model served after {ready_s:.1f} s")
-        assert max(mismatch_s, missing_s) < REPORTED_WITHIN_S
+              f"error), {mixing_s:.1f} s (self-test refused a batch-mixing model); the healthy model served "
+              f"after {ready_s:.1f} s")
+        assert max(mismatch_s, missing_s, mixing_s) < REPORTED_WITHIN_S
         output = serve.output
         assert f"error: model weights_mismatch cannot start: RuntimeError: {LOAD_ERROR}" in output
         assert "error: model missing_module cannot start: ModuleNotFoundError: No module named " \
                "'helper_beside_the_handler'" in output
         assert f"(tracebacks in {workdir / 'logs' / 'model_log.log'})" in output
-        assert "not serving weights_mismatch, missing_module" in output
+        assert broken_models(r"^not serving (.+) \(cannot start, see above\)$", output) == BROKEN
         assert "Traceback" not in output and "MODEL_LOG" not in output
 
         # The printed curl command works: its URL and its token.
@@ -150,7 +161,7 @@ def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_se
 
         # The broken models' workers are stopped, not restarted over and over.
         server = TorchServe(workdir, archives, workdir / "config.properties")
-        for model in ("weights_mismatch", "missing_module"):
+        for model in sorted(BROKEN):
             status, body = server.get(f"{server.management_url}/models/{model}", api="management")
             assert status == 200 and json.loads(body)[0]["workers"] == [], body
             deaths = {line for line in server.log_path.read_text().splitlines()
@@ -163,7 +174,7 @@ def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_se
         serve.process.send_signal(signal.SIGTERM)
         assert serve.wait_exit(60) == 1
         assert "stopping TorchServe" in serve.output
-        assert "error: weights_mismatch, missing_module could not start (exit status 1)" in serve.output
+        assert broken_models(r"^error: (.+) could not start \(exit status 1\)$", serve.output) == BROKEN
         assert not alive(torchserve_pid)
         assert server.processes() == []
     finally:
