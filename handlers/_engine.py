@@ -143,7 +143,7 @@ class BatchEngine:
             reason = self.unhealthy_reason
             if reason is not None:
                 refused = Failure(ServiceUnavailable(f"this worker cannot serve now: {reason}"))
-                return self._report([refused] * len(requests), plan, times)
+                return self._report([refused] * len(requests), plan, times, requests)
             plan = self._plan(requests)
             self._run_pipeline(requests, plan, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
@@ -155,7 +155,7 @@ class BatchEngine:
             self._sizing.observe(len(requests), times.seconds["preprocess"], list(times.calls))
         except BaseException:  # noqa: BLE001 - sizing is advice (a strategy of the user's); the answers stand
             log.exception("the micro-batch sizing strategy failed to learn from a batch")
-        return self._report(outcomes, plan, times)
+        return self._report(outcomes, plan, times, requests)
 
     @property
     def safe_micro_batch_size(self) -> Optional[int]:
@@ -206,9 +206,9 @@ class BatchEngine:
 
     # -- pipeline -----------------------------------------------------------------------------
 
-    def _report(self, outcomes: list, plan: list, times: StageTimes) -> BatchReport:
+    def _report(self, outcomes: list, plan: list, times: StageTimes, requests: Sequence[Any] = ()) -> BatchReport:
         try:
-            log_server_errors(outcomes)
+            log_errors(outcomes, requests)
         except Exception:  # noqa: BLE001 - a logging failure must not cost the batch its answers
             log.exception("could not log the server errors of a batch")
         return BatchReport(
@@ -390,15 +390,20 @@ class BatchEngine:
         )
 
 
-def log_server_errors(outcomes: Sequence[Outcome]) -> None:
-    """Log each 5xx of a batch once, with the traceback that caused it (a 5xx is a bug of the
-    handler or the model: its log is where it gets fixed). 4xx are the client's and not logged."""
+def log_errors(outcomes: Sequence[Outcome], requests: Sequence[Any] = ()) -> None:
+    """Log each error of a batch once, naming its requests by id (``request.id`` where the
+    server gave one, else the position): a 5xx at ERROR with the traceback that caused it (a bug
+    of the handler or the model: its log is where it gets fixed), a 4xx at DEBUG (the client's)."""
     errors: dict = {}
     for position, outcome in enumerate(outcomes):
-        if outcome is not None and not outcome.ok and outcome.error.status >= 500:
-            errors.setdefault(id(outcome.error), (outcome.error, []))[1].append(position)
-    for error, positions in errors.values():
-        level = logging.WARNING if error.status in (503, 504) else logging.ERROR
-        traceback = error.traceback_text
-        log.log(level, "request(s) %s of a batch of %d: %d %s: %s%s", positions, len(outcomes), error.status,
-                error.kind, error.message, f"\n{traceback}" if traceback and level == logging.ERROR else "")
+        if outcome is not None and not outcome.ok:
+            request = requests[position] if position < len(requests) else None
+            name = getattr(request, "id", None) or f"#{position}"
+            errors.setdefault(id(outcome.error), (outcome.error, []))[1].append(name)
+    for error, names in errors.values():
+        level = logging.ERROR if error.status >= 500 else logging.DEBUG
+        if not log.isEnabledFor(level):
+            continue
+        traceback = f"\n{error.traceback_text}" if error.traceback_text else ""
+        log.log(level, "request %s (of a batch of %d): %d %s: %s%s", ", ".join(names), len(outcomes), error.status,
+                error.kind, error.message, traceback)

@@ -206,7 +206,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                          "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
                 return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
             headers = dict(http_request.headers)
-            request = Request(decoded_body(body, headers.get("content-type")), headers)
+            request = Request(decoded_body(body, headers.get("content-type")), headers, _request_id(headers))
             response, batch_size = await self.answer_batch(request)
             return HTTPResponse(_encode(response.body), status_code=response.status, media_type=response.content_type,
                                 headers={BATCH_SIZE_HEADER: str(batch_size)})
@@ -226,6 +226,18 @@ def replica_class(max_concurrent_batches: int) -> type:
                 raise RuntimeError(f"unhealthy: {reason}")
 
     return MicroBatchReplica
+
+
+def _request_id(headers: dict) -> Optional[str]:
+    """Ray Serve's id of the request being answered (its proxy sends it back as x-request-id)."""
+    if headers.get("x-request-id"):
+        return headers["x-request-id"]
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # noqa: BLE001 - a Ray without it: the logs name positions instead
+        return None
 
 
 def _deployment_name() -> str:

@@ -28,10 +28,13 @@ class Request:
             ``text/*``, already-decoded JSON (dict, list, number) for ``application/json``.
             A request with no body (a form post) is answered 415 before any hook sees it.
         headers: the request's headers (names as the client sent them).
+        id: the server's id of the request (TorchServe's request id, Ray Serve's
+            ``x-request-id``), named in the logs and sent back as ``X-Request-Id``; None in tests.
     """
 
     body: Any
     headers: Mapping[str, str] = field(default_factory=dict)
+    id: Optional[str] = None
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """A header's value, matched without regard to case."""

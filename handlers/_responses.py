@@ -27,9 +27,10 @@ def json_ready(value: Any) -> Any:
         return value
     try:
         json.dumps(value, allow_nan=False)  # C speed: most answers are already strict JSON
-        return value
     except (TypeError, ValueError):
         return _strict(value, "response")
+    # json.dumps writes a named tuple as an array; it is an object here, whatever its leaves.
+    return _strict(value, "response") if _holds_named_tuple(value) else value
 
 
 def content_type(value: Any) -> str:
@@ -68,3 +69,13 @@ def _key(key: Any, path: str) -> str:
     if key is None or isinstance(key, (bool, int, float)):
         return json.dumps(key)
     raise TypeError(f"{path} has a key of type {type(key).__name__}; JSON object keys are strings")
+
+
+def _holds_named_tuple(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return hasattr(type(value), "_fields") or any(_holds_named_tuple(child) for child in value)
+    if isinstance(value, list):
+        return any(isinstance(child, (list, tuple, dict)) and _holds_named_tuple(child) for child in value)
+    if isinstance(value, dict):
+        return any(_holds_named_tuple(child) for child in value.values())
+    return False

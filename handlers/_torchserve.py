@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sys
 from collections import abc
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -42,6 +43,7 @@ def _dimension_class():
 
 
 BATCH_SIZE_HEADER = "X-Batch-Size"
+REQUEST_ID_HEADER = "X-Request-Id"
 # The exit status of a worker that ended itself to be replaced (it shows in TorchServe's log).
 WORKER_REPLACED_EXIT_CODE = 75
 DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's default responseTimeout
@@ -95,6 +97,8 @@ def initialize(handler, context) -> None:
     device TorchServe assigned, the model files of its manifest, the deadline inside
     ``responseTimeout``. When start-up fails, one :func:`startup_failure_line` is logged before
     the exception goes on to TorchServe (which logs its traceback and ends the worker)."""
+    if type(context).__module__.startswith("ts."):  # a real worker, not the test kit's context
+        log_with_levels()
     try:
         model_config = context.model_yaml_config or {}
         handler.manifest = context.manifest or {}
@@ -109,6 +113,37 @@ def initialize(handler, context) -> None:
     except Exception as exc:
         log.error("%s", startup_failure_line(_model_name(context), exc))
         raise
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def log_with_levels() -> None:
+    """Make this package's log records readable in TorchServe's ``model_log.log``. Its worker
+    prints every record to stdout as the bare message, and the frontend files all of stdout at
+    INFO: a handler's 500 read as INFO. Here each record carries its level and logger, warnings
+    and errors go to stderr (filed at WARN), the rest to stdout. Idempotent."""
+    logger = logging.getLogger("handlers")
+    if any(getattr(h, "microbatch_levels", False) for h in logger.handlers):
+        return
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    for stream, level_filter, level in ((sys.stdout, _Below(logging.WARNING), logging.DEBUG),
+                                        (sys.stderr, None, logging.WARNING)):
+        stream_handler = logging.StreamHandler(stream)
+        stream_handler.setLevel(level)
+        stream_handler.setFormatter(formatter)
+        if level_filter is not None:
+            stream_handler.addFilter(level_filter)
+        stream_handler.microbatch_levels = True
+        logger.addHandler(stream_handler)
+    logger.setLevel(logging.INFO)  # 4xx are logged at DEBUG: set handlers' level to DEBUG to see them
+    logger.propagate = False
 
 
 def _model_name(context) -> str:
@@ -129,8 +164,8 @@ def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:
     # each gets that request's headers. The length test covers other envelopes that join the
     # instances of a batch.
     one_request = _is_kserve(envelope) or len(data) != len(getattr(context, "request_processor", None) or data)
-    requests = [Request(_body(envelope, row), _headers(context, 0 if one_request else idx))
-                for idx, row in enumerate(data)]
+    requests = [Request(_body(envelope, row), _headers(context, 0 if one_request else idx),
+                        _request_id(context, idx, one_request)) for idx, row in enumerate(data)]
     if getattr(handler, "_unhealthy_after_last_batch", False):
         _end_worker_if_still_unhealthy(handler, context)
     responses, report = handler.respond(requests)
@@ -214,6 +249,17 @@ def _body(envelope, row: Any) -> Any:
     return row
 
 
+def _request_id(context, idx: int, one_request: bool) -> Optional[str]:
+    """TorchServe's id of request ``idx`` (behind an envelope: the request's id and the instance)."""
+    try:
+        request_id = context.get_request_id(0 if one_request else idx)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    if request_id is None:
+        return None
+    return f"{request_id}#{idx}" if one_request else str(request_id)
+
+
 def _headers(context, idx: int) -> dict:
     try:
         return dict(context.get_all_request_header(idx) or {})
@@ -225,6 +271,9 @@ def _write(responses: list, context, one_request: bool) -> list:
     requests = len(getattr(context, "request_processor", None) or responses)
     for idx in range(requests):
         context.set_response_header(idx, BATCH_SIZE_HEADER, str(requests))
+        request_id = _request_id(context, idx, False)
+        if request_id is not None:  # the id the worker's log names this request by
+            context.set_response_header(idx, REQUEST_ID_HEADER, request_id)
     failures = [(idx, response) for idx, response in enumerate(responses) if response.status != 200]
     if one_request:
         # Behind a KServe envelope the items are the instances of one request: its status is

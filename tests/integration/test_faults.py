@@ -41,6 +41,13 @@ def test_poison_slow_and_out_of_memory_in_one_batch_fail_only_where_they_must(to
     assert worker_pids(torchserve, "faults") == pids_before
     model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()
     assert "micro-batches are capped at 2 from now on" in model_log
+    # The poison request's 500 is logged once, at ERROR (filed at WARN: TorchServe files a worker's
+    # stderr so), named by the id its client got back, with the traceback.
+    poisoned = responses[2].headers["X-Request-Id"]
+    [logged] = [line for line in model_log.splitlines() if f"request {poisoned} " in line]
+    assert "[WARN ]" in logged and "MODEL_LOG - ERROR handlers._engine: request " in logged, logged
+    assert "500 InferenceFailed" in logged
+    assert "RuntimeError: the model cannot handle the poison value" in model_log
 
 
 def test_structured_outputs_served_in_micro_batches_of_two_each_get_their_own_answer(torchserve):

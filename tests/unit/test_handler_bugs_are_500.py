@@ -64,7 +64,7 @@ def test_a_valueerror_from_the_handlers_own_reshape_is_a_logged_500_and_its_batc
     assert responses[1].body["type"] == "InternalServerError"
     assert responses[1].body["message"].startswith("preprocessing failed: ValueError: cannot reshape")
     [record] = server_errors(caplog)
-    assert "request(s) [1]" in record.getMessage() and "500 InternalServerError" in record.getMessage()
+    assert "request #1 " in record.getMessage() and "500 InternalServerError" in record.getMessage()
     # The traceback reaches the log, down to the handler's own line.
     assert "Traceback (most recent call last)" in caplog.text and "x.reshape(3, 3)" in caplog.text
 
@@ -76,7 +76,7 @@ def test_int_of_a_bad_setting_in_preprocess_one_is_a_500_for_every_request_not_a
     assert [r.status for r in responses] == [500, 500]
     assert all("invalid literal for int()" in r.body["message"] for r in responses)
     records = server_errors(caplog)  # one per request: each raised its own ValueError
-    assert sorted(r.getMessage().split(" of a batch")[0] for r in records) == ["request(s) [0]", "request(s) [1]"]
+    assert sorted(r.getMessage().split(" (of a batch")[0] for r in records) == ["request #0", "request #1"]
     assert "int(self.config[\"offset\"])" in caplog.text
 
 
