@@ -27,8 +27,9 @@ from ._settings import ConfigError, EngineSettings, ModelFiles, read_handler_set
 
 log = logging.getLogger(__name__)
 # TorchServe hands a form post (curl -d without a Content-Type) over as fields with no body.
-NO_BODY_MESSAGE = ("the request has no body: send it raw with its Content-Type (e.g. application/json or "
-                   "text/plain); curl -d without -H 'Content-Type: ...' sends a form")
+NO_BODY_MESSAGE = ("the request came as a form (fields, no raw body), which this handler does not read: send "
+                   "the body raw with its Content-Type (e.g. application/json or text/plain); curl -d without "
+                   "-H 'Content-Type: ...' sends a form")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -81,8 +82,8 @@ class ImageClassifierHandler(MicroBatchHandler):
         self._normalisation = (self._mean.to(self.device, dtype), self._std.to(self.device, dtype))
 
     def preprocess_one(self, request: Request) -> ImageItem:
-        data = image_bytes(request.body)
-        top_k = requested_top_k(request, self.config["top_k"])
+        data = image_bytes(request.body, request.header("Content-Type"))
+        top_k = requested_top_k(request, self.config["top_k"], len(self.labels) or None)
         return ImageItem(decode_image(data, self.geometry, self.limits), top_k)
 
     def collate(self, items: list) -> torch.Tensor:
@@ -116,8 +117,9 @@ class ImageClassifierHandler(MicroBatchHandler):
         ]
 
 
-def requested_top_k(request: Request, default: int) -> int:
-    """``top_k`` from the JSON body or the X-Top-K header; 400 unless a whole number >= 1."""
+def requested_top_k(request: Request, default: int, classes: Optional[int] = None) -> int:
+    """``top_k`` from the JSON body or the X-Top-K header; 400 unless a whole number >= 1 (and,
+    where the labels say how many classes there are, at most that many)."""
     value: Any = default
     if isinstance(request.body, dict) and "top_k" in request.body:
         value = request.body["top_k"]
@@ -129,8 +131,18 @@ def requested_top_k(request: Request, default: int) -> int:
             with parsing_client_data(f"top_k (the {TOP_K_HEADER} header) must be a whole number >= 1"):
                 value = int(digits)  # ValueError past Python's digit limit (4300)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise BadRequest(f"top_k must be a whole number >= 1, got {value!r}")
+        raise BadRequest(f"top_k must be a whole number >= 1, got {_as_json(value)}")
+    if classes is not None and value > classes:
+        raise BadRequest(f"top_k must be at most {classes} (the number of classes), got {value}")
     return value
+
+
+def _as_json(value: Any) -> str:
+    """A client's value as the client wrote it (true, not Python's True)."""
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return repr(value)[:80]
 
 
 def raise_config(key: str, rule: str, value: Any):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,10 +43,17 @@ class ImageGeometry:
     draft: bool = True  # decode JPEGs at a reduced scale when the target is smaller
 
 
-def image_bytes(body) -> bytes:
+SEND_AN_IMAGE = 'send the image bytes (e.g. Content-Type: image/jpeg) or JSON {"image": "<base64>"}'
+
+
+def image_bytes(body, content_type: Optional[str] = None) -> bytes:
     """The image bytes of a request body: raw bytes, or a base64 string (as text or in JSON
-    under "image", "data" or "b64")."""
+    under "image", "data" or "b64"). ``content_type`` (the request's) makes the messages exact:
+    a body sent as JSON that does not parse is a 400 that says so, not "not an image"."""
     if isinstance(body, (bytes, bytearray)):
+        if (content_type or "").lower().startswith("application/json"):
+            with parsing_client_data("the body is sent as application/json but is not valid JSON"):
+                json.loads(bytes(body))
         return bytes(body)
     if isinstance(body, dict):
         for key in ("image", "data", "b64"):
@@ -52,19 +61,29 @@ def image_bytes(body) -> bytes:
                 return image_bytes_from_base64(body[key])
         raise BadRequest('expected image bytes, or JSON with a base64 "image" field')
     if isinstance(body, str):
+        if (content_type or "").lower().startswith("text"):
+            return image_bytes_from_base64(body, f"a {content_type.split(';')[0]} body is read as a base64 image, and "
+                                                 f"this one is not base64: {SEND_AN_IMAGE}")
         return image_bytes_from_base64(body)
-    raise BadRequest(f"expected image bytes or base64 text, got {type(body).__name__}")
+    raise BadRequest(f"expected image bytes or base64 text, got {json_type(body)}: {SEND_AN_IMAGE}")
 
 
-def image_bytes_from_base64(text) -> bytes:
+def image_bytes_from_base64(text, not_base64: str = "the image is not valid base64") -> bytes:
     if not isinstance(text, str):
-        raise BadRequest(f"the base64 image must be a string, got {type(text).__name__}")
+        raise BadRequest(f"the base64 image must be a string, got {json_type(text)}")
     if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
         text = text.split(",", 1)[1]
     try:
         return base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise BadRequest(f"the image is not valid base64: {exc}") from None
+        raise BadRequest(f"{not_base64} ({exc})") from None
+
+
+def json_type(value) -> str:
+    """A decoded JSON value's type in JSON's words (an object, not a dict)."""
+    names = {dict: "a JSON object", list: "a JSON array", bool: "true/false", int: "a number", float: "a number",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -50,6 +50,9 @@ class Request:
         TorchServe has already decoded ``application/json`` bodies (a JSON string arrives as a
         ``str``); anything else still in bytes or text is parsed here."""
         already_decoded = (self.header("Content-Type") or "").startswith("application/json")
+        if isinstance(self.body, (bytes, bytearray, str)) and not (already_decoded and isinstance(self.body, str)) \
+                and not self.body.strip():
+            raise BadRequest("the body is empty: expected JSON")
         if isinstance(self.body, (bytes, bytearray)) or (isinstance(self.body, str) and not already_decoded):
             try:
                 return json.loads(self.body)
