@@ -10,6 +10,12 @@ Each archive carries the ``handlers`` package, so it runs on a stock TorchServe 
 torch, numpy and Pillow but not this project. Paths in a config are relative to the config
 file's folder, or to its ``root:`` (itself relative to that folder); ``--root DIR`` overrides
 both. A config's ``build`` command runs in that same folder.
+
+The archive's TorchServe ``--handler`` is a generated entry module (``<handler>_entry.py``, see
+``handlers._entry``) that loads the config's handler file: a handler file that cannot be loaded
+in the worker (a module missing from the archive) leaves the one "cannot start" line too.
+``--check`` imports the handler and starts the model as the worker will: from a folder laid out
+as the archive, with nothing of the current folder or the config's on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ._entry import entry_file_name, entry_source
 from ._settings import ConfigError, ModelFiles, did_you_mean
 from ._torchserve import check_model_config, read_settings, response_timeout
 
@@ -71,12 +78,44 @@ class ArchiveSpec:
 
 
 class ArchiveConfigError(ValueError):
-    """A config file is wrong; the message names the file, the key and the problem."""
+    """A config file is wrong; the message names the file, the key and the problem, one line per
+    error (every error of the config, not only the first)."""
+
+
+class _Skip(Exception):
+    """A check found an error (recorded): the checks that depend on it are skipped."""
+
+
+class _Problems:
+    """The errors found in one config, each as ``<file>: <key>: <problem>``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lines = []
+
+    def add(self, key: str, problem: str) -> None:
+        self.lines.append(f"{self.path}: {key}: {problem}")
+
+    def fail(self, key: str, problem: str):
+        """Record the error and end the check that found it."""
+        self.add(key, problem)
+        raise _Skip
+
+    def attempt(self, check, *args):
+        """``(True, check(*args))``, or ``(False, None)`` when the check failed."""
+        try:
+            return True, check(*args)
+        except _Skip:
+            return False, None
+
+
+REQUIRED_KEYS = ("model_name", "version", "handler", "model_config")
 
 
 def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
     """Read and check one archiver config. Its paths start from ``root`` when given, else from
-    the config's own ``root:`` key or folder."""
+    the config's own ``root:`` key or folder. Every error is reported (one per line of the
+    ArchiveConfigError), except those that follow from an earlier one."""
     path = Path(path).resolve()
     try:
         raw = yaml.safe_load(path.read_text())
@@ -84,26 +123,26 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
         raise ArchiveConfigError(f"{path}: cannot read it as YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ArchiveConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    problems = _Problems(path)
+    fail = problems.fail
 
-    def fail(key: str, problem: str):
-        raise ArchiveConfigError(f"{path}: {key}: {problem}")
-
-    for key in raw:
-        if key not in SPEC_KEYS:
-            fail(key, f"not a known key{did_you_mean(key, SPEC_KEYS)}; known keys: {', '.join(sorted(SPEC_KEYS))}")
-    for key in ("model_name", "version", "handler", "model_config"):
-        if key not in raw:
-            fail(key, "missing (required)")
-    name = raw["model_name"]
-    if not isinstance(name, str) or not NAME_RULE.match(name):
-        fail("model_name", f"must be letters, digits, '_' or '-', starting with a letter, got {name!r}")
+    unknown = [key for key in raw if key not in SPEC_KEYS]
+    for key in unknown:
+        problems.add(key, f"not a known key{did_you_mean(key, SPEC_KEYS)}; known keys: {', '.join(sorted(SPEC_KEYS))}")
+    for key in REQUIRED_KEYS:
+        # A misspelled required key is one error, the misspelling's ("did you mean 'handler'?").
+        if key not in raw and not any(did_you_mean(typo, [key]) for typo in unknown):
+            problems.add(key, "missing (required)")
+    name = raw.get("model_name")
+    if "model_name" in raw and not (isinstance(name, str) and NAME_RULE.match(name)):
+        problems.add("model_name", f"must be letters, digits, '_' or '-', starting with a letter, got {name!r}")
     build = raw.get("build")
-    if build is not None and not (isinstance(build, list) and all(isinstance(a, str) for a in build)):
-        fail("build", f"must be a command as a list of strings, got {build!r}")
+    build_ok = build is None or (isinstance(build, list) and all(isinstance(a, str) for a in build))
+    if not build_ok:
+        problems.add("build", f"must be a command as a list of strings, got {build!r}")
 
-    if root is None:
-        root = _own_root(path, raw.get("root", "."), fail)
-    root = Path(root).resolve()
+    root_ok, root = (True, root) if root is not None else problems.attempt(_own_root, path, raw.get("root", "."), fail)
+    root = Path(root).resolve() if root_ok else None
 
     def existing(key: str, value: Any, must_exist: bool) -> Path:
         if not isinstance(value, str) or not value:
@@ -114,51 +153,77 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
             fail(key, f"{resolved} does not exist{did_you_mean(resolved.name, nearby)}")
         return resolved
 
-    # Built artefacts may be missing until the build command has run.
+    def path_of(key: str, value: Any, must_exist: bool):
+        """``(ok, path)``; not ok when the root is unknown (its error is reported already)."""
+        return problems.attempt(existing, key, value, must_exist) if root_ok else (False, None)
+
+    # Built artefacts may be missing until the build command has run (or a build that is wrong
+    # would have run: its own error says so).
     built_later = build is not None
+    handler_ok, handler = path_of("handler", raw["handler"], True) if "handler" in raw else (False, None)
+    serialized_ok, serialized = path_of("serialized_file", raw["serialized_file"], not built_later) \
+        if raw.get("serialized_file") else (True, None)
+    model_file_ok, model_file = path_of("model_file", raw["model_file"], True) if raw.get("model_file") else (True, None)
+    extra = [path_of("extra_files", f, not built_later) for f in raw.get("extra_files") or []]
+    for ok, extra_path in extra:
+        if handler_ok and ok and extra_path.name == entry_file_name(handler.name):
+            problems.add("extra_files", f"{extra_path} has the name of the archive's entry module (its TorchServe "
+                                        f"--handler, which loads {handler.name}): rename it")
+    config_ok, model_config = problems.attempt(_checked_model_config, raw["model_config"], problems) \
+        if "model_config" in raw else (False, None)
+    _, ray_serve = problems.attempt(_checked_ray_section, raw.get("ray_serve"), fail)
+    samples = _checked_samples(raw.get("samples"), path_of, not built_later, problems) if root_ok else []
+
+    if not (handler_ok and serialized_ok and model_file_ok and all(ok for ok, _ in extra)):
+        raise ArchiveConfigError("\n".join(problems.lines))  # the handler's import needs its files
     spec = ArchiveSpec(
         source=path,
         root=root,
         model_name=name,
-        version=str(raw["version"]),
-        handler=existing("handler", raw["handler"], True),
-        model_config=_checked_model_config(raw["model_config"], fail),
-        serialized_file=existing("serialized_file", raw["serialized_file"], not built_later)
-        if raw.get("serialized_file")
-        else None,
-        model_file=existing("model_file", raw["model_file"], True) if raw.get("model_file") else None,
-        extra_files=[existing("extra_files", f, not built_later) for f in raw.get("extra_files") or []],
-        build=build,
-        ray_serve=_checked_ray_section(raw.get("ray_serve"), fail),
-        samples=_checked_samples(raw.get("samples"), existing, not built_later, fail),
+        version=str(raw.get("version")),
+        handler=handler,
+        model_config=model_config or {},
+        serialized_file=serialized,
+        model_file=model_file,
+        extra_files=[p for _, p in extra],
+        build=build if build_ok else None,
+        ray_serve=ray_serve or {},
+        samples=samples,
     )
-    handler_class = _handler_class(spec, fail)
-    try:
-        if handler_class is not None:  # the checks start-up makes: one schema for both
-            check_model_config(spec.model_config, handler_class)
-        else:
-            read_settings(spec.model_config)
-    except ConfigError as exc:
-        fail("model_config", str(exc))
+    class_ok, handler_class = problems.attempt(_handler_class, spec, fail)
+    if class_ok and config_ok:
+        try:
+            if handler_class is not None:  # the checks start-up makes: one schema for both
+                check_model_config(spec.model_config, handler_class)
+            else:
+                read_settings(spec.model_config)
+        except ConfigError as exc:
+            problems.add("model_config", str(exc))
+    if problems.lines:
+        raise ArchiveConfigError("\n".join(problems.lines))
     return spec
 
 
-def _checked_samples(samples: Any, existing, must_exist: bool, fail) -> list:
+def _checked_samples(samples: Any, path_of, must_exist: bool, problems: _Problems) -> list:
     """``samples:`` as ``[(path, content type or None)]``: each entry a path (a file, or a folder
-    of sample files) or ``{file: PATH, content_type: TYPE}``."""
+    of sample files) or ``{file: PATH, content_type: TYPE}``. Each wrong entry is an error."""
     if samples is None:
         return []
     if not isinstance(samples, list):
-        fail("samples", f"must be a list of sample request files, got {samples!r}")
+        problems.add("samples", f"must be a list of sample request files, got {samples!r}")
+        return []
     checked = []
     for entry in samples:
         content_type = None
         if isinstance(entry, dict):
             unknown = set(entry) - {"file", "content_type"}
             if unknown or "file" not in entry:
-                fail("samples", f"an entry is a path or {{file: PATH, content_type: TYPE}}, got {entry!r}")
+                problems.add("samples", f"an entry is a path or {{file: PATH, content_type: TYPE}}, got {entry!r}")
+                continue
             entry, content_type = entry["file"], entry.get("content_type")
-        path = existing("samples", entry, must_exist)
+        ok, path = path_of("samples", entry, must_exist)
+        if not ok:
+            continue
         if path.is_dir():
             checked += [(file, content_type) for file in sorted(path.iterdir()) if file.is_file()]
         else:
@@ -218,21 +283,28 @@ def _checked_ray_section(section: Any, fail) -> dict:
         fail("ray_serve", str(exc))
 
 
-def _checked_model_config(config: Any, fail) -> dict:
+def _checked_model_config(config: Any, problems: _Problems) -> dict:
+    """The model config, each wrong key an error; ends the check (``_Skip``) when any is."""
     if not isinstance(config, dict):
-        fail("model_config", f"must be a mapping, got {config!r}")
+        problems.fail("model_config", f"must be a mapping, got {config!r}")
+    found = len(problems.lines)
     for key in config:
         hint = did_you_mean(key, MODEL_CONFIG_KEYS) if key not in MODEL_CONFIG_KEYS else ""
         if hint:
-            fail(f"model_config.{key}", f"not a key TorchServe reads{hint}")
+            problems.add(f"model_config.{key}", f"not a key TorchServe reads{hint}")
+    valid = {}
     for key in POSITIVE_INT_KEYS + NON_NEGATIVE_INT_KEYS:
         if key in config:
             value = config[key]
             minimum = 0 if key in NON_NEGATIVE_INT_KEYS else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                fail(f"model_config.{key}", f"must be an integer >= {minimum}, got {value!r}")
-    if config.get("minWorkers", 1) > config.get("maxWorkers", config.get("minWorkers", 1)):
-        fail("model_config.minWorkers", f"must not exceed maxWorkers ({config['maxWorkers']})")
+                problems.add(f"model_config.{key}", f"must be an integer >= {minimum}, got {value!r}")
+            else:
+                valid[key] = value
+    if valid.get("minWorkers", 1) > valid.get("maxWorkers", valid.get("minWorkers", 1)):
+        problems.add("model_config.minWorkers", f"must not exceed maxWorkers ({config['maxWorkers']})")
+    if len(problems.lines) > found:
+        raise _Skip
     return dict(config)
 
 
@@ -264,7 +336,8 @@ def _handler_class(spec: ArchiveSpec, fail):
 @contextlib.contextmanager
 def staged_model_dir(spec: ArchiveSpec):
     """A temporary model folder laid out as the archive will be (its files linked, not copied),
-    on ``sys.path`` as the worker's model_dir is; modules imported from it are forgotten after."""
+    importable as the worker's model_dir is, and nothing of the project besides: see
+    :func:`imports_as_the_worker`. Modules imported from it are forgotten after."""
     with tempfile.TemporaryDirectory(prefix="check-") as staged:
         for path in (spec.handler, spec.model_file, spec.serialized_file, *spec.extra_files):
             if path is not None and path.exists():  # built artefacts may come later
@@ -273,29 +346,64 @@ def staged_model_dir(spec: ArchiveSpec):
             for name, content in sample_files(spec).items():
                 (Path(staged) / name).parent.mkdir(exist_ok=True)
                 (Path(staged) / name).write_bytes(content)
-        sys.path.insert(0, staged)
-        loaded_before = set(sys.modules)
-        try:
+        project = {Path.cwd(), spec.source.parent, spec.root}
+        project |= {p.parent for p in (spec.handler, spec.model_file, spec.serialized_file, *spec.extra_files) if p}
+        with imports_as_the_worker(staged, project):
             yield staged
-        finally:
-            sys.path.remove(staged)
-            for name in set(sys.modules) - loaded_before:  # the next config's files, not these
-                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(staged):
-                    del sys.modules[name]
+
+
+@contextlib.contextmanager
+def imports_as_the_worker(model_dir: str, project_folders):
+    """Import in this process as a TorchServe worker will: ``model_dir`` first on ``sys.path``,
+    then the interpreter's own paths, and nothing of ``project_folders`` (the current folder, the
+    config's, the files' folders: ``python -m`` and pytest put them on ``sys.path``). Modules
+    imported from those folders before are hidden meanwhile (so that an earlier import does not
+    satisfy the archive's), except this package (the archive carries it). Restored after;
+    modules imported from ``model_dir`` are forgotten."""
+    folders = {os.path.realpath(folder) for folder in project_folders}
+    saved_path = list(sys.path)
+    hidden = {name: module for name, module in list(sys.modules.items()) if _imported_from(name, module, folders)}
+    sys.path[:] = [model_dir] + [entry for entry in saved_path if os.path.realpath(entry or ".") not in folders]
+    for name in hidden:
+        del sys.modules[name]
+    loaded_before = set(sys.modules)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        inside = model_dir.rstrip(os.sep) + os.sep
+        for name in set(sys.modules) - loaded_before:  # the next config's files, not these
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(inside):
+                del sys.modules[name]
+        sys.modules.update(hidden)
+
+
+def _imported_from(name: str, module: Any, folders: set) -> bool:
+    """Whether ``module`` was found on ``sys.path`` in one of ``folders`` (a package's
+    submodules go with it). Never this package, nor ``__main__``."""
+    top = sys.modules.get(name.partition(".")[0], module)
+    if name == "__main__" or top is sys.modules.get(__package__):
+        return False
+    file = getattr(top, "__file__", None)
+    if file:
+        location = os.path.dirname(os.path.dirname(file) if hasattr(top, "__path__") else file)
+        return os.path.realpath(location) in folders
+    # A namespace package: found in each folder of its __path__.
+    return any(os.path.realpath(os.path.dirname(part)) in folders for part in getattr(top, "__path__", None) or ())
 
 
 def self_test(spec: ArchiveSpec) -> str:
     """Start the config's handler on the CPU as a worker would (its files as the archive holds
-    them, its model config) and run its start-up self-test on the samples. Returns the self-test's
-    summary (or why it did not run); raises ArchiveConfigError naming the failure."""
+    them, imported as the worker imports them, its model config: the weights are loaded) and run
+    its start-up self-test on the samples. Returns the self-test's summary (or why it did not
+    run); raises ArchiveConfigError naming the failure in one line (the weights file, when they do
+    not fit the model)."""
     from ._loading import load_handler_class
 
     missing = [p for p in (spec.serialized_file, *spec.extra_files, *(p for p, _ in spec.samples))
                if p is not None and not p.exists()]
     if missing:
         return f"not run: {missing[0]} is not built yet (python -m handlers.archive builds it)"
-    if not spec.samples:
-        return "not run: no samples (samples: in the config)"
     with staged_model_dir(spec) as staged:
         handler_class = load_handler_class(str(Path(staged) / spec.handler.name))
         if not hasattr(handler_class, "read_config"):
@@ -309,10 +417,27 @@ def self_test(spec: ArchiveSpec) -> str:
                                                  if spec.serialized_file else None),
                           server_timeout_s=response_timeout(model_config), server_timeout_name="responseTimeout")
         except Exception as exc:  # noqa: BLE001 - a model that cannot start, in one line
-            raise ArchiveConfigError(f"{spec.source}: the model cannot start: {' '.join(str(exc).split())}") from None
+            message = " ".join(str(exc).split())
+            if spec.serialized_file is not None and _raised_in(exc, "load_state_dict"):
+                model = f" ({spec.model_file.name})" if spec.model_file else ""
+                raise ArchiveConfigError(f"{spec.source}: serialized_file: {spec.serialized_file} does not fit the "
+                                         f"model{model}: {message}") from None
+            raise ArchiveConfigError(f"{spec.source}: the model cannot start: {message}") from None
         finally:
             handler.close()
+        if not spec.samples:
+            return "model started on the CPU; self-test not run: no samples (samples: in the config)"
         return handler.self_test.summary()
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    """Whether ``exc`` was raised inside a function of that name (e.g. torch's load_state_dict)."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == function:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def build_artefacts(spec: ArchiveSpec, force: bool = False) -> bool:
@@ -334,6 +459,11 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=f"archive-{spec.model_name}-") as tmp:
         stage = Path(tmp) / "extra"
         stage.mkdir()
+        # TorchServe's --handler is a generated entry module that loads the handler file beside
+        # it: a handler file that cannot be loaded in the worker then leaves the one line too.
+        entry = Path(tmp) / entry_file_name(spec.handler.name)
+        entry.write_text(entry_source(spec.handler.name))
+        _copy_into(spec.handler, stage)
         # --extra-files DIR flattens DIR into the archive root: stage a folder that holds handlers/.
         shutil.copytree(PACKAGE_DIR, stage / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         for extra in spec.extra_files:
@@ -345,7 +475,7 @@ def archive(spec: ArchiveSpec, model_store: Path) -> Path:
         config_file.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
         command = [
             _archiver(), "--model-name", spec.model_name, "--version", spec.version,
-            "--handler", str(spec.handler), "--extra-files", str(stage),
+            "--handler", str(entry), "--extra-files", str(stage),
             "--config-file", str(config_file), "--export-path", str(model_store), "--force",
         ]
         if spec.serialized_file:
@@ -387,6 +517,11 @@ def _archiver() -> str:
     return found
 
 
+def _print_errors(exc: ArchiveConfigError) -> None:
+    for line in str(exc).splitlines():
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handlers.archive", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", type=Path, help="config files (default: ./archiver_configs/*.yaml)")
@@ -401,10 +536,14 @@ def main(argv: Optional[list] = None) -> int:
     configs = args.configs or sorted(default_folder.glob("*.yaml"))
     if not configs:
         parser.error(f"no configs given and none in {default_folder}")
-    try:
-        specs = [load_spec(path, args.root) for path in configs]
-    except ArchiveConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    specs, failed = [], False
+    for path in configs:  # every config's every error, in one run
+        try:
+            specs.append(load_spec(path, args.root))
+        except ArchiveConfigError as exc:
+            _print_errors(exc)
+            failed = True
+    if failed:
         return 2
     for spec in specs:
         for note in ineffective_settings(spec):
@@ -414,8 +553,10 @@ def main(argv: Optional[list] = None) -> int:
             try:
                 print(f"{spec.model_name}: {self_test(spec)}", flush=True)
             except ArchiveConfigError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
+                _print_errors(exc)
+                failed = True
+        if failed:
+            return 2
         print(f"{len(specs)} config(s) OK: {', '.join(s.model_name for s in specs)}")
         return 0
     for number, spec in enumerate(specs, 1):

@@ -147,13 +147,19 @@ def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_se
         assert "error: model missing_module cannot start: ModuleNotFoundError: No module named " \
                "'helper_beside_the_handler'" in output
         assert f"(tracebacks in {workdir / 'logs' / 'model_log.log'})" in output
+        # The worker itself logs the documented line for a handler file that cannot be imported
+        # (the archive's generated entry module loads it), not only a traceback.
+        model_log = (workdir / "logs" / "model_log.log").read_text()
+        assert "microbatch-handlers: model missing_module cannot start: ModuleNotFoundError: No module named " \
+               "'helper_beside_the_handler'" in model_log
         assert broken_models(r"^not serving (.+) \(cannot start, see above\)$", output) == BROKEN
         assert "Traceback" not in output and "MODEL_LOG" not in output
 
         # The printed curl command works: its URL and its token.
         curl = next(line for line in serve.output.splitlines() if line.startswith("curl ") and "/quickstart" in line)
         token = re.search(r"Authorization: Bearer (\S+?)'", curl).group(1)
-        url = curl.split()[-1]
+        url = re.search(r"http://\S+", curl).group(0)
+        assert curl.endswith(" -w '\\n'")  # the answer ends its line in a terminal
         answer = requests.post(url, data=json.dumps({"id": "ff", "x": [1, 2, 3, 4]}), timeout=30,
                                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         assert answer.status_code == 200, answer.text

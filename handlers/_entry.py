@@ -1,0 +1,106 @@
+"""The TorchServe entry of an archive built by ``python -m handlers.archive``: a small generated
+module, the archive's ``--handler``, that loads the user's handler file itself. When that file
+cannot be loaded (a module missing from the archive or from TorchServe's Python, a syntax error),
+the worker logs the one documented line, ``microbatch-handlers: model <name> cannot start: <why>``,
+before TorchServe's traceback, as for any other start-up failure.
+
+TorchServe 0.12 (``ts/model_loader.py``) imports the handler module by name (the archive root is
+on the worker's path), then serves its module-level ``handle`` function if it has one, else the
+one class the module itself defines (``list_classes_from_module``: exactly one class whose
+``__module__`` is the module's). The entry module gives it the same: the user's ``handle``, or a
+subclass of the user's class with the user's class name; for a file that cannot be loaded, one
+class whose ``initialize`` logs the line (with the model name TorchServe registered) and raises
+the loading error. Only the standard library and ``handlers._errors`` are imported here: the
+missing module may be torch itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+ENTRY_SUFFIX = "_entry.py"
+
+_SOURCE = '''"""TorchServe's handler for this archive, written by `python -m handlers.archive`: it loads
+{handler_file} and serves its handler. When {handler_file} cannot be loaded (a module missing from
+the archive or from TorchServe's Python), the worker logs one line,
+"microbatch-handlers: model <name> cannot start: <why>", before TorchServe's traceback."""
+
+from handlers._entry import entry_points
+
+globals().update(entry_points(__name__, __file__, {handler_file!r}))
+'''
+
+
+def entry_file_name(handler_file: str) -> str:
+    """The entry module's file name for a handler file: ``handler.py`` → ``handler_entry.py``."""
+    return os.path.splitext(os.path.basename(handler_file))[0] + ENTRY_SUFFIX
+
+
+def entry_source(handler_file: str) -> str:
+    """The entry module's source for ``handler_file`` (a name at the archive's root)."""
+    return _SOURCE.format(handler_file=os.path.basename(handler_file))
+
+
+def entry_points(entry_module: str, entry_file: str, handler_file: str) -> dict:
+    """The names the entry module defines for TorchServe: ``{"handle": function}`` for a handler
+    file with a module-level ``handle``, else ``{ClassName: subclass of the user's class}``; for a
+    file that cannot be loaded (or has no single class), ``{"HandlerCannotStart": class}``."""
+    path = os.path.join(os.path.dirname(os.path.abspath(entry_file)), handler_file)
+    try:
+        module = _load(path)
+        if hasattr(module, "handle"):  # TorchServe prefers a handle function, as here
+            return {"handle": module.handle}
+        classes = [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
+        if len(classes) != 1:
+            names = ", ".join(sorted(c.__name__ for c in classes)) or "none"
+            raise ValueError(f"{handler_file} must define exactly one class (TorchServe's rule) or a handle "
+                             f"function; it defines {names}")
+    except Exception as exc:  # noqa: BLE001 - reported by the worker in one line, then raised
+        return {"HandlerCannotStart": _cannot_start(entry_module, exc)}
+    [user_class] = classes
+    # Defined in the entry module (TorchServe's rule), named as the user's class (in logs).
+    served = type(user_class.__name__, (user_class,), {"__module__": entry_module, "__doc__": user_class.__doc__})
+    return {user_class.__name__: served}
+
+
+def _load(path: str):
+    """Import the file at ``path`` under its own name, as ``import`` would from its folder."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise ModuleNotFoundError(f"the archive has no handler file {os.path.basename(path)}", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as import does: the file's own classes find their module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+        raise
+    return module
+
+
+def _cannot_start(entry_module: str, error: Exception) -> type:
+    """The class TorchServe serves when the handler file cannot be loaded."""
+
+    class HandlerCannotStart:
+        """Stands for a handler file that cannot be loaded: ``initialize`` logs the one line and
+        raises the error (TorchServe logs its traceback and stops the worker)."""
+
+        def initialize(self, context):
+            from ._errors import startup_failure_line  # standard library only
+
+            name = getattr(context, "model_name", None) or "?"
+            log.error("%s", startup_failure_line(str(name), error))
+            raise error
+
+        def handle(self, data, context):
+            raise error  # not reached: initialize raised
+
+    HandlerCannotStart.__module__ = entry_module
+    return HandlerCannotStart
