@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
@@ -19,8 +19,8 @@ from ._engine import BatchEngine, BatchReport
 from ._errors import BadRequest, UnsupportedMediaType
 from ._loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from ._model_call import ModelCall
-from ._request import NO_BODY, Request
-from ._responses import JSON, content_type, json_ready
+from ._request import NO_BODY, Request, decoded_body
+from ._responses import JSON, Encoded, encoded
 from ._scatter import ITEMS, SHARED, Batched, Scatter
 from ._self_test import load_samples, run_self_test
 from ._settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
@@ -35,12 +35,18 @@ NO_BODY_MESSAGE = ("the request came as a form (fields, no raw body), which this
 @dataclass(frozen=True)
 class Response:
     """One request's answer, as the core gives it to a server adapter: an HTTP status, a body
-    (JSON values, ``str`` or ``bytes``) and its Content-Type."""
+    (JSON values, ``str`` or ``bytes``), its Content-Type, and ``payload``, the body encoded to
+    the bytes that go out (done on the pool for answers; from ``body`` when not given)."""
 
     status: int
     body: Any
     content_type: str = JSON
     headers: Mapping[str, str] = field(default_factory=dict)
+    payload: Optional[bytes] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.payload is None:
+            object.__setattr__(self, "payload", encoded(self.body).payload)
 
 
 def _to_cpu(leaf: Any) -> Any:
@@ -196,7 +202,7 @@ class MicroBatchHandler:
             log.info("%s %s", type(self).__name__, self.self_test.summary())
         model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device)
         self._engine = BatchEngine(
-            self._preprocess_request, model_call, self._postprocess_one_json_ready, self.settings,
+            self._preprocess_request, model_call, self._postprocess_one_encoded, self.settings,
             inference_on_cpu=self.device.type == "cpu",
             size_hint=self.size_hint if type(self).size_hint is not MicroBatchHandler.size_hint else None,
         )
@@ -210,8 +216,8 @@ class MicroBatchHandler:
             raise RuntimeError(f"{type(self).__name__} answered a batch before start()")
         report = self._engine.run(requests)
         responses = [
-            Response(200, outcome.value, content_type(outcome.value)) if outcome.ok
-            else Response(outcome.error.status, outcome.error.to_json(), JSON)
+            Response(200, outcome.value.value, outcome.value.content_type, payload=outcome.value.payload)
+            if outcome.ok else Response(outcome.error.status, outcome.error.to_json(), JSON)
             for outcome in report.outcomes
         ]
         return responses, report
@@ -312,12 +318,20 @@ class MicroBatchHandler:
     def _preprocess_request(self, request: Request) -> Any:
         if request.body is NO_BODY:  # no hook can read it: say what the client should send
             raise UnsupportedMediaType(NO_BODY_MESSAGE)
+        if isinstance(request.body, (bytes, bytearray)):
+            # Decoded here, on the pool, not by the server's main thread or event loop: the
+            # hooks see a JSON body decoded and text as str on every server.
+            body = decoded_body(request.body, request.header("Content-Type"))
+            if body is not request.body:
+                request = replace(request, body=body)
         return self.preprocess_one(request)
 
-    def _postprocess_one_json_ready(self, output: Any, item: Any) -> Any:
+    def _postprocess_one_encoded(self, output: Any, item: Any) -> Encoded:
         # The outputs are inference tensors: an in-place op on one is only allowed in inference mode.
         with torch.inference_mode():
-            return json_ready(self.postprocess_one(output, item))
+            answer = self.postprocess_one(output, item)
+        # Encoded here, on the pool, once: the server's main thread only forwards the bytes.
+        return encoded(answer)
 
     def _forward(self, items: list) -> Any:
         """collate → infer for one micro-batch, on the model thread that runs it."""

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import wait as settle
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -259,6 +260,7 @@ class BatchEngine:
         on_model: list[tuple[list[int], Future]] = []
         for parts in preprocessing:
             ready = []
+            self._settle(parts, preprocess_deadline)
             for part, calls in parts:
                 collected, preprocess_deadline = self._collect(
                     part, calls, preprocess_deadline, "preprocessing", after_a_stuck_stage
@@ -292,6 +294,7 @@ class BatchEngine:
             # Each micro-batch's postprocessing gets the same share of what is left, so that a
             # hung one is found (and its thread replaced) while the others still have time.
             postprocess_deadline = after_a_stuck_stage()
+            self._settle(postprocessing, postprocess_deadline)
             for part, calls in postprocessing:
                 collected, postprocess_deadline = self._collect(
                     part, calls, postprocess_deadline, "postprocessing", after_a_stuck_stage
@@ -333,6 +336,15 @@ class BatchEngine:
         elapsed = time.perf_counter() - started
         times.add(stage, elapsed)
         cost.update(len(calls.futures), elapsed)
+
+    @staticmethod
+    def _settle(parts: list, deadline: Deadline) -> None:
+        """Wait until every call of ``parts`` is done, or ``deadline``: one wake-up of this
+        (the server's main) thread for the micro-batch, not one per request. What is late is
+        found by :meth:`_collect` after."""
+        futures = [future for _, calls in parts for future in calls.futures]
+        if len(futures) > 1:
+            settle(futures, timeout=max(0.0, deadline.remaining()))
 
     def _collect(self, part: list, calls: CallChunk, deadline: Deadline, stage: str,
                  after_a_stuck_stage: Optional[Callable[[], Deadline]] = None) -> tuple:

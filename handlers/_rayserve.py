@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 from ._errors import startup_failure_line
 from ._metrics import batch_metrics
-from ._request import Request, decoded_body
+from ._request import Request
 from ._responses import JSON
 from ._settings import SECTION, ModelFiles
 
@@ -206,9 +206,11 @@ def replica_class(max_concurrent_batches: int) -> type:
                          "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
                 return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
             headers = dict(http_request.headers)
-            request = Request(decoded_body(body, headers.get("content-type")), headers, _request_id(headers))
+            # The raw bytes: the handler decodes them on its pool, not on this event loop.
+            request = Request(body, headers, _request_id(headers))
             response, batch_size = await self.answer_batch(request)
-            return HTTPResponse(_encode(response.body), status_code=response.status, media_type=response.content_type,
+            # Encoded on the handler's pool: the event loop only forwards the bytes.
+            return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
                                 headers={BATCH_SIZE_HEADER: str(batch_size)})
 
         @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=max_concurrent_batches)
@@ -254,14 +256,6 @@ def _device() -> str:
     import torch
 
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-
-
-def _encode(body: Any) -> bytes:
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body)
-    if isinstance(body, str):
-        return body.encode("utf-8")
-    return json.dumps(body, allow_nan=False).encode("utf-8")
 
 
 class _RayMetrics:

@@ -1,5 +1,6 @@
 """Responses as clients read them: strict JSON (RFC 8259 has no NaN or Infinity) and a
-Content-Type for each. Pure functions; they run on the pool, per request."""
+Content-Type for each, encoded once to the bytes that go out. Pure functions; they run on the
+pool, per request, so that a server's main thread or event loop only forwards bytes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,37 @@ TEXT = "text/plain; charset=utf-8"
 BINARY = "application/octet-stream"
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """An answer as it goes out: ``payload``, the bytes of the HTTP body, and its Content-Type;
+    ``value``, the same answer as JSON values, ``str`` or ``bytes`` (for a server that wraps it,
+    such as a KServe envelope, and for tests)."""
+
+    value: Any
+    payload: bytes
+    content_type: str
+
+
+def encoded(value: Any) -> Encoded:
+    """``value`` encoded once, to the bytes a client receives: ``bytes`` as they are (binary),
+    ``str`` as UTF-8 text, anything else as strict JSON (see :func:`json_ready`).
+
+    Raises:
+        TypeError: a part of ``value`` has no JSON form.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        return Encoded(value, bytes(value), BINARY)
+    if isinstance(value, str):
+        return Encoded(value, value.encode("utf-8"), TEXT)
+    if not _holds_named_tuple(value):
+        try:  # C speed, and the only encoding: most answers are already strict JSON
+            return Encoded(value, json.dumps(value, allow_nan=False).encode("utf-8"), JSON)
+        except (TypeError, ValueError):
+            pass
+    strict = _strict(value, "response")
+    return Encoded(strict, json.dumps(strict, allow_nan=False).encode("utf-8"), JSON)
+
+
 def json_ready(value: Any) -> Any:
     """``value`` as a response body: ``bytes`` and ``str`` as they are; anything else as a value
     that strict JSON can encode. Tensors and numpy arrays become lists, numpy scalars numbers,
@@ -23,14 +55,7 @@ def json_ready(value: Any) -> Any:
     Raises:
         TypeError: a part of ``value`` has no JSON form (the request then gets a 500 that says so).
     """
-    if isinstance(value, (bytes, bytearray, str)):
-        return value
-    try:
-        json.dumps(value, allow_nan=False)  # C speed: most answers are already strict JSON
-    except (TypeError, ValueError):
-        return _strict(value, "response")
-    # json.dumps writes a named tuple as an array; it is an object here, whatever its leaves.
-    return _strict(value, "response") if _holds_named_tuple(value) else value
+    return encoded(value).value
 
 
 def content_type(value: Any) -> str:
@@ -72,6 +97,7 @@ def _key(key: Any, path: str) -> str:
 
 
 def _holds_named_tuple(value: Any) -> bool:
+    """json.dumps writes a named tuple as an array; it is an object here, whatever its leaves."""
     if isinstance(value, tuple):
         return hasattr(type(value), "_fields") or any(_holds_named_tuple(child) for child in value)
     if isinstance(value, list):

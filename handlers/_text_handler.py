@@ -64,7 +64,10 @@ class TextHandler(MicroBatchHandler):
     def preprocess_one(self, request: Request) -> TextItem:
         text = request_text(request.body, self.config["max_chars"], request.header("Content-Type"))
         with parsing_client_data("the tokenizer could not read the text"):
-            ids = self.tokenizer.encode(text).ids
+            # encode_batch releases the GIL while it tokenises (encode holds it): the other pool
+            # threads and the model thread run meanwhile. One text: each request its own error.
+            [encoding] = self.tokenizer.encode_batch([text])
+        ids = encoding.ids
         return TextItem(ids)
 
     def collate(self, items: list) -> dict:

@@ -284,7 +284,11 @@ def _write(responses: list, context, one_request: bool) -> list:
         context.set_response_content_type(idx, JSON if one_request else responses[idx].content_type)
     for idx, response in failures:
         context.set_response_status(response.status, _phrase(response.status), idx)
-    return [response.body for response in responses]
+    if one_request:  # the envelope writes the one JSON answer from the values
+        return [response.body for response in responses]
+    # Bytes, encoded on the pool: TorchServe's worker sends bytes as they are (anything else it
+    # encodes again, with json.dumps(indent=2), on its one main thread).
+    return [response.payload for response in responses]
 
 
 def _phrase(status: int) -> str:

@@ -22,7 +22,7 @@ or, through the TorchServe adapter::
     def test_my_handler_answers_in_order():
         handler = start_handler(MyHandler, model_dir=tmp_path, handler_config={"micro_batch_size": 4})
         context = FakeContext.for_batch(3)
-        responses = handler.handle([{"body": b"[1, 2]"}] * 3, context)
+        responses = handler.handle([{"body": b"[1, 2]"}] * 3, context)  # each answer's bytes
         assert context.statuses() == [200, 200, 200]
 """
 
@@ -40,6 +40,7 @@ __all__ = [
     "start_handler",
     "start_archived_handler",
     "run_batch",
+    "as_client_reads",
     "assert_batch_contract",
     "assert_matches_alone",
     "assert_isolates_bad_request",
@@ -253,16 +254,35 @@ def as_torchserve_delivers(body: Any, content_type: Optional[str]) -> Any:
     return decoded_body(body, content_type)
 
 
+def as_client_reads(payload: Any, content_type: Optional[str]) -> Any:
+    """An answer's bytes as a client reads them: JSON decoded, text as ``str``, binary as bytes.
+    (The TorchServe adapter returns each answer encoded, as it goes out; a KServe envelope's
+    answers are values, returned unchanged.)"""
+    import json
+
+    if not isinstance(payload, (bytes, bytearray)) or not content_type:
+        return payload
+    if content_type.startswith("application/json"):
+        return json.loads(payload)
+    if content_type.startswith("text/"):
+        return bytes(payload).decode("utf-8")
+    return payload
+
+
 def run_batch(handler, bodies: Sequence[Any], headers: Optional[Sequence[Mapping[str, str]]] = None):
-    """Send ``bodies`` as one TorchServe batch; returns ``(responses, context)``. A body in bytes
-    is decoded as TorchServe would for its request's ``Content-Type`` header."""
+    """Send ``bodies`` as one TorchServe batch; returns ``(responses, context)``, each response
+    as a client reads it (:func:`as_client_reads`). A body in bytes is decoded as TorchServe
+    would for its request's ``Content-Type`` header."""
     headers = list(headers) if headers is not None else [{} for _ in bodies]
     context = FakeContext(request_headers=headers)
     rows = [
         {"body": as_torchserve_delivers(body, next((v for k, v in h.items() if k.lower() == "content-type"), None))}
         for body, h in zip(bodies, headers)
     ]
-    responses = handler.handle(rows, context)
+    sent = handler.handle(rows, context)
+    if not isinstance(sent, list) or len(sent) != len(bodies):
+        raise AssertionError(f"expected a list of {len(bodies)} responses, got {sent!r:.200}")
+    responses = [as_client_reads(body, context.get_response_content_type(idx)) for idx, body in enumerate(sent)]
     assert_batch_contract(responses, context, len(bodies))
     return responses, context
 

@@ -1,5 +1,6 @@
 """The TorchServe adapter, driven through the fake context of handlers.testing."""
 
+import json
 import threading
 
 import pytest
@@ -73,7 +74,9 @@ def test_a_malformed_request_gets_its_own_400_in_every_position(handler_factory,
 def test_the_error_response_is_json_with_its_status_and_phrase(handler_factory):
     handler = handler_factory()
     context = FakeContext.for_batch(2)
-    responses = handler.handle([{"body": b"{"}, {"body": b"[1,1,1,1]"}], context)
+    sent = handler.handle([{"body": b"{"}, {"body": b"[1,1,1,1]"}], context)
+    assert all(isinstance(body, bytes) for body in sent)  # encoded on the pool, as they go out
+    responses = [json.loads(body) for body in sent]
     assert context.get_response_status(0) == (400, "Bad Request")
     assert context.get_response_content_type(0) == "application/json"
     assert set(responses[0]) == {"code", "type", "message"}
@@ -90,7 +93,7 @@ def test_every_response_says_the_size_of_the_batch_it_was_served_in(handler_fact
 def test_form_data_rows_are_read_like_bodies(handler_factory):
     handler = handler_factory()
     context = FakeContext.for_batch(1)
-    assert handler.handle([{"data": b"[0, 0, 0, 0]"}], context) == [[1.0, 1.0, 1.0, 1.0]]
+    assert handler.handle([{"data": b"[0, 0, 0, 0]"}], context) == [b"[1.0, 1.0, 1.0, 1.0]"]
 
 
 def test_a_form_post_with_no_body_gets_its_own_415_saying_what_to_send(handler_factory):
@@ -98,7 +101,7 @@ def test_a_form_post_with_no_body_gets_its_own_415_saying_what_to_send(handler_f
     array, got NoneType"): the row holds form fields and no body."""
     handler = handler_factory()
     context = FakeContext.for_batch(2)
-    responses = handler.handle([{'{"x": [1, 2]}': b""}, {"body": b"[0, 0, 0, 0]"}], context)
+    responses = [json.loads(body) for body in handler.handle([{'{"x": [1, 2]}': b""}, {"body": b"[0, 0, 0, 0]"}], context)]
     assert context.statuses() == [415, 200]
     assert "curl -d without -H 'Content-Type: ...' sends a form" in responses[0]["message"]
 

@@ -62,6 +62,11 @@ def test_in_a_torchserve_worker_records_keep_their_level_errors_on_stderr(monkey
     monkeypatch.setattr("sys.stderr", err)
     logger = logging.getLogger("handlers")
     before = (list(logger.handlers), logger.level, logger.propagate)
+    # As in a fresh worker: no handler from an earlier test's start-up, loggers enabled (a
+    # library's dictConfig may have disabled them).
+    logger.handlers[:] = []
+    for name in ("handlers._engine", "handlers._core"):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
     try:
         log_with_levels()
         log_with_levels()  # idempotent: one pair of handlers

@@ -33,7 +33,7 @@ def test_engine_internals_left_the_public_api_but_still_import_with_a_warning(na
 
 def test_testing_kit_names_are_pinned():
     assert sorted(handlers.testing.__all__) == [
-        "FakeContext", "FakeMetrics", "LocalServer", "RecordedMetric", "assert_batch_contract",
+        "FakeContext", "FakeMetrics", "LocalServer", "RecordedMetric", "as_client_reads", "assert_batch_contract",
         "assert_isolates_bad_request", "assert_matches_alone", "run_batch", "start_archived_handler",
         "start_handler",
     ]

@@ -1,6 +1,7 @@
 """Recovery paths cost only the guilty request: one regression test per finding, each failing on
 the engine as it was before (fresh pool per stuck batch, OOM cap for life, 504 forever)."""
 
+import json
 import threading
 import time
 
@@ -238,7 +239,7 @@ def test_a_torchserve_worker_whose_model_is_stuck_ends_itself_when_the_next_batc
         context = FakeContext.for_batch(2)
         context.cl_socket = object()  # as in a TorchServe worker
         responses = handler.handle([{"body": [1, 1, 1, 1]}, {"body": [500, 1, 1, 1]}], context)
-        assert context.statuses() == [504, 504] and responses[0]["type"] == "DeadlineExceeded"
+        assert context.statuses() == [504, 504] and json.loads(responses[0])["type"] == "DeadlineExceeded"
         assert exits == []  # the stuck batch is answered first
         with pytest.raises(SystemExit):
             handler.handle([{"body": [2, 2, 2, 2]}], context)
