@@ -49,11 +49,11 @@ def curl_for(server: TorchServe, model: str) -> str:
     key = server.keys().get("inference", "<inference key from .serve/key_file.json>")
     url = f"{server.inference_url}/predictions/{model}"
     if sample is None:
-        return f"curl -H 'Authorization: Bearer {key}' {url} --data-binary @YOUR_INPUT"
+        return f"curl -H 'Authorization: Bearer {key}' {url} --data-binary @YOUR_INPUT -w '\\n'"
     content_type = mimetypes.guess_type(sample.name)[0] or "application/octet-stream"
     return (
         f"curl -H 'Authorization: Bearer {key}' -H 'Content-Type: {content_type}' "
-        f"--data-binary @{sample.relative_to(ROOT)} {url}"
+        f"--data-binary @{sample.relative_to(ROOT)} {url} -w '\\n'"  # -w: the answer ends its line
     )
 
 
