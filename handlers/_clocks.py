@@ -23,34 +23,6 @@ class Deadline:
         return self.remaining() <= 0.0
 
 
-class PerItemCost:
-    """Seconds one request takes in a pool stage (a moving average), and from it how many
-    requests one pool task should carry: one each while a request costs a millisecond or more
-    (balance, and a hung request delays nobody else), enough to amortise the hand-off to a
-    thread (tens of microseconds) when requests are cheap."""
-
-    ONE_PER_TASK_ABOVE_S = 1e-3
-    TASK_TARGET_S = 1e-3
-    MAX_PER_TASK = 256
-
-    def __init__(self, memory: float = 0.8):
-        self._memory = memory
-        self._lock = threading.Lock()
-        self.seconds: Optional[float] = None
-
-    def update(self, count: int, seconds: float) -> None:
-        if count:
-            with self._lock:
-                value = seconds / count
-                self.seconds = value if self.seconds is None else self._memory * self.seconds + (1 - self._memory) * value
-
-    def chunk_length(self) -> int:
-        value = self.seconds
-        if value is None or value >= self.ONE_PER_TASK_ABOVE_S:
-            return 1
-        return max(1, min(self.MAX_PER_TASK, int(self.TASK_TARGET_S / max(value, 1e-9))))
-
-
 class StageTimes:
     """Seconds spent per stage in one batch, summed over requests (preprocess, postprocess, and
     ``queue``: waiting for a pool thread) or micro-batches (inference). Written from several

@@ -22,7 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from ._clocks import Deadline, PerItemCost, StageTimes
+from ._clocks import Deadline, StageTimes
 from ._errors import DeadlineExceeded, InternalError, ServiceUnavailable, describe, postprocess_error, preprocess_error
 from ._model_call import ModelCall
 from ._outcome import Failure, Outcome, Success, attempt
@@ -55,12 +55,6 @@ def plan_micro_batches(batch_size: int, micro_batch_size: Optional[int]) -> list
     """
     step = micro_batch_size or max(batch_size, 1)
     return [range(start, min(start + step, batch_size)) for start in range(0, batch_size, step)]
-
-
-def chunked(positions: Sequence[int], length: int) -> list:
-    """``positions`` in consecutive pieces of ``length`` (the last may be shorter)."""
-    positions = list(positions)
-    return [positions[i : i + length] for i in range(0, len(positions), length)]
 
 
 @dataclass(frozen=True)
@@ -114,8 +108,6 @@ class BatchEngine:
         self._model_call = infer_micro_batch if isinstance(infer_micro_batch, ModelCall) else ModelCall(infer_micro_batch)
         self._postprocess = postprocess
         self._size_hint = size_hint
-        self._preprocess_cost = PerItemCost()
-        self._postprocess_cost = PerItemCost()
         self._sizing = make_sizing(
             settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size, shared_cores=inference_on_cpu
         )
@@ -243,13 +235,9 @@ class BatchEngine:
     def _run_pipeline(self, requests, plan, deadline, outcomes, times) -> None:
         # Queue every micro-batch's preprocessing at once (in order), so that the pool works
         # ahead while the model runs: inference of micro-batch k overlaps preprocessing of k+1.
-        chunk = self._preprocess_cost.chunk_length()
         preprocessing = [
-            [
-                (part, self._submit_chunk("preprocess", self._preprocess, preprocess_error,
-                                          [(requests[p],) for p in part], times, self._preprocess_cost))
-                for part in chunked(positions, chunk)
-            ]
+            [(list(positions), self._submit_chunk("preprocess", self._preprocess, preprocess_error,
+                                                  [(requests[p],) for p in positions], times))]
             for positions in plan
         ]
         preprocess_deadline = Deadline(deadline.remaining() * PREPROCESS_SHARE_OF_DEADLINE)
@@ -314,28 +302,28 @@ class BatchEngine:
         arguments = lambda part: [(outputs[p], items[p]) for p in part]  # noqa: E731
         # Never on the model thread, however cheap: a postprocessing call that hangs there would
         # hold the model, and so every later micro-batch, hostage.
-        chunk = self._postprocess_cost.chunk_length()
-        postprocessing = [
-            (part, self._submit_chunk("postprocess", self._postprocess, postprocess_error,
-                                      arguments(part), times, self._postprocess_cost))
-            for part in chunked(positions, chunk)
-        ]
+        postprocessing = [(positions, self._submit_chunk("postprocess", self._postprocess, postprocess_error,
+                                                         arguments(positions), times))] if positions else []
         return Success((failed, postprocessing))
 
-    def _submit_chunk(self, stage, function, classify, argument_lists, times, cost) -> CallChunk:
+    def _submit_chunk(self, stage, function, classify, argument_lists, times) -> CallChunk:
+        """One stage for a micro-batch's requests, one call per request, each with its own
+        outcome: the pool threads take the calls one at a time from one shared chunk (balanced,
+        and a hung call holds only its thread), and the hand-off to a thread is paid once per
+        thread, not once per request."""
         calls = CallChunk(lambda *args: attempt(function, classify, *args), argument_lists)
-        self._pool.submit(self._run_chunk, calls, stage, times, cost, time.perf_counter())
+        queued_at = time.perf_counter()
+        for _ in range(min(self._pool.size, len(argument_lists))):
+            self._pool.submit(self._run_chunk, calls, stage, times, queued_at)
         return calls
 
     @staticmethod
-    def _run_chunk(calls: CallChunk, stage, times, cost, queued_at) -> None:
-        """On a pool thread: one stage for a few requests, each with its own outcome."""
+    def _run_chunk(calls: CallChunk, stage, times, queued_at) -> None:
+        """On a pool thread: calls of one stage until the chunk has none left to start."""
         started = time.perf_counter()
         times.add("queue", started - queued_at)
-        calls.run()
-        elapsed = time.perf_counter() - started
-        times.add(stage, elapsed)
-        cost.update(len(calls.futures), elapsed)
+        if calls.run():
+            times.add(stage, time.perf_counter() - started)
 
     @staticmethod
     def _settle(parts: list, deadline: Deadline) -> None:

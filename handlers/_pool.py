@@ -144,10 +144,11 @@ class StagePool:
 
 
 class CallChunk:
-    """Calls of one function that a single pool task runs in turn (cheap requests share a task,
-    so the hand-off to a thread is paid once), each with its own Future.
+    """Calls of one function, each with its own Future, that pool tasks take one at a time:
+    several threads may run one chunk (each call is taken once), so the hand-off to a thread is
+    paid once per thread, not per call.
 
-    When one call hangs, the calls after it have not started: :meth:`run` may be submitted
+    When one call hangs, the calls after it may not have started: :meth:`run` may be submitted
     again, and another thread then takes the rest, so that they do not wait behind it.
     """
 
@@ -157,16 +158,19 @@ class CallChunk:
         self._work = deque(zip(self.futures, argument_lists))
         self._running: dict = {}  # future -> the thread running its call
 
-    def run(self) -> None:
-        """Run calls until none is left (several threads may run one chunk)."""
+    def run(self) -> int:
+        """Run calls until none is left to start (several threads may run one chunk); returns
+        how many this thread ran."""
+        ran = 0
         while True:
             try:
                 future, args = self._work.popleft()  # atomic: each call is taken once
             except IndexError:
-                return
+                return ran
             if not future.set_running_or_notify_cancel():
                 continue
             self._running[future] = threading.current_thread()
+            ran += 1
             try:
                 future.set_result(self._function(*args))
             except BaseException as exc:  # noqa: BLE001 - delivered to the caller, never lost
