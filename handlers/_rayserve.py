@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 from ._errors import startup_failure_line
 from ._metrics import batch_metrics
-from ._request import Request
+from ._request import NO_BODY, Request
 from ._responses import JSON
 from ._settings import SECTION, ModelFiles
 
@@ -205,9 +205,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                 error = {"code": 413, "type": "PayloadTooLarge",
                          "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
                 return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
-            headers = dict(http_request.headers)
-            # The raw bytes: the handler decodes them on its pool, not on this event loop.
-            request = Request(body, headers, _request_id(headers))
+            request = request_from_http(body, dict(http_request.headers))
             response, batch_size = await self.answer_batch(request)
             # Encoded on the handler's pool: the event loop only forwards the bytes.
             return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
@@ -228,6 +226,24 @@ def replica_class(max_concurrent_batches: int) -> type:
                 raise RuntimeError(f"unhealthy: {reason}")
 
     return MicroBatchReplica
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def request_from_http(body: bytes, headers: dict) -> Request:
+    """One HTTP request as the handler core takes it, as TorchServe hands it over: the raw
+    bytes (the handler decodes them on its pool, not on this event loop); a form post (``curl
+    -d`` without a Content-Type) is its fields, so the body is a field named ``body`` or
+    ``data``, else there is none (a 415 that says what to send, as on TorchServe)."""
+    content_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type == FORM:
+        from urllib.parse import parse_qs
+
+        fields = parse_qs(body.decode("latin-1"), keep_blank_values=True, encoding="latin-1")  # bytes kept as sent
+        found = next((fields[key][0] for key in ("body", "data") if key in fields), None)
+        body = NO_BODY if found is None else found.encode("latin-1")
+    return Request(body, headers, _request_id(headers))
 
 
 def _request_id(headers: dict) -> Optional[str]:

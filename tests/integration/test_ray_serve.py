@@ -90,6 +90,19 @@ def test_each_example_answers_on_ray_serve_as_it_does_on_torchserve(ray_serve, t
     assert on_ray.headers["X-Batch-Size"] == "1"
 
 
+def test_a_form_post_gets_the_same_415_on_both_servers(ray_serve, torchserve):
+    """curl -d without a Content-Type: a form, with no body; was a 200 on Ray Serve."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = '{"id": "f", "x": [1, 2, 3, 4]}'
+    on_ray = requests.post(f"{ray_serve}/predictions/quickstart", data=body, headers=form, timeout=60)
+    on_torchserve = requests.post(f"{torchserve.inference_url}/predictions/quickstart", data=body,
+                                  headers={**form, **torchserve.auth()}, timeout=60)
+    assert on_ray.status_code == on_torchserve.status_code == 415, (on_ray.text, on_torchserve.text)
+    assert on_ray.json() == on_torchserve.json()
+    assert on_ray.headers["Content-Type"].startswith("application/json")
+    assert on_torchserve.headers["Content-Type"].startswith("application/json")
+
+
 CASES = corpus()
 
 

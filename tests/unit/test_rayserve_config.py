@@ -4,9 +4,12 @@ checked with the rest of the config, and TorchServe's batching maps to @serve.ba
 import pytest
 import yaml
 
-from handlers._rayserve import batching_of, check_ray_section
+from handlers._rayserve import batching_of, check_ray_section, request_from_http
+from handlers._request import NO_BODY
 from handlers.archive import ArchiveConfigError, load_spec
+from handlers.testing import LocalServer
 
+from .models import AffineHandler
 from .test_archive_configs import ROOT, write_config
 
 
@@ -37,3 +40,25 @@ def test_a_config_without_a_ray_serve_section_is_served_with_defaults(tmp_path):
     spec = load_spec(write_config(tmp_path), ROOT)
     assert spec.ray_serve == {}
     assert yaml.safe_load(spec.source.read_text())["model_name"] == "quickstart"
+
+
+# -- one HTTP request as the core takes it (parity with TorchServe) ------------------------------
+
+
+def test_a_ray_request_keeps_its_raw_bytes_for_the_pool_to_decode():
+    request = request_from_http(b'{"x": [1]}', {"content-type": "application/json", "x-request-id": "r-1"})
+    assert request.body == b'{"x": [1]}' and request.id == "r-1"
+
+
+def test_a_form_post_on_ray_is_read_as_torchserve_reads_it():
+    """curl -d without a Content-Type sends a form: on TorchServe its fields, with no body (a 415
+    that says what to send) unless a field is named body or data. Ray Serve answered it 200 by
+    reading the form's raw bytes as JSON."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    assert request_from_http(b'{"x": [1, 2, 3, 4]}', form).body is NO_BODY
+    assert request_from_http(b"data=%5B1%2C+2%5D", form).body == b"[1, 2]"
+    form_utf8 = {"content-type": "application/x-www-form-urlencoded; charset=utf-8"}
+    assert request_from_http(b"body=caf%C3%A9&other=1", form_utf8).body == "café".encode()
+    with LocalServer.start(AffineHandler) as server:
+        [response] = server.send([NO_BODY])
+    assert response.status == 415 and "curl -d without" in response.body["message"]
