@@ -344,9 +344,11 @@ class BatchEngine:
         for position, future in zip(part, calls.futures):
             outcome = self._wait(future, deadline, stage)
             if not outcome.ok and isinstance(outcome.error, DeadlineExceeded) and future.running():
-                self._pool.mark_stuck(calls.thread_of(future))
-                if calls.has_unstarted:
-                    self._pool.submit(calls.run)
+                # The chunk's calls not yet started go first to the replacement thread, not
+                # behind the later micro-batches' work in the queue.
+                rest = calls.run if calls.has_unstarted else None
+                if not self._pool.mark_stuck(calls.thread_of(future), first=rest) and rest is not None:
+                    self._pool.submit(rest)
                 if after_a_stuck_stage is not None:
                     deadline = after_a_stuck_stage()
             collected.append((position, outcome))

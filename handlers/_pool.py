@@ -56,22 +56,27 @@ class StagePool:
         self._tasks.put((future, function, args))
         return future
 
-    def mark_stuck(self, thread: Optional[threading.Thread]) -> None:
+    def mark_stuck(self, thread: Optional[threading.Thread], first: Optional[Callable[[], Any]] = None) -> bool:
         """``thread`` runs a stage past its deadline: replace it while fewer than ``max_stuck``
-        threads are stuck. Idempotent; a thread that is no longer stuck is ignored."""
+        threads are stuck. Idempotent; a thread that is no longer stuck is ignored.
+
+        ``first``: work the replacement does before any queued task (the calls that were
+        waiting behind the hung one, which must not wait behind later batches' work too).
+        Returns True when a replacement took it."""
         with self._lock:
             if thread is None or thread not in self._threads or thread in self._stuck or self._closed:
-                return
+                return False
             self._stuck.add(thread)
             if len(self._replaced) >= self.max_stuck:
                 log.error(
                     "%d stage threads are stuck past their deadline; no more replacements (the worker "
                     "should be restarted)", len(self._stuck),
                 )
-                return
+                return False
             self._replaced.add(thread)
-            self._start_thread()
+            self._start_thread(first)
         log.warning("a stage is stuck past its deadline on %s: started a replacement thread", thread.name)
+        return first is not None
 
     @property
     def saturated(self) -> bool:
@@ -109,15 +114,20 @@ class StagePool:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _start_thread(self) -> None:
+    def _start_thread(self, first: Optional[Callable[[], Any]] = None) -> None:
         self._started += 1
-        thread = threading.Thread(target=self._work, name=f"{self._name}-{self._started}", daemon=True)
+        thread = threading.Thread(target=self._work, args=(first,), name=f"{self._name}-{self._started}", daemon=True)
         self._threads.add(thread)
         thread.start()
 
-    def _work(self) -> None:
+    def _work(self, first: Optional[Callable[[], Any]] = None) -> None:
         me = threading.current_thread()
         try:
+            if first is not None:
+                try:
+                    first()
+                except BaseException:  # noqa: BLE001 - a call chunk keeps its calls' errors itself
+                    log.exception("work handed to a replacement thread failed")
             while True:
                 task = self._tasks.get()
                 if task is _STOP:

@@ -156,6 +156,17 @@ def test_a_hung_stage_costs_only_its_own_request(data, size, micro_batch_size, p
     check_contract(requests, report)
 
 
+@pytest.mark.parametrize("fault", [None, "bad_request"])
+def test_calls_waiting_behind_a_hung_one_go_first_to_its_replacement_thread(fault):
+    """Found by the soak profile on c6d7551 (shrunk): one pool thread, micro-batches [0, 1] and
+    [2], requests 0 and 2 hang in preprocessing. Request 1, queued behind 0 in the same shared
+    chunk, was handed back to the queue behind micro-batch [2]'s work, and the replacement
+    thread hung on request 2 first: request 1 got a 504 instead of its own answer."""
+    requests = [Req(0.0, "hang_preprocess"), Req(1.0, fault), Req(2.0, "hang_preprocess")]
+    [report] = run_engine(requests, "static", 2, 1, None, deadline_s=1.2)
+    check_contract(requests, report)
+
+
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=settings().max_examples // 6 or 1)
 @given(size=st.integers(1, 16), micro_batch_size=st.integers(1, 8), data=st.data())
 def test_a_hung_model_call_answers_earlier_micro_batches_and_then_refuses_at_once(size, micro_batch_size, data):
