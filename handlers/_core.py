@@ -199,7 +199,9 @@ class MicroBatchHandler:
         samples = load_samples(self.model_dir) if samples is None else list(samples)
         if samples:
             self.self_test = run_self_test(self, samples)
-            log.info("%s %s", type(self).__name__, self.self_test.summary())
+            # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
+            level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
+            log.log(level, "%s %s", type(self).__name__, self.self_test.summary())
         model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device)
         self._engine = BatchEngine(
             self._preprocess_request, model_call, self._postprocess_one_encoded, self.settings,

@@ -45,7 +45,10 @@ def load_model_files(model_dir: str, files: ModelFiles, device: torch.device) ->
 def _load_state_dict(path: str, device: torch.device) -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not _written_by_torch_save(path):  # garbage is refused by the same unpickler
+            raise RuntimeError(f"cannot read the weights {path}: it is not a file torch.save wrote (neither "
+                               f"a zip archive nor a pickle); save them with torch.save(model.state_dict(), ...)") from None
         raise pickle.UnpicklingError(
             f"{path} holds more than weights (a whole model saved with torch.save(model)?), and it is "
             f"not unpickled: that would run code from the file. Save the weights instead, "
@@ -54,7 +57,7 @@ def _load_state_dict(path: str, device: torch.device) -> dict:
         ) from None
     except (OSError, RuntimeError, EOFError) as exc:
         raise RuntimeError(
-            f"cannot read the weights {path}: {exc}. Is it truncated, or not made by torch.save? "
+            f"cannot read the weights {path}: {_first_line(exc)}. Is it truncated, or not made by torch.save? "
             f"Save them again with torch.save(model.state_dict(), ...)"
         ) from None
 
@@ -151,3 +154,19 @@ def read_labels(model_dir: str, filename: str) -> dict:
     with open(path) as f:
         raw = json.load(f)
     return {int(key): value[-1] if isinstance(value, list) else str(value) for key, value in raw.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, or its type when it has no message (an empty file's EOFError)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else f"{type(exc).__name__} (the file is empty or cut short)"
+
+
+def _written_by_torch_save(path: str) -> bool:
+    """A zip archive (torch.save's format) or a pickle (its legacy format, PROTO opcode first)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as file:
+        return file.read(1) == b"\x80"

@@ -228,6 +228,16 @@ def replica_class(max_concurrent_batches: int) -> type:
     return MicroBatchReplica
 
 
+def ray_missing() -> Optional[str]:
+    """Why Ray Serve cannot be used from this Python, in one line; None when it can."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        return (f"Ray Serve is not installed in this Python ({exc}): install the [ray] extra, e.g. "
+                f"pip install \"./microbatch-handlers[ray]\" from beside your clone")
+    return None
+
+
 FORM = "application/x-www-form-urlencoded"
 
 

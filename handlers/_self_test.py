@@ -3,8 +3,10 @@ micro-batch sizes, before anything is served.
 
 It proves two things on the model itself, not on guesses: the **batch layout** of its output
 (which parts follow the micro-batch size, along which dimension: :mod:`handlers._scatter`), and
-that it is **batch-invariant**: each sample's answer beside other requests equals its answer
-alone, within a tolerance. A model that mixes the requests of a batch (a layer in training mode,
+that it is **batch-invariant**: each sample's answer beside other requests (what
+``postprocess_one`` makes of its part, as a client receives it) equals its answer alone, within
+a tolerance. That takes at least two different samples: with one, or copies of one, every
+batch-mate is the sample itself and mixing cannot show (the summary says so). A model that mixes the requests of a batch (a layer in training mode,
 padding that leaks into the result) is refused with one line naming the sample, the output part
 and the difference. It doubles as the warm-up.
 
@@ -57,11 +59,14 @@ class SelfTestReport:
     sizes: tuple
     seconds: float
     layout_learned: bool
+    distinct: int = 2  # different sample requests: batch invariance shows only beside a different one
 
     def summary(self) -> str:
         layout = "batch layout learned, " if self.layout_learned else ""
+        invariance = ("answers batch-invariant" if self.distinct >= 2 else
+                      "batch invariance NOT tested: it needs at least 2 different samples")
         return (f"self-test: {self.samples} sample(s) alone and together at micro-batch sizes "
-                f"{', '.join(map(str, self.sizes))}: {layout}answers batch-invariant; {self.model_calls} model calls "
+                f"{', '.join(map(str, self.sizes))}: {layout}{invariance}; {self.model_calls} model calls "
                 f"in {self.seconds:.2f} s")
 
 
@@ -80,7 +85,8 @@ def load_samples(model_dir: str) -> list:
         body = (folder / entry["file"]).read_bytes()
         content_type = entry.get("content_type") or content_type_of(entry["file"])
         headers = {"Content-Type": content_type}
-        samples.append(Sample(entry["file"], Request(decoded_body(body, content_type), headers)))
+        name = entry.get("source") or entry["file"]
+        samples.append(Sample(name, Request(decoded_body(body, content_type), headers)))
     return samples
 
 
@@ -125,11 +131,15 @@ def run_self_test(handler, samples: list) -> SelfTestReport:
         except SplitFailed as exc:
             raise SelfTestFailed(f"self-test: {exc.message}") from None
     rtol, atol = tolerance(handler)
-    alone_parts = {p: _split(handler, output, 1)[0] for p, output in alone.items()}
+    # The answers as clients get them: a model may pad a micro-batch (its raw output then
+    # depends on the longest batch-mate) and postprocess_one trim it back.
+    alone_answers = {p: _answer(handler, samples[p], _split(handler, output, 1)[0], items[p])
+                     for p, output in alone.items()}
     for n, positions in groups.items():
         parts = _split(handler, together[n], n)
         for slot, (p, part) in enumerate(zip(positions, parts)):
-            difference = first_difference(alone_parts[p], part, rtol, atol)
+            difference = first_difference(alone_answers[p], _answer(handler, samples[p], part, items[p]), rtol, atol,
+                                          ANSWER)
             if difference:
                 raise SelfTestFailed(
                     f"self-test: sample {samples[p].name} answers differently beside other requests (micro-batch "
@@ -137,7 +147,8 @@ def run_self_test(handler, samples: list) -> SelfTestReport:
                     f"mixes the requests of a batch: a layer left in training mode (BatchNorm, Dropout: call "
                     f"model.eval()), padding that leaks into the result, or a statistic over the batch"
                 )
-    return SelfTestReport(len(samples), calls, (1, *together), time.perf_counter() - started, learned)
+    distinct = len({_identity(sample.request) for sample in samples})
+    return SelfTestReport(len(samples), calls, (1, *together), time.perf_counter() - started, learned, distinct)
 
 
 def tolerance(handler) -> tuple:
@@ -190,6 +201,23 @@ def _array_difference(alone: Any, together: Any, rtol: float, atol: float, path:
     where = tuple(int(i) for i in unequal.nonzero()[0])
     index = "".join(f"[{i}]" for i in where)
     return f"{path}{index} is {a[where].item():.6g} alone and {b[where].item():.6g} together"
+
+
+ANSWER = "answer"
+
+
+def _answer(handler, sample: Sample, part: Any, item: Any) -> Any:
+    """The sample's answer from its part of an output, as the client receives it (JSON values)."""
+    try:
+        return handler._postprocess_one_encoded(part, item).value
+    except Exception as exc:  # noqa: BLE001 - a sample whose answer cannot be made is a broken handler
+        raise SelfTestFailed(f"self-test: postprocess_one raised on sample {sample.name}: {type(exc).__name__}: "
+                             f"{_first_line(exc)}") from None
+
+
+def _identity(request: Request) -> str:
+    """What makes two sample requests the same request: body and headers."""
+    return repr((request.body, sorted(request.headers.items())))
 
 
 def _preprocessed(handler, sample: Sample) -> Any:

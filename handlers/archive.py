@@ -244,7 +244,9 @@ def sample_files(spec: ArchiveSpec) -> dict:
     for number, (path, content_type) in enumerate(spec.samples, 1):
         name = f"{number:02d}_{path.name}"
         files[f"{SAMPLES_DIR}/{name}"] = path.read_bytes()
-        index.append({"file": name, "content_type": content_type or content_type_of(path.name)})
+        # "source": the name the self-test's messages give it (the file as the config names it).
+        source = path.relative_to(spec.root).as_posix() if path.is_relative_to(spec.root) else path.name
+        index.append({"file": name, "source": source, "content_type": content_type or content_type_of(path.name)})
     files[f"{SAMPLES_DIR}/{SAMPLES_INDEX}"] = json.dumps(index, indent=1).encode()
     return files
 
@@ -418,6 +420,9 @@ def self_test(spec: ArchiveSpec) -> str:
                           server_timeout_s=response_timeout(model_config), server_timeout_name="responseTimeout")
         except Exception as exc:  # noqa: BLE001 - a model that cannot start, in one line
             message = " ".join(str(exc).split())
+            for path in (spec.handler, spec.model_file, spec.serialized_file, *spec.extra_files):
+                if path is not None:  # the user's files by their own paths, not the staged copies'
+                    message = message.replace(str(Path(staged) / path.name), str(path))
             if spec.serialized_file is not None and _raised_in(exc, "load_state_dict"):
                 model = f" ({spec.model_file.name})" if spec.model_file else ""
                 raise ArchiveConfigError(f"{spec.source}: serialized_file: {spec.serialized_file} does not fit the "

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._rayserve import ModelCannotStart, build_app, serve_configs, start_local_cluster, stop_local_cluster
+from ._rayserve import ModelCannotStart, build_app, ray_missing, serve_configs, start_local_cluster, stop_local_cluster
 
 
 def app(args: dict):
@@ -45,6 +45,10 @@ def main(argv: Optional[list] = None) -> int:
                         help="logical CPUs of the node; each replica reserves one unless its ray_actor_options "
                              "say otherwise (default: the cores, at least one per config)")
     args = parser.parse_args(argv)
+    missing = ray_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
     stop = threading.Event()
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, len(configs) + 1)

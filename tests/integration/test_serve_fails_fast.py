@@ -53,8 +53,9 @@ class BatchMixingHandler(MicroBatchHandler):
         y = self.model(batch)
         return y - y.mean(dim=0, keepdim=True)  # a statistic over the batch: answers depend on batch-mates
 '''
-MIXING_LINE = re.compile(r"^error: model batch_mixing cannot start: self-test: sample \d\d_[a-z]\.json answers "
-                         r"differently beside other requests \(micro-batch of \d, position \d\): output\[\d\] is "
+MIXING_LINE = re.compile(r"^error: model batch_mixing cannot start: self-test: sample examples/quickstart/samples/"
+                         r"[a-z]\.json answers "
+                         r"differently beside other requests \(micro-batch of \d, position \d\): answer\[\d\] is "
                          r"[-\d.e]+ alone and [-\d.e]+ together", re.M)
 
 IMPORTING_HANDLER = '''

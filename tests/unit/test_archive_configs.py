@@ -369,6 +369,18 @@ def test_weights_that_do_not_fit_the_model_fail_the_check_in_one_line_naming_the
     assert words in line
 
 
+def test_a_weights_file_that_cannot_be_read_is_named_by_its_own_path_not_the_staged_copy(tmp_path):
+    """From the new-user trial: the check named /tmp/check-XXXX/garbage.pt, its staged link."""
+    project = tmp_path / "project"
+    config = write_labelled_project(project, QUICKSTART_HANDLER, serialized_file="weights.pt")
+    (project / "weights.pt").write_bytes(b"not a checkpoint")
+    result = check_from(tmp_path, config)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"cannot read the weights {project / 'weights.pt'}: it is not a file torch.save wrote" in line, line
+    assert "check-" not in line
+
+
 # -- Issue 19, finding 2: the archive's entry module ----------------------------------------------
 
 MISSING_MODULE_HANDLER = "import helper_not_in_the_archive\n\nfrom handlers import MicroBatchHandler\n\n\n" \

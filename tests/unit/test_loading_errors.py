@@ -54,6 +54,20 @@ def test_a_whole_pickled_model_is_refused_with_what_to_do_instead(tmp_path):
     assert "weights.pt holds more than weights" in message and "torch.export" in message
 
 
+@pytest.mark.parametrize("content, words", [
+    (b"not a checkpoint", "it is not a file torch.save wrote (neither a zip archive nor a pickle)"),
+    (b"", "EOFError (the file is empty or cut short)"),
+])
+def test_a_file_that_is_not_weights_at_all_says_so(tmp_path, content, words):
+    """From the new-user trial: garbage was 'a whole model saved with torch.save(model)?', an
+    empty file 'cannot read the weights ...: .' (nothing after the colon)."""
+    (tmp_path / "model.py").write_text(MODEL_FILE)
+    (tmp_path / "weights.pt").write_bytes(content)
+    with pytest.raises(RuntimeError) as raised:
+        serve(tmp_path, ModelFiles("model.py", "weights.pt"))
+    assert str(tmp_path / "weights.pt") in str(raised.value) and words in str(raised.value)
+
+
 def test_a_torch_export_program_loads_and_answers(tmp_path):
     program = torch.export.export(affine_model(), (torch.zeros(2, 4),),
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))

@@ -62,3 +62,22 @@ def test_a_form_post_on_ray_is_read_as_torchserve_reads_it():
     with LocalServer.start(AffineHandler) as server:
         [response] = server.send([NO_BODY])
     assert response.status == 415 and "curl -d without" in response.body["message"]
+
+
+def test_without_ray_the_command_says_in_one_line_how_to_install_it(monkeypatch, capsys):
+    """From the new-user trial: a venv with only [serve] got a ModuleNotFoundError traceback."""
+    import builtins
+
+    from handlers import ray_serve
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError("No module named 'ray'", name="ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert ray_serve.main(["archiver_configs/quickstart.yaml"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: Ray Serve is not installed in this Python") and "[ray]" in line

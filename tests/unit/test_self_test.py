@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from handlers import ConfigError
+from handlers import ConfigError, MicroBatchHandler
 from handlers._self_test import SAMPLES_DIR, SelfTestFailed
 from handlers.testing import LocalServer
 
@@ -68,7 +68,7 @@ def test_a_model_that_mixes_the_batch_is_refused_at_start_naming_the_sample_and_
     message = str(refused.value)
     assert "\n" not in message
     assert re.search(r"^self-test: sample #\d answers differently beside other requests \(micro-batch of \d, "
-                     r"position \d\): output\[\d\] is 0 alone and -?[\d.]+ together", message), message
+                     r"position \d\): answer\[\d\] is 0\.0 alone and -?[\d.]+ together", message), message
     assert "training mode" in message
 
 
@@ -131,7 +131,7 @@ def test_the_archive_check_runs_the_self_test_and_refuses_a_batch_mixing_model(t
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert re.match(rf"error: {re.escape(str(config))}: the model cannot start: self-test: sample 0\d_row\d.json "
+    assert re.match(rf"error: {re.escape(str(config))}: the model cannot start: self-test: sample samples/row\d.json "
                     rf"answers differently beside other requests", line), line
 
 
@@ -167,3 +167,61 @@ def test_a_sample_size_that_runs_out_of_memory_is_skipped_not_fatal():
     with LocalServer.start(Small, samples=ROWS, handler_config={"micro_batch_size": 2}) as server:
         assert server.handler.self_test.sizes == (1, 2)
         assert [r.body for r in server.send(ROWS[:2])] == [affine(row) for row in ROWS[:2]]
+
+
+class PadsTheMicroBatch(MicroBatchHandler):
+    """Variable-length requests padded to the micro-batch's longest in collate, trimmed back in
+    postprocess_one: the raw output depends on the longest batch-mate, the answers do not."""
+
+    def load_model(self, model_dir, device):
+        return torch.nn.Identity()
+
+    def preprocess_one(self, request):
+        return torch.tensor(request.json()["values"], dtype=torch.float32)
+
+    def collate(self, items):
+        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+
+    def infer(self, batch):
+        return {"y": 3 * batch - 1, "mean": batch.mean(dim=1)}  # the mean counts the padding: leaks
+
+    def postprocess_one(self, output, item):
+        return {"y": output["y"][: len(item)].tolist()}
+
+
+VARIABLE = [{"values": [1.0, 2.0, 3.0]}, {"values": [5.0]}, {"values": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 7.0]}]
+
+
+def test_answers_are_compared_as_clients_get_them_so_padding_trimmed_by_postprocess_passes():
+    """From the new-user trial: padding in collate and trimming in postprocess_one is correct,
+    but the self-test compared the raw split outputs (shape [3] alone, [7] together) and refused
+    the model, blaming 'padding that leaks'."""
+    with LocalServer.start(PadsTheMicroBatch, handler_config={"micro_batch_size": 3}, samples=VARIABLE) as server:
+        responses = server.send(VARIABLE * 2)
+        summary = server.handler.self_test.summary()
+    assert [r.status for r in responses] == [200] * 6
+    assert [r.body for r in responses] == [{"y": [3 * v - 1 for v in body["values"]]} for body in VARIABLE * 2]
+    assert "answers batch-invariant" in summary
+
+
+def test_padding_that_leaks_into_an_answer_is_still_refused():
+    class MeanOfPadded(PadsTheMicroBatch):
+        def postprocess_one(self, output, item):
+            return {"y": output["y"][: len(item)].tolist(), "mean": output["mean"].item()}
+
+    with pytest.raises(SelfTestFailed, match=r"answer\['mean'\] is [\d.]+ alone and [\d.]+ together"):
+        LocalServer.start(MeanOfPadded, handler_config={"micro_batch_size": 3}, samples=VARIABLE).close()
+
+
+@pytest.mark.parametrize("samples", [ROWS[:1], ROWS[:1] * 3])
+def test_one_sample_or_copies_of_one_say_that_batch_invariance_was_not_tested(samples, caplog):
+    """From the new-user trial: a model mixing its batch passed with one sample, or with copies
+    of one (every batch-mate is the sample itself), and the summary said 'answers batch-invariant'."""
+    with caplog.at_level("WARNING", logger="handlers"):
+        with LocalServer.start(MixesTheBatch, samples=samples) as server:
+            summary = server.handler.self_test.summary()
+    assert "batch invariance NOT tested: it needs at least 2 different samples" in summary
+    assert "answers batch-invariant" not in summary
+    assert any(r.levelname == "WARNING" and "NOT tested" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SelfTestFailed):  # two different samples show it
+        LocalServer.start(MixesTheBatch, samples=ROWS[:2]).close()
