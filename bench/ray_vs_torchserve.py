@@ -11,6 +11,7 @@ size and delay. They run one after the other, each alone on the machine.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,8 @@ from bench.workloads import ROOT, WORK, WORKLOADS
 from scripts.torchserve_instance import Ports, TorchServe, free_port
 
 
-def ray_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: int, concurrent_batches: int) -> Path:
+def ray_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: int, concurrent_batches: int,
+               replica_cpus: int = 1) -> Path:
     """An archiver config for the workload's model and our handler, as a user would write it."""
     workload = WORKLOADS[workload_name]()
     model_dir = workload.model_dir()
@@ -38,7 +40,7 @@ def ray_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: 
         "extra_files": [str(model_dir / "index_to_name.json")],
         "model_config": {"batchSize": batch_size, "maxBatchDelay": max_delay_ms, "responseTimeout": 120,
                          "handler": dict(workload.handler_config)},
-        "ray_serve": {"max_concurrent_batches": concurrent_batches},
+        "ray_serve": {"max_concurrent_batches": concurrent_batches, "ray_actor_options": {"num_cpus": replica_cpus}},
     }
     path = folder / f"{config['model_name']}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -53,6 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-delay-ms", type=int, default=50)
     parser.add_argument("--concurrent-batches", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--replica-cpus", type=int, default=os.cpu_count() or 1,
+                        help="CPUs each Ray replica reserves, and so torch's threads in it (default: the cores, "
+                             "as a TorchServe worker uses them all)")
+    parser.add_argument("--skip-torchserve", action="store_true", help="measure Ray Serve only")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default="ray_vs_torchserve")
     args = parser.parse_args(argv)
@@ -62,30 +68,33 @@ def main(argv=None) -> int:
     results = []
 
     # TorchServe: one archive per workload, one server.
-    store = work / "model_store"
-    models = {w: build_archive(w, "ours", store, args.batch_size, args.max_delay_ms, {}) for w in args.workloads}
-    server = TorchServe(work / "torchserve", store, ROOT / "config.properties", ports=Ports.free())
-    server.start()
-    try:
-        server.wait_ready(models.values())
-        for workload, name in models.items():
-            results += measure("TorchServe", workload, f"{server.inference_url}/predictions/{name}", server.auth(), args)
-    finally:
-        server.stop()
+    if not args.skip_torchserve:
+        store = work / "model_store"
+        models = {w: build_archive(w, "ours", store, args.batch_size, args.max_delay_ms, {}) for w in args.workloads}
+        server = TorchServe(work / "torchserve", store, ROOT / "config.properties", ports=Ports.free())
+        server.start()
+        try:
+            server.wait_ready(models.values())
+            for workload, name in models.items():
+                results += measure("TorchServe", workload, f"{server.inference_url}/predictions/{name}", server.auth(),
+                                   args)
+        finally:
+            server.stop()
 
     # Ray Serve: the same handler and files from an archiver config, on a private local cluster.
     from handlers._rayserve import serve_configs, start_local_cluster, stop_local_cluster
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, port)
+        start_local_cluster(temp_dir, port, num_cpus=max(os.cpu_count() or 1, args.replica_cpus + 1))
         try:
             for workload in args.workloads:
                 for batches in args.concurrent_batches:
-                    config = ray_config(workload, work, args.batch_size, args.max_delay_ms, batches)
+                    config = ray_config(workload, work, args.batch_size, args.max_delay_ms, batches, args.replica_cpus)
                     [name] = serve_configs([config])
                     url = f"http://127.0.0.1:{port}/predictions/{name}"
-                    results += measure(f"Ray Serve, {batches} batch(es) in flight", workload, url, {}, args)
+                    results += measure(f"Ray Serve, {batches} batch(es) in flight, {args.replica_cpus} CPU(s)", workload,
+                                       url, {}, args)
                     from ray import serve
 
                     serve.delete(name)  # alone on the machine, as TorchServe's model was

@@ -180,6 +180,15 @@ def replica_class(max_concurrent_batches: int) -> type:
                 target = Path(self.model_dir) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content)
+            threads = replica_threads(_assigned_cpus(), (model_config.get(SECTION) or {}).get("torch_threads", 0))
+            if threads:
+                import torch
+
+                # Ray gives a replica 1 CPU unless told otherwise (and sets OMP_NUM_THREADS to
+                # it): torch's threads follow the CPUs the replica reserved.
+                torch.set_num_threads(threads)
+                log.info("torch uses %d thread(s): the CPUs this replica reserved (ray_actor_options.num_cpus)",
+                         threads)
             try:
                 self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
                 self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
@@ -218,6 +227,12 @@ def replica_class(max_concurrent_batches: int) -> type:
             self.metrics.record(report)
             return [(response, len(requests)) for response in responses]
 
+        def runtime(self) -> dict:
+            """What this replica runs on (for operators and tests): its device and torch's threads."""
+            import torch
+
+            return {"device": str(self.handler.device), "torch_threads": torch.get_num_threads()}
+
         def check_health(self) -> None:
             """Ray replaces a replica whose health check raises: here, one whose model is stuck
             in a call past its deadline (it answers 503 meanwhile)."""
@@ -254,6 +269,38 @@ def request_from_http(body: bytes, headers: dict) -> Request:
         found = next((fields[key][0] for key in ("body", "data") if key in fields), None)
         body = NO_BODY if found is None else found.encode("latin-1")
     return Request(body, headers, _request_id(headers))
+
+
+def replica_threads(assigned_cpus: Optional[float], torch_threads: Any) -> int:
+    """torch's CPU threads in a replica: the handler's ``torch_threads`` when it sets one (the
+    handler applies it itself: 0 here), else the CPUs Ray assigned the replica, rounded, at
+    least 1 (0: unknown, leave torch as it is)."""
+    if isinstance(torch_threads, int) and torch_threads > 0:
+        return 0
+    if not assigned_cpus:
+        return 0
+    return max(1, round(assigned_cpus))
+
+
+def _assigned_cpus() -> Optional[float]:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # noqa: BLE001 - outside a replica (a test): nothing assigned
+        return None
+
+
+def reserved_cpus(specs: list) -> float:
+    """The CPUs the replicas of these configs reserve at start (Ray's default: 1 each)."""
+    total = 0.0
+    for spec in specs:
+        section = spec.ray_serve or {}
+        autoscaling = section.get("autoscaling_config") or {}
+        replicas = section.get("num_replicas", autoscaling.get("min_replicas", autoscaling.get("initial_replicas", 1)))
+        cpus = (section.get("ray_actor_options") or {}).get("num_cpus", 1)
+        total += float(replicas if isinstance(replicas, (int, float)) else 1) * float(cpus)
+    return total
 
 
 def _request_id(headers: dict) -> Optional[str]:

@@ -17,6 +17,7 @@ authenticating proxy in front (docs/ray_serve.md).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -25,7 +26,9 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._rayserve import ModelCannotStart, build_app, ray_missing, serve_configs, start_local_cluster, stop_local_cluster
+from ._rayserve import (ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_configs, start_local_cluster,
+                        stop_local_cluster)
+from .archive import ArchiveConfigError, load_spec
 
 
 def app(args: dict):
@@ -43,7 +46,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the node; each replica reserves one unless its ray_actor_options "
-                             "say otherwise (default: the cores, at least one per config)")
+                             "say otherwise, and runs torch on that many threads (default: the cores, or what "
+                             "the configs' replicas reserve, plus one)")
     args = parser.parse_args(argv)
     missing = ray_missing()
     if missing:
@@ -51,7 +55,13 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
     stop = threading.Event()
-    num_cpus = args.num_cpus or max(os.cpu_count() or 1, len(configs) + 1)
+    try:  # what the replicas reserve: the local node must hold them all
+        reserved = reserved_cpus([load_spec(Path(config), args.root) for config in configs])
+    except ArchiveConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(reserved) + 1)
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
         start_local_cluster(temp_dir, args.port, num_cpus)
         # After Ray starts: its own SIGTERM handler would end this process before the clean-up.

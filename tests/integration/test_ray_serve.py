@@ -43,8 +43,9 @@ def ray_serve(model_store, readme_handler_config):
     for attempt in range(3):  # a free port can be taken by another process before Ray binds it
         port = free_port()
         try:
-            # Logical CPUs: each replica reserves one (Ray's default), five models share two cores.
-            start_local_cluster(temp_dir, port, num_cpus=8)
+            # Logical CPUs: the replicas reserve 7 (two examples 2 each, the rest 1), beside the
+            # test's own deployments; they share the machine's cores.
+            start_local_cluster(temp_dir, port, num_cpus=12)
             break
         except Exception:  # noqa: BLE001 - retried with another port, re-raised on the last try
             stop_local_cluster()
@@ -283,3 +284,16 @@ def test_a_model_whose_answers_change_with_batch_mates_is_refused_at_start_up_in
     assert "answers differently beside other requests" in str(refused.value)
     assert requests.post(f"{ray_serve}/predictions/quickstart", json={"id": "q", "x": [1, 2, 3, 4]},
                          timeout=60).json() == {"id": "q", "y": [3.0, 5.0, 7.0, 9.0]}
+
+
+def test_a_replica_runs_torch_on_the_cpus_it_reserved(ray_serve):
+    """Ray gives a replica 1 CPU unless told otherwise (OMP_NUM_THREADS=1): the image classifier
+    ran ResNet-18 on one thread, at half TorchServe's speed. Its config reserves 2 CPUs now, and
+    torch's threads follow."""
+    from ray import serve
+
+    def runtime(name):
+        return serve.get_deployment_handle(name, app_name=name).runtime.remote().result(timeout_s=60)
+
+    assert runtime("image_classifier") == {"device": "cpu", "torch_threads": 2}
+    assert runtime("quickstart")["torch_threads"] == 1  # Ray's default reservation

@@ -81,3 +81,24 @@ def test_without_ray_the_command_says_in_one_line_how_to_install_it(monkeypatch,
     assert ray_serve.main(["archiver_configs/quickstart.yaml"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: Ray Serve is not installed in this Python") and "[ray]" in line
+
+
+def test_torch_threads_follow_the_replicas_cpus_unless_the_handler_sets_them():
+    from handlers._rayserve import replica_threads
+
+    assert replica_threads(2.0, 0) == 2 and replica_threads(1.0, 0) == 1 and replica_threads(0.5, 0) == 1
+    assert replica_threads(4.0, 3) == 0  # the handler's torch_threads: it applies them itself
+    assert replica_threads(None, 0) == 0  # nothing assigned (outside Ray): torch left as it is
+
+
+def test_the_local_node_holds_what_the_configs_replicas_reserve(tmp_path):
+    from types import SimpleNamespace
+
+    from handlers._rayserve import reserved_cpus
+
+    specs = [SimpleNamespace(ray_serve={}),
+             SimpleNamespace(ray_serve={"num_replicas": 2, "ray_actor_options": {"num_cpus": 2}}),
+             SimpleNamespace(ray_serve={"autoscaling_config": {"min_replicas": 3}, "ray_actor_options": {"num_cpus": 0.5}})]
+    assert reserved_cpus(specs) == 1 + 4 + 1.5
+    shipped = [load_spec(path) for path in sorted((ROOT / "archiver_configs").glob("*.yaml"))]
+    assert reserved_cpus(shipped) == 7  # image_classifier and text_embedding reserve 2
