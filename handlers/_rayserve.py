@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -198,6 +199,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                 # with the traceback in the replica's log; Ray shows the line in the status.
                 line = startup_failure_line(_deployment_name(), exc)
                 log.error("%s", line, exc_info=True)
+                shutil.rmtree(self.model_dir, ignore_errors=True)  # Ray starts a replacement: no copies pile up
                 raise ModelCannotStart(line) from None
             self.max_request_bytes = max_request_bytes
             # The handler's engine is blocking: each batch runs on a thread, the event loop stays free.
@@ -228,10 +230,22 @@ def replica_class(max_concurrent_batches: int) -> type:
             return [(response, len(requests)) for response in responses]
 
         def runtime(self) -> dict:
-            """What this replica runs on (for operators and tests): its device and torch's threads."""
+            """What this replica runs on (for operators and tests): its device, torch's threads,
+            and the folder its model files were written to."""
             import torch
 
-            return {"device": str(self.handler.device), "torch_threads": torch.get_num_threads()}
+            return {"device": str(self.handler.device), "torch_threads": torch.get_num_threads(),
+                    "model_dir": self.model_dir}
+
+        def __del__(self):
+            """Ray Serve calls this when it stops the replica (scaled down, replaced, deleted,
+            shut down): the handler's threads end and its copy of the model files goes."""
+            handler = getattr(self, "handler", None)
+            if handler is not None:
+                handler.close()
+            model_dir = getattr(self, "model_dir", None)
+            if model_dir:
+                shutil.rmtree(model_dir, ignore_errors=True)
 
         def check_health(self) -> None:
             """Ray replaces a replica whose health check raises: here, one whose model is stuck

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from handlers._rayserve import set_ray_environment
 from scripts.torchserve_instance import free_port
@@ -295,5 +296,28 @@ def test_a_replica_runs_torch_on_the_cpus_it_reserved(ray_serve):
     def runtime(name):
         return serve.get_deployment_handle(name, app_name=name).runtime.remote().result(timeout_s=60)
 
-    assert runtime("image_classifier") == {"device": "cpu", "torch_threads": 2}
+    assert {k: v for k, v in runtime("image_classifier").items() if k != "model_dir"} == {"device": "cpu",
+                                                                                         "torch_threads": 2}
     assert runtime("quickstart")["torch_threads"] == 1  # Ray's default reservation
+
+
+def test_a_replica_removes_its_copy_of_the_model_files_when_it_stops(ray_serve, tmp_path):
+    """Each replica writes the model files to a folder of its own; they were never removed, so
+    each replacement left another copy of the weights behind."""
+    from ray import serve
+
+    from handlers._rayserve import serve_configs
+
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.update(model_name="quickstart_copy", root=str(ROOT))
+    path = tmp_path / "quickstart_copy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert serve_configs([path]) == ["quickstart_copy"]
+    handle = serve.get_deployment_handle("quickstart_copy", app_name="quickstart_copy")
+    model_dir = Path(handle.runtime.remote().result(timeout_s=60)["model_dir"])
+    assert (model_dir / "weights.pt").is_file()
+    serve.delete("quickstart_copy")
+    deadline = time.monotonic() + 30
+    while model_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not model_dir.exists()
