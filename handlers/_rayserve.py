@@ -404,6 +404,18 @@ def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] =
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
 
 
+def metrics_url() -> Optional[str]:
+    """Where this process's Ray node exports its metrics (the handlers' batch metrics among
+    them, in Prometheus' format); None when Ray does not say."""
+    try:
+        import ray
+
+        port = ray._private.worker.global_worker.node.metrics_export_port  # no public accessor
+    except Exception:  # noqa: BLE001 - another Ray version: the URL is only informative
+        return None
+    return f"http://127.0.0.1:{port}/metrics" if port else None
+
+
 def stop_local_cluster(temp_dir: Optional[str] = None) -> None:
     """Shut down Ray Serve and the Ray node this process started. With ``temp_dir`` (the one
     given to :func:`start_local_cluster`), also end the node's agents that outlive

@@ -26,8 +26,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._rayserve import (ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_configs, start_local_cluster,
-                        stop_local_cluster)
+from ._rayserve import (ModelCannotStart, build_app, metrics_url, ray_missing, reserved_cpus, serve_configs,
+                        start_local_cluster, stop_local_cluster)
 from .archive import ArchiveConfigError, load_spec
 
 
@@ -70,6 +70,8 @@ def main(argv: Optional[list] = None) -> int:
             names = serve_configs(configs, args.root)
             for name in names:
                 print(f"{name}: curl -X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input>", flush=True)
+            if metrics_url():
+                print(f"metrics (Prometheus): {metrics_url()}", flush=True)
             print("serving on Ray Serve; Ctrl-C stops it", flush=True)
             stop.wait()
         except ModelCannotStart as exc:

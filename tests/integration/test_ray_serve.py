@@ -211,11 +211,13 @@ def test_batch_sizes_and_stage_times_reach_ray_metrics(ray_serve):
     application: the batch-size histogram, model calls and stage times."""
     concurrently(8, lambda i: post(ray_serve, "quickstart", json.dumps({"id": i, "x": [i, 0, 0, 0]}).encode(),
                                    "application/json"))
-    port = ray._private.worker.global_worker.node.metrics_export_port
+    from handlers._rayserve import metrics_url
+
+    url = metrics_url()  # what python -m handlers.ray_serve prints at start
     wanted = ("ray_microbatch_batch_size_bucket", "ray_microbatch_model_calls_total", "ray_microbatch_stage_ms_total")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = requests.get(url, timeout=10).text
         lines = [line for line in text.splitlines() if 'application="quickstart"' in line]
         if all(any(line.startswith(name) for line in lines) for name in wanted):
             break
