@@ -99,6 +99,37 @@ def application_of(spec):
                            options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
 
 
+NOT_FOUND_APP = "microbatch-not-found"
+
+
+def not_found_app():
+    """An application at ``/`` that answers what no model's route matched as TorchServe does: a
+    JSON 404 (Ray Serve's own is ``text/plain``). It reserves no CPU."""
+    from ray import serve
+    from starlette.responses import Response as HTTPResponse
+
+    @serve.deployment(name="not_found", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    class NotFound:
+        async def __call__(self, http_request) -> HTTPResponse:
+            path = http_request.url.path
+            model = path[len("/predictions/"):].split("/")[0] if path.startswith("/predictions/") else ""
+            if model:
+                body = {"code": 404, "type": "ModelNotFoundException", "message": f"Model not found: {model}"}
+            else:
+                body = {"code": 404, "type": "ResourceNotFoundException",
+                        "message": "Requested resource is not found, please refer to API document."}
+            return HTTPResponse(json.dumps(body), status_code=404, media_type=JSON)
+
+    return NotFound.bind()
+
+
+def _serve_not_found() -> None:
+    from ray import serve
+
+    if NOT_FOUND_APP not in serve.status().applications:
+        serve.run(not_found_app(), name=NOT_FOUND_APP, route_prefix="/")
+
+
 class ModelCannotStart(RuntimeError):
     """A model's replicas cannot start; the message is the replica's one line (``microbatch-handlers:
     model <name> cannot start: <why>``)."""
@@ -106,7 +137,8 @@ class ModelCannotStart(RuntimeError):
 
 def serve_configs(configs: list, root: Optional[Path] = None) -> list:
     """Deploy each archiver config as its own application at ``/predictions/<model_name>`` (the
-    URLs TorchServe uses) on the running Ray Serve; returns the model names.
+    URLs TorchServe uses) on the running Ray Serve, beside one at ``/`` that answers unknown
+    models with TorchServe's JSON 404; returns the model names.
 
     Raises:
         ModelCannotStart: a model's replicas failed to start (its self-test refused it, its
@@ -117,6 +149,7 @@ def serve_configs(configs: list, root: Optional[Path] = None) -> list:
     from .archive import load_spec
 
     names = []
+    _serve_not_found()
     for config in configs:
         spec = load_spec(Path(config), root)
         try:

@@ -105,6 +105,17 @@ def test_a_form_post_gets_the_same_415_on_both_servers(ray_serve, torchserve):
     assert on_torchserve.headers["Content-Type"].startswith("application/json")
 
 
+@pytest.mark.parametrize("path", ["/predictions/no_such_model", "/no/such/path"])
+def test_an_unknown_model_or_path_gets_the_same_json_404_on_both_servers(ray_serve, torchserve, path):
+    """Was a text/plain 404 from Ray Serve's proxy."""
+    on_ray = requests.post(f"{ray_serve}{path}", data=b"{}", headers={"Content-Type": "application/json"}, timeout=60)
+    on_torchserve = requests.post(f"{torchserve.inference_url}{path}", data=b"{}",
+                                  headers={"Content-Type": "application/json", **torchserve.auth()}, timeout=60)
+    assert on_ray.status_code == on_torchserve.status_code == 404, (on_ray.text, on_torchserve.text)
+    assert on_ray.headers["Content-Type"].startswith("application/json")
+    assert on_ray.json() == on_torchserve.json()
+
+
 CASES = corpus()
 
 
