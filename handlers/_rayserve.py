@@ -62,19 +62,20 @@ def check_ray_section(section: Any) -> dict:
     return dict(section)
 
 
-def build_app(config: str, root: Optional[str] = None):
+def build_app(config: str, root: Optional[str] = None, api_key: Optional[str] = None):
     """A Ray Serve application for one archiver config (its paths start from the config's own
     folder or ``root:``, or from ``root`` when given). The replicas import the ``handlers``
     package: installed on the nodes, or shipped with the job (:func:`start_local_cluster` does;
     ``serve run --working-dir``)."""
     from .archive import load_spec
 
-    return application_of(load_spec(Path(config), Path(root) if root else None))
+    return application_of(load_spec(Path(config), Path(root) if root else None), api_key)
 
 
-def application_of(spec):
+def application_of(spec, api_key: Optional[str] = None):
     """The application of a checked archiver config: its artefacts built if missing, its handler,
-    model files and extra files shipped to each replica."""
+    model files and extra files shipped to each replica. With ``api_key``, a request without
+    ``Authorization: Bearer <api_key>`` gets a 401."""
     from ray import serve
 
     from .archive import build_artefacts, sample_files
@@ -96,21 +97,43 @@ def application_of(spec):
         user_config=batching_of(model_config), **deployment_options
     )
     return deployment.bind(files, spec.handler.name, model_config, dataclasses.asdict(model_files),
-                           options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
+                           options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), api_key)
 
 
 NOT_FOUND_APP = "microbatch-not-found"
 
 
-def not_found_app():
+def unauthorized(headers: Mapping[str, str], api_key: Optional[str]) -> Optional[dict]:
+    """The 401 body for a request that lacks ``Authorization: Bearer <api_key>``; None when it
+    has it, or when no key is set (token authorisation off)."""
+    if not api_key:
+        return None
+    import hmac
+
+    sent = next((value for key, value in headers.items() if key.lower() == "authorization"), "")
+    if hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):  # constant time
+        return None
+    return {"code": 401, "type": "Unauthorized",
+            "message": "token authorisation failed: send the inference key as 'Authorization: Bearer <key>' "
+                       "(python -m handlers.ray_serve writes it to its key file)"}
+
+
+def not_found_app(api_key: Optional[str] = None):
     """An application at ``/`` that answers what no model's route matched as TorchServe does: a
-    JSON 404 (Ray Serve's own is ``text/plain``). It reserves no CPU."""
+    JSON 404 (Ray Serve's own is ``text/plain``), behind the same token as the models (so that
+    which models exist is not told to whoever asks). It reserves no CPU."""
     from ray import serve
     from starlette.responses import Response as HTTPResponse
 
     @serve.deployment(name="not_found", num_replicas=1, ray_actor_options={"num_cpus": 0})
     class NotFound:
+        def __init__(self, api_key: Optional[str]):
+            self.api_key = api_key
+
         async def __call__(self, http_request) -> HTTPResponse:
+            refused = unauthorized(http_request.headers, self.api_key)
+            if refused:
+                return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
             path = http_request.url.path
             model = path[len("/predictions/"):].split("/")[0] if path.startswith("/predictions/") else ""
             if model:
@@ -120,14 +143,14 @@ def not_found_app():
                         "message": "Requested resource is not found, please refer to API document."}
             return HTTPResponse(json.dumps(body), status_code=404, media_type=JSON)
 
-    return NotFound.bind()
+    return NotFound.bind(api_key)
 
 
-def _serve_not_found() -> None:
+def _serve_not_found(api_key: Optional[str]) -> None:
     from ray import serve
 
     if NOT_FOUND_APP not in serve.status().applications:
-        serve.run(not_found_app(), name=NOT_FOUND_APP, route_prefix="/")
+        serve.run(not_found_app(api_key), name=NOT_FOUND_APP, route_prefix="/")
 
 
 class ModelCannotStart(RuntimeError):
@@ -135,10 +158,11 @@ class ModelCannotStart(RuntimeError):
     model <name> cannot start: <why>``)."""
 
 
-def serve_configs(configs: list, root: Optional[Path] = None) -> list:
+def serve_configs(configs: list, root: Optional[Path] = None, api_key: Optional[str] = None) -> list:
     """Deploy each archiver config as its own application at ``/predictions/<model_name>`` (the
     URLs TorchServe uses) on the running Ray Serve, beside one at ``/`` that answers unknown
-    models with TorchServe's JSON 404; returns the model names.
+    models with TorchServe's JSON 404; returns the model names. With ``api_key``, every request
+    needs ``Authorization: Bearer <api_key>`` (else a 401).
 
     Raises:
         ModelCannotStart: a model's replicas failed to start (its self-test refused it, its
@@ -149,11 +173,11 @@ def serve_configs(configs: list, root: Optional[Path] = None) -> list:
     from .archive import load_spec
 
     names = []
-    _serve_not_found()
+    _serve_not_found(api_key)
     for config in configs:
         spec = load_spec(Path(config), root)
         try:
-            serve.run(application_of(spec), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
+            serve.run(application_of(spec, api_key), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
         except RuntimeError as exc:
             line = _startup_failure_of(spec.model_name)
             if line is None:
@@ -205,7 +229,7 @@ def replica_class(max_concurrent_batches: int) -> type:
         """Holds one started handler; answers each HTTP request with its own status."""
 
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
-                     max_request_bytes: int):
+                     max_request_bytes: int, api_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
             from handlers._loading import load_handler_class
 
@@ -235,6 +259,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                 shutil.rmtree(self.model_dir, ignore_errors=True)  # Ray starts a replacement: no copies pile up
                 raise ModelCannotStart(line) from None
             self.max_request_bytes = max_request_bytes
+            self.api_key = api_key
             # The handler's engine is blocking: each batch runs on a thread, the event loop stays free.
             self.executor = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix="microbatch-ray-batch")
             self.metrics = _RayMetrics()
@@ -244,6 +269,9 @@ def replica_class(max_concurrent_batches: int) -> type:
             self.answer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
         async def __call__(self, http_request) -> HTTPResponse:
+            refused = unauthorized(http_request.headers, self.api_key)
+            if refused:  # before the body is read
+                return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
             body = await http_request.body()
             if len(body) > self.max_request_bytes:
                 error = {"code": 413, "type": "PayloadTooLarge",

@@ -10,8 +10,10 @@ or, on a Ray cluster you run yourself (``ray start``), one application per confi
 
     serve run handlers.ray_serve:app config=archiver_configs/quickstart.yaml --working-dir .
 
-Ray Serve's HTTP endpoint has no authentication of its own: keep it on loopback, or put an
-authenticating proxy in front (docs/ray_serve.md).
+Token authorisation is on, as in this project's TorchServe configs: a new inference key is
+written to ``./ray_serve_key.json`` (``--key-file``; removed at stop) and every request needs
+``Authorization: Bearer <key>``. ``--no-token-auth`` turns it off, for a gateway that
+authenticates in front (docs/ray_serve.md). Ray's own ``/-/healthz`` and ``/-/routes`` stay open.
 """
 
 from __future__ import annotations
@@ -32,10 +34,28 @@ from .archive import ArchiveConfigError, load_spec
 
 
 def app(args: dict):
-    """Application builder for ``serve run handlers.ray_serve:app config=PATH [root=DIR]``."""
+    """Application builder for ``serve run handlers.ray_serve:app config=PATH [root=DIR]
+    [api_key=KEY]`` (with ``api_key``, requests need ``Authorization: Bearer KEY``)."""
     if "config" not in args:
         raise ValueError("pass config=<archiver config>, e.g. config=archiver_configs/quickstart.yaml")
-    return build_app(args["config"], args.get("root"))
+    return build_app(args["config"], args.get("root"), args.get("api_key"))
+
+
+KEY_FILE = "ray_serve_key.json"
+
+
+def write_key_file(path: Path) -> str:
+    """A new inference key, written to ``path`` for this user only (as TorchServe's
+    key_file.json: ``{"inference": {"key": ...}}``); returns it."""
+    import json
+    import secrets
+
+    key = secrets.token_urlsafe(24)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump({"inference": {"key": key}}, file)
+    return key
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -44,6 +64,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--root", type=Path, default=None,
                         help="where every config's paths start (default: each config's root: key, else its folder)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
+    parser.add_argument("--key-file", type=Path, default=Path(KEY_FILE),
+                        help=f"where the inference key is written (default: ./{KEY_FILE}); removed at stop")
+    parser.add_argument("--no-token-auth", action="store_true",
+                        help="serve without token authorisation (only behind a gateway that authenticates)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the node; each replica reserves one unless its ray_actor_options "
                              "say otherwise, and runs torch on that many threads (default: the cores, or what "
@@ -62,25 +86,34 @@ def main(argv: Optional[list] = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(reserved) + 1)
-    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, args.port, num_cpus)
-        # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            names = serve_configs(configs, args.root)
-            for name in names:
-                print(f"{name}: curl -X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input>", flush=True)
-            if metrics_url():
-                print(f"metrics (Prometheus): {metrics_url()}", flush=True)
-            print("serving on Ray Serve; Ctrl-C stops it", flush=True)
-            stop.wait()
-        except ModelCannotStart as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            return 1
-        except KeyboardInterrupt:
-            pass
-        finally:
-            stop_local_cluster(temp_dir)
+    api_key = None if args.no_token_auth else write_key_file(args.key_file)
+    auth = f"-H 'Authorization: Bearer {api_key}' " if api_key else ""
+    try:
+        with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
+            start_local_cluster(temp_dir, args.port, num_cpus)
+            # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                names = serve_configs(configs, args.root, api_key)
+                if api_key:
+                    print(f"token authorisation on: the inference key is in {args.key_file}", flush=True)
+                for name in names:
+                    print(f"{name}: curl {auth}-X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input> -w '\\n'",
+                          flush=True)
+                if metrics_url():
+                    print(f"metrics (Prometheus): {metrics_url()}", flush=True)
+                print("serving on Ray Serve; Ctrl-C stops it", flush=True)
+                stop.wait()
+            except ModelCannotStart as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                return 1
+            except KeyboardInterrupt:
+                pass
+            finally:
+                stop_local_cluster(temp_dir)
+    finally:
+        if api_key:
+            args.key_file.unlink(missing_ok=True)  # as torchserve --stop removes its key file
     return 0
 
 

@@ -334,3 +334,28 @@ def test_a_replica_removes_its_copy_of_the_model_files_when_it_stops(ray_serve, 
     while model_dir.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not model_dir.exists()
+
+
+def test_with_an_inference_key_a_request_needs_it(ray_serve, tmp_path):
+    """Token authorisation as TorchServe users had it: no key or a wrong one is a JSON 401 (the
+    model never sees the request), the key gets the answer."""
+    from ray import serve
+
+    from handlers._rayserve import serve_configs
+
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.update(model_name="quickstart_keyed", root=str(ROOT))
+    path = tmp_path / "quickstart_keyed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert serve_configs([path], api_key="s3cret-key") == ["quickstart_keyed"]
+    try:
+        url = f"{ray_serve}/predictions/quickstart_keyed"
+        body = json.dumps({"id": "k", "x": [1, 2, 3, 4]})
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = requests.post(url, data=body, headers={"Content-Type": "application/json", **headers}, timeout=60)
+            assert refused.status_code == 401 and refused.json()["code"] == 401, refused.text
+        answered = requests.post(url, data=body, timeout=60, headers={"Content-Type": "application/json",
+                                                                       "Authorization": "Bearer s3cret-key"})
+        assert answered.status_code == 200 and answered.json() == {"id": "k", "y": [3.0, 5.0, 7.0, 9.0]}
+    finally:
+        serve.delete("quickstart_keyed")

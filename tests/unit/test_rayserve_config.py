@@ -102,3 +102,27 @@ def test_the_local_node_holds_what_the_configs_replicas_reserve(tmp_path):
     assert reserved_cpus(specs) == 1 + 4 + 1.5
     shipped = [load_spec(path) for path in sorted((ROOT / "archiver_configs").glob("*.yaml"))]
     assert reserved_cpus(shipped) == 7  # image_classifier and text_embedding reserve 2
+
+
+def test_a_request_without_the_inference_key_is_refused_and_one_with_it_passes():
+    from handlers._rayserve import unauthorized
+
+    assert unauthorized({"authorization": "Bearer k1"}, "k1") is None
+    assert unauthorized({"Authorization": "Bearer k1"}, "k1") is None
+    for headers in ({}, {"authorization": "Bearer k2"}, {"authorization": "k1"}, {"authorization": "Bearer k1 "}):
+        refused = unauthorized(headers, "k1")
+        assert refused["code"] == 401 and "Authorization: Bearer" in refused["message"], headers
+    assert unauthorized({}, None) is None  # --no-token-auth
+
+
+def test_the_key_file_is_new_each_start_and_readable_by_its_owner_only(tmp_path):
+    import json
+    import stat
+
+    from handlers.ray_serve import write_key_file
+
+    path = tmp_path / "ray_serve_key.json"
+    first = write_key_file(path)
+    assert json.loads(path.read_text()) == {"inference": {"key": first}} and len(first) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert write_key_file(path) != first
