@@ -159,8 +159,15 @@ class ModelCannotStart(RuntimeError):
 
 
 def serve_configs(configs: list, root: Optional[Path] = None, api_key: Optional[str] = None) -> list:
-    """Deploy each archiver config as its own application at ``/predictions/<model_name>`` (the
-    URLs TorchServe uses) on the running Ray Serve, beside one at ``/`` that answers unknown
+    """Deploy each archiver config (see :func:`serve_specs`); returns the model names."""
+    from .archive import load_spec
+
+    return serve_specs([load_spec(Path(config), root) for config in configs], api_key)
+
+
+def serve_specs(specs: list, api_key: Optional[str] = None) -> list:
+    """Deploy each checked archiver config as its own application at ``/predictions/<model_name>``
+    (the URLs TorchServe uses) on the running Ray Serve, beside one at ``/`` that answers unknown
     models with TorchServe's JSON 404; returns the model names. With ``api_key``, every request
     needs ``Authorization: Bearer <api_key>`` (else a 401).
 
@@ -170,12 +177,9 @@ def serve_configs(configs: list, root: Optional[Path] = None, api_key: Optional[
     """
     from ray import serve
 
-    from .archive import load_spec
-
     names = []
     _serve_not_found(api_key)
-    for config in configs:
-        spec = load_spec(Path(config), root)
+    for spec in specs:
         try:
             serve.run(application_of(spec, api_key), name=spec.model_name, route_prefix=f"/predictions/{spec.model_name}")
         except RuntimeError as exc:

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._rayserve import (ModelCannotStart, build_app, metrics_url, ray_missing, reserved_cpus, serve_configs,
+from ._rayserve import (ModelCannotStart, build_app, metrics_url, ray_missing, reserved_cpus, serve_specs,
                         start_local_cluster, stop_local_cluster)
 from .archive import ArchiveConfigError, load_spec
 
@@ -79,13 +79,13 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
     stop = threading.Event()
-    try:  # what the replicas reserve: the local node must hold them all
-        reserved = reserved_cpus([load_spec(Path(config), args.root) for config in configs])
+    try:  # checked once: what the replicas reserve sizes the local node, then they are served
+        specs = [load_spec(Path(config), args.root) for config in configs]
     except ArchiveConfigError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-    num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(reserved) + 1)
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(reserved_cpus(specs)) + 1)
     api_key = None if args.no_token_auth else write_key_file(args.key_file)
     auth = f"-H 'Authorization: Bearer {api_key}' " if api_key else ""
     try:
@@ -94,14 +94,15 @@ def main(argv: Optional[list] = None) -> int:
             # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             try:
-                names = serve_configs(configs, args.root, api_key)
+                names = serve_specs(specs, api_key)
                 if api_key:
                     print(f"token authorisation on: the inference key is in {args.key_file}", flush=True)
                 for name in names:
                     print(f"{name}: curl {auth}-X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input> -w '\\n'",
                           flush=True)
-                if metrics_url():
-                    print(f"metrics (Prometheus): {metrics_url()}", flush=True)
+                metrics = metrics_url()
+                if metrics:
+                    print(f"metrics (Prometheus): {metrics}", flush=True)
                 print("serving on Ray Serve; Ctrl-C stops it", flush=True)
                 stop.wait()
             except ModelCannotStart as exc:

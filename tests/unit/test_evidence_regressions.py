@@ -584,24 +584,15 @@ def spy_on_to_model(handler):
     return seen
 
 
-def test_the_base_handler_moves_each_micro_batch_through_to_model():
-    handler = start_handler(AffineHandler, handler_config={"micro_batch_size": 2, "pool_size": 2})
-    try:
-        seen = spy_on_to_model(handler)
-        _, context = run_batch(handler, bodies(3))
-    finally:
-        handler.close()
-    assert context.statuses() == [200] * 3
-    # both micro-batches (2 and 1; a probe of the layout may add one more of 1)
-    assert {tuple(batch.shape) for batch in seen} == {(1, 4), (2, 4)}
+class AffineTensors(TensorHandler):
+    def load_model(self, model_dir, device):
+        return affine_model()
 
 
-def test_the_tensor_handler_moves_each_micro_batch_through_to_model():
-    class AffineTensors(TensorHandler):
-        def load_model(self, model_dir, device):
-            return affine_model()
-
-    handler = start_handler(AffineTensors, handler_config={"shape": [4], "micro_batch_size": 2, "pool_size": 2})
+@pytest.mark.parametrize("handler_class, options", [(AffineHandler, {}), (AffineTensors, {"shape": [4]})],
+                         ids=["base handler", "tensor handler"])
+def test_each_micro_batch_goes_through_to_model(handler_class, options):
+    handler = start_handler(handler_class, handler_config={**options, "micro_batch_size": 2, "pool_size": 2})
     try:
         seen = spy_on_to_model(handler)
         _, context = run_batch(handler, bodies(3))
