@@ -19,7 +19,7 @@ from ._engine import BatchEngine, BatchReport
 from ._errors import BadRequest, UnsupportedMediaType
 from ._loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from ._model_call import ModelCall
-from ._request import NO_BODY, Request, decoded_body
+from ._request import NO_BODY, Request, deadline_of, decoded_body
 from ._responses import JSON, Encoded, encoded
 from ._scatter import ITEMS, SHARED, Batched, Scatter
 from ._self_test import load_samples, run_self_test
@@ -47,6 +47,11 @@ class Response:
     def __post_init__(self):
         if self.payload is None:
             object.__setattr__(self, "payload", encoded(self.body).payload)
+
+
+def _abandoned(request: Any):
+    """The 408 for a request nobody waits for any more (see :meth:`Request.abandoned`)."""
+    return request.abandoned() if isinstance(request, Request) else None
 
 
 def _to_cpu(leaf: Any) -> Any:
@@ -112,8 +117,12 @@ class MicroBatchHandler:
     # batch_dims: how the output is batched, by output path (see handlers._scatter): a tensor's
     # batch dimension, "items" or "shared". invariance_rtol/atol: how close a sample's answer
     # beside other requests must be to its answer alone, in the start-up self-test.
+    # request_budget_s: seconds from a request's arrival after which its answer is no longer
+    # awaited (0: only the client's x-request-timeout-seconds, if it sends one); a request the
+    # model has not reached by then gets a 408 at once and costs no model time.
     options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0,
-                               "batch_dims": {}, "invariance_rtol": 1e-3, "invariance_atol": 1e-4}
+                               "batch_dims": {}, "invariance_rtol": 1e-3, "invariance_atol": 1e-4,
+                               "request_budget_s": 0.0}
 
     def __init__(self):
         self.initialized = False
@@ -156,7 +165,7 @@ class MicroBatchHandler:
             ):
                 raise ConfigError(f"handler.batch_dims maps an output path ('output', 'output[0]', "
                                   f"\"output['logits']\") to a dimension, 'items' or 'shared', got {path!r}: {dim!r}")
-        for key in ("invariance_rtol", "invariance_atol"):
+        for key in ("invariance_rtol", "invariance_atol", "request_budget_s"):
             if options[key] < 0:
                 raise ConfigError(f"handler.{key} must be >= 0, got {options[key]!r}")
 
@@ -207,6 +216,7 @@ class MicroBatchHandler:
             self._preprocess_request, model_call, self._postprocess_one_encoded, self.settings,
             inference_on_cpu=self.device.type == "cpu",
             size_hint=self.size_hint if type(self).size_hint is not MicroBatchHandler.size_hint else None,
+            abandoned=_abandoned,
         )
         self.initialized = True
         log.info("%s ready on %s with %s", type(self).__name__, self.device, self.settings)
@@ -223,6 +233,13 @@ class MicroBatchHandler:
             for outcome in report.outcomes
         ]
         return responses, report
+
+    def deadline_for(self, headers: Mapping[str, str], arrived: float) -> Optional[float]:
+        """When the answer to a request that ``arrived`` (``time.monotonic()``) with ``headers``
+        stops being awaited: its client's ``x-request-timeout-seconds`` or ``request_budget_s``,
+        the sooner (see :func:`handlers._request.deadline_of`); the adapter puts it on the
+        :class:`Request`."""
+        return deadline_of(headers, arrived, self.config.get("request_budget_s", 0.0))
 
     @property
     def unhealthy_reason(self) -> Optional[str]:

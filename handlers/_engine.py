@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ._clocks import Deadline, StageTimes
-from ._errors import DeadlineExceeded, InternalError, ServiceUnavailable, describe, postprocess_error, preprocess_error
+from ._errors import (DeadlineExceeded, InternalError, RequestError, ServiceUnavailable, describe, postprocess_error,
+                      preprocess_error)
 from ._model_call import ModelCall
 from ._outcome import Failure, Outcome, Success, attempt
 from ._pool import CallChunk, StagePool
@@ -84,6 +85,10 @@ class BatchEngine:
         size_hint: ``request -> number``, cheap, before preprocessing (e.g. a text's length):
             micro-batches are then cut from requests in that order, so that each one holds
             requests of like size (less padding). Answers still come back in request order.
+        abandoned: ``request -> error or None``, cheap: the error for a request nobody waits
+            for any more (its client's deadline passed); checked before its preprocessing and
+            again before its micro-batch goes to the model, so that under overload no model time
+            is spent on it.
 
     Per-request stages must be thread-safe: they run concurrently on the pool. The engine keeps
     no per-request state on itself, so :meth:`run` may be called from several threads.
@@ -102,12 +107,14 @@ class BatchEngine:
         settings: EngineSettings = EngineSettings(),
         inference_on_cpu: bool = False,
         size_hint: Optional[Callable[[Any], float]] = None,
+        abandoned: Optional[Callable[[Any], Optional[RequestError]]] = None,
     ):
         self.settings = settings
         self._preprocess = preprocess
         self._model_call = infer_micro_batch if isinstance(infer_micro_batch, ModelCall) else ModelCall(infer_micro_batch)
         self._postprocess = postprocess
         self._size_hint = size_hint
+        self._abandoned = abandoned
         self._sizing = make_sizing(
             settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size, shared_cores=inference_on_cpu
         )
@@ -137,7 +144,8 @@ class BatchEngine:
             if reason is not None:
                 refused = Failure(ServiceUnavailable(f"this worker cannot serve now: {reason}"))
                 return self._report([refused] * len(requests), plan, times, requests)
-            plan = self._plan(requests)
+            awaited = self._drop_abandoned(requests, range(len(requests)), outcomes)
+            plan = self._plan(requests, awaited)
             self._run_pipeline(requests, plan, deadline, outcomes, times)
         except Exception as exc:  # noqa: BLE001 - an engine bug must still answer every request
             # (hooks' errors never get here: each is caught, BaseExceptions too, by its request)
@@ -211,13 +219,29 @@ class BatchEngine:
             stage_seconds=dict(times.seconds),
         )
 
-    def _plan(self, requests: Sequence[Any]) -> list:
-        """Positions of each micro-batch: consecutive, or grouped by size hint."""
-        ranges = plan_micro_batches(len(requests), self._micro_batch_size(len(requests)))
-        if self._size_hint is None or len(ranges) < 2:
-            return [list(r) for r in ranges]
-        order = sorted(range(len(requests)), key=lambda position: self._hint(requests[position]))
-        return [[order[i] for i in r] for r in ranges]
+    def _plan(self, requests: Sequence[Any], positions: list) -> list:
+        """The requests at ``positions`` cut into micro-batches: consecutive, or grouped by size hint."""
+        ranges = plan_micro_batches(len(positions), self._micro_batch_size(len(positions)))
+        if self._size_hint is not None and len(ranges) >= 2:
+            positions = sorted(positions, key=lambda position: self._hint(requests[position]))
+        return [[positions[i] for i in r] for r in ranges]
+
+    def _drop_abandoned(self, requests: Sequence[Any], positions, outcomes: list) -> list:
+        """The positions whose requests are still awaited; the others get their error now."""
+        if self._abandoned is None:
+            return list(positions)
+        awaited = []
+        for position in positions:
+            try:
+                error = self._abandoned(requests[position])
+            except Exception:  # noqa: BLE001 - a broken check must not cost the request its answer
+                log.exception("could not tell whether request #%d is still awaited", position)
+                error = None
+            if error is None:
+                awaited.append(position)
+            else:
+                outcomes[position] = Failure(error)
+        return awaited
 
     def _hint(self, request: Any) -> float:
         try:
@@ -265,7 +289,7 @@ class BatchEngine:
                 for position, _ in ready:
                     outcomes[position] = late
                 continue
-            job = self._model.submit(self._infer_then_postprocess, ready, deadline, times)
+            job = self._model.submit(self._infer_then_postprocess, ready, deadline, times, requests)
             on_model.append(([position for position, _ in ready], job))
 
         for positions, job in on_model:
@@ -290,12 +314,18 @@ class BatchEngine:
                 for position, outcome in collected:
                     outcomes[position] = outcome
 
-    def _infer_then_postprocess(self, ready: list, deadline: Deadline, times: StageTimes) -> Outcome:
+    def _infer_then_postprocess(self, ready: list, deadline: Deadline, times: StageTimes, requests) -> Outcome:
         """On the model thread: infer one micro-batch, then queue its outputs' postprocessing on
         the pool. Returns ``Success(([(position, Failure)], [(positions, CallChunk)]))``."""
         items = dict(ready)
-        failed, succeeded = [], []
-        for position, outcome in self._model_call.run(ready, deadline, times):
+        # Checked again as the model takes the micro-batch: a request may have been given up
+        # while the micro-batches ahead of it ran.
+        dropped: list = [None] * len(requests)
+        awaited = set(self._drop_abandoned(requests, [position for position, _ in ready], dropped))
+        failed = [(position, dropped[position]) for position, _ in ready if position not in awaited]
+        succeeded = []
+        ready = [(position, item) for position, item in ready if position in awaited]
+        for position, outcome in self._model_call.run(ready, deadline, times) if ready else ():
             (succeeded if outcome.ok else failed).append((position, outcome))
         outputs = dict((position, outcome.value) for position, outcome in succeeded)
         positions = [position for position, _ in succeeded]

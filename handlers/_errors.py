@@ -64,6 +64,15 @@ class UnsupportedMediaType(RequestError):
     kind = "UnsupportedMediaType"
 
 
+class RequestTimeout(RequestError):
+    """408: nobody waits for this answer any more (the client's deadline or the handler's
+    ``request_budget_s`` passed, or it hung up) and the model had not started on it: answered
+    at once, with no model time spent (under overload the model serves requests still awaited)."""
+
+    status = 408
+    kind = "RequestTimeout"
+
+
 class InferenceFailed(RequestError):
     """500: the model raised on this request (found alone by splitting its micro-batch)."""
 

@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -131,6 +133,7 @@ def not_found_app(api_key: Optional[str] = None):
             self.api_key = api_key
 
         async def __call__(self, http_request) -> HTTPResponse:
+            arrived = time.monotonic()
             refused = unauthorized(http_request.headers, self.api_key)
             if refused:
                 return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
@@ -273,6 +276,7 @@ def replica_class(max_concurrent_batches: int) -> type:
             self.answer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
         async def __call__(self, http_request) -> HTTPResponse:
+            arrived = time.monotonic()
             refused = unauthorized(http_request.headers, self.api_key)
             if refused:  # before the body is read
                 return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
@@ -281,8 +285,16 @@ def replica_class(max_concurrent_batches: int) -> type:
                 error = {"code": 413, "type": "PayloadTooLarge",
                          "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
                 return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
-            request = request_from_http(body, dict(http_request.headers))
-            response, batch_size = await self.answer_batch(request)
+            headers = dict(http_request.headers)
+            request = request_from_http(body, headers, deadline=self.handler.deadline_for(headers, arrived),
+                                        hung_up=threading.Event())
+            try:
+                response, batch_size = await self.answer_batch(request)
+            except asyncio.CancelledError:
+                # Ray's proxy gave up on it (the client hung up, or its x-request-timeout-seconds
+                # passed): if its batch has not reached the model yet, it costs no model time.
+                request.hung_up.set()
+                raise
             # Encoded on the handler's pool: the event loop only forwards the bytes.
             return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
                                 headers={BATCH_SIZE_HEADER: str(batch_size)})
@@ -335,7 +347,8 @@ def ray_missing() -> Optional[str]:
 FORM = "application/x-www-form-urlencoded"
 
 
-def request_from_http(body: bytes, headers: dict) -> Request:
+def request_from_http(body: bytes, headers: dict, deadline: Optional[float] = None,
+                      hung_up: Optional[threading.Event] = None) -> Request:
     """One HTTP request as the handler core takes it, as TorchServe hands it over: the raw
     bytes (the handler decodes them on its pool, not on this event loop); a form post (``curl
     -d`` without a Content-Type) is its fields, so the body is a field named ``body`` or
@@ -347,7 +360,7 @@ def request_from_http(body: bytes, headers: dict) -> Request:
         fields = parse_qs(body.decode("latin-1"), keep_blank_values=True, encoding="latin-1")  # bytes kept as sent
         found = next((fields[key][0] for key in ("body", "data") if key in fields), None)
         body = NO_BODY if found is None else found.encode("latin-1")
-    return Request(body, headers, _request_id(headers))
+    return Request(body, headers, _request_id(headers), deadline=deadline, hung_up=hung_up)
 
 
 def replica_threads(assigned_cpus: Optional[float], torch_threads: Any) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import sys
+import time
 from collections import abc
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -164,8 +164,15 @@ def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:
     # each gets that request's headers. The length test covers other envelopes that join the
     # instances of a batch.
     one_request = _is_kserve(envelope) or len(data) != len(getattr(context, "request_processor", None) or data)
-    requests = [Request(_body(envelope, row), _headers(context, 0 if one_request else idx),
-                        _request_id(context, idx, one_request)) for idx, row in enumerate(data)]
+    # TorchServe does not tell the worker when a request reached the frontend: deadlines count
+    # from now, later than the client's own (a request is shed only once surely not awaited).
+    # Its frontend queue is bounded by jobQueueSize (docs/queueing.md, "Under overload").
+    arrived = time.monotonic()
+    requests = []
+    for idx, row in enumerate(data):
+        headers = _headers(context, 0 if one_request else idx)
+        requests.append(Request(_body(envelope, row), headers, _request_id(context, idx, one_request),
+                                deadline=handler.deadline_for(headers, arrived)))
     if getattr(handler, "_unhealthy_after_last_batch", False):
         _end_worker_if_still_unhealthy(handler, context)
     responses, report = handler.respond(requests)

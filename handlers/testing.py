@@ -29,6 +29,7 @@ or, through the TorchServe adapter::
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -82,7 +83,9 @@ class LocalServer:
         from ._request import Request
 
         headers = list(headers) if headers is not None else [{} for _ in bodies]
-        responses, _ = self.handler.respond([Request(body, dict(h)) for body, h in zip(bodies, headers)])
+        arrived = time.monotonic()
+        responses, _ = self.handler.respond([Request(body, dict(h), deadline=self.handler.deadline_for(h, arrived))
+                                             for body, h in zip(bodies, headers)])
         size = {self.BATCH_SIZE_HEADER: str(len(responses))}
         return [dataclasses.replace(r, headers={**r.headers, **size}) for r in responses]
 
