@@ -121,3 +121,90 @@ def run_closed_loop(url: str, bodies: list, headers: dict, concurrency: int, sec
     for thread in threads:
         thread.join(timeout_s)
     return result
+
+
+@dataclass
+class OpenLoopResult:
+    """What clients that give up after ``client_timeout_s`` got, at ``rate`` requests/s offered."""
+
+    rate: float
+    seconds: float
+    client_timeout_s: float
+    sent: int = 0
+    in_time: int = 0  # answered 200 before the client gave up: the goodput
+    statuses: Counter = field(default_factory=Counter)  # 599: the client gave up (or no connection)
+    refusal_ms: list = field(default_factory=list)  # how fast non-200 answers came
+    latencies_ms: list = field(default_factory=list)  # of the 200s in time
+
+    @property
+    def goodput(self) -> float:
+        return self.in_time / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "offered_rps": round(self.rate, 1),
+            "sent": self.sent,
+            "goodput_rps": round(self.goodput, 2),
+            "in_time": self.in_time,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "p99_ms_in_time": round(float(np.percentile(self.latencies_ms, 99)), 1) if self.latencies_ms else None,
+            "median_refusal_ms": round(float(np.median(self.refusal_ms)), 1) if self.refusal_ms else None,
+        }
+
+
+def run_open_loop(url: str, bodies: list, headers: dict, rate: float, seconds: float,
+                  client_timeout_s: float = 1.0, send_timeout_header: bool = True, seed: int = 0) -> OpenLoopResult:
+    """Offer ``rate`` requests/s (Poisson arrivals) for ``seconds``, whatever the server does: each
+    client waits ``client_timeout_s`` at most, then hangs up, as real clients do. With
+    ``send_timeout_header`` each request says so in ``x-request-timeout-seconds``."""
+    import queue
+    import random
+
+    result = OpenLoopResult(rate=rate, seconds=seconds, client_timeout_s=client_timeout_s)
+    request_headers = {**headers, **({"x-request-timeout-seconds": str(client_timeout_s)} if send_timeout_header else {})}
+    arrivals: "queue.Queue" = queue.Queue()
+    lock = threading.Lock()
+    # Enough clients that an arrival never waits for a free one: each is busy at most the timeout.
+    clients = int(rate * client_timeout_s * 2) + 8
+
+    def client():
+        session = requests.Session()
+        while True:
+            index = arrivals.get()
+            if index is None:
+                return
+            sent = time.perf_counter()
+            try:
+                response = session.post(url, data=bodies[index % len(bodies)], headers=request_headers,
+                                        timeout=client_timeout_s)
+                status = response.status_code
+            except requests.RequestException:
+                status = 599
+                session.close()
+                session = requests.Session()
+            elapsed = time.perf_counter() - sent
+            with lock:
+                result.statuses[status] += 1
+                if status == 200 and elapsed <= client_timeout_s:
+                    result.in_time += 1
+                    result.latencies_ms.append(elapsed * 1000)
+                elif status != 599:
+                    result.refusal_ms.append(elapsed * 1000)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    randomness = random.Random(seed)
+    start = time.perf_counter()
+    next_at = start
+    while next_at - start < seconds:
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+        arrivals.put(result.sent)
+        result.sent += 1
+        next_at += randomness.expovariate(rate)
+    for _ in threads:
+        arrivals.put(None)
+    for thread in threads:
+        thread.join(client_timeout_s + 5)
+    result.seconds = seconds
+    return result

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ._admission import Admission
 from ._errors import startup_failure_line
 from ._metrics import batch_metrics
 from ._request import NO_BODY, Request
@@ -269,6 +270,8 @@ def replica_class(max_concurrent_batches: int) -> type:
             self.api_key = api_key
             # The handler's engine is blocking: each batch runs on a thread, the event loop stays free.
             self.executor = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix="microbatch-ray-batch")
+            # Under overload, a request that would be answered after its deadline is refused on arrival.
+            self.admission = Admission(max_concurrent_batches)
             self.metrics = _RayMetrics()
 
         def reconfigure(self, user_config: dict) -> None:
@@ -286,8 +289,11 @@ def replica_class(max_concurrent_batches: int) -> type:
                          "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
                 return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
             headers = dict(http_request.headers)
-            request = request_from_http(body, headers, deadline=self.handler.deadline_for(headers, arrived),
-                                        hung_up=threading.Event())
+            deadline = self.handler.deadline_for(headers, arrived)
+            overloaded = self.admission.enter(deadline)
+            if overloaded:
+                return HTTPResponse(json.dumps(overloaded.to_json()), status_code=overloaded.status, media_type=JSON)
+            request = request_from_http(body, headers, deadline=deadline, hung_up=threading.Event())
             try:
                 response, batch_size = await self.answer_batch(request)
             except asyncio.CancelledError:
@@ -295,6 +301,8 @@ def replica_class(max_concurrent_batches: int) -> type:
                 # passed): if its batch has not reached the model yet, it costs no model time.
                 request.hung_up.set()
                 raise
+            finally:
+                self.admission.leave()
             # Encoded on the handler's pool: the event loop only forwards the bytes.
             return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
                                 headers={BATCH_SIZE_HEADER: str(batch_size)})
@@ -302,7 +310,10 @@ def replica_class(max_concurrent_batches: int) -> type:
         @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=max_concurrent_batches)
         async def answer_batch(self, requests: list) -> list:
             loop = asyncio.get_running_loop()
+            started = time.monotonic()
             responses, report = await loop.run_in_executor(self.executor, self.handler.respond, requests)
+            # The rate admission predicts with: requests the model ran, over the batch's time.
+            self.admission.observe(sum(1 for r in responses if r.status != 408), time.monotonic() - started)
             self.metrics.record(report)
             return [(response, len(requests)) for response in responses]
 

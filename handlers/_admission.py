@@ -1,0 +1,81 @@
+"""Admission under overload: a request that cannot be answered before its deadline is refused
+the moment it arrives (a 503 in milliseconds, which its client can send elsewhere), instead of
+waiting in a queue only to be dropped later.
+
+The prediction is measured, not configured: the requests already admitted and not yet answered,
+over the rate at which this server has been answering them while busy. Plain Python, no server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Optional
+
+from ._errors import ServiceUnavailable
+
+# Weight of the newest batch in the moving rate: a few batches follow a change of load or input.
+RATE_SMOOTHING = 0.3
+
+
+class Admission:
+    """Counts the requests in a server (admitted, not yet answered) and the rate it answers them;
+    refuses a request whose predicted answer time is past its deadline. Thread-safe."""
+
+    def __init__(self, concurrent_batches: int = 1, clock=time.monotonic):
+        self._concurrent_batches = max(1, concurrent_batches)  # batches that run at once, each at the rate
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._rate: Optional[float] = None  # requests/s while busy; None until a batch is seen
+
+    @property
+    def inside(self) -> int:
+        return self._inside
+
+    @property
+    def rate(self) -> Optional[float]:
+        return self._rate
+
+    def enter(self, deadline: Optional[float]) -> Optional[ServiceUnavailable]:
+        """Admit a request (it then counts as inside until :meth:`leave`), or return the 503
+        for one whose answer would come after ``deadline`` (``time.monotonic()``; None: no
+        deadline, always admitted; so is everything until a rate has been measured)."""
+        with self._lock:
+            if deadline is not None and self._rate:
+                now = self._clock()
+                expected = (self._inside + 1) / (self._rate * self._concurrent_batches)
+                if now + expected > deadline:
+                    return ServiceUnavailable(
+                        f"overloaded: {self._inside} requests ahead at {self._rate:.3g} requests/s would answer this "
+                        f"one in about {expected:.2f} s, after its deadline ({max(0.0, deadline - now):.2f} s left); "
+                        f"refused before any work, send it again later or to another replica")
+            self._inside += 1
+            return None
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inside = max(0, self._inside - 1)
+
+    def observe(self, answered: int, seconds: float) -> None:
+        """A batch that answered ``answered`` requests (those the model ran) in ``seconds``."""
+        if answered <= 0 or seconds <= 0:
+            return
+        rate = answered / seconds
+        with self._lock:
+            self._rate = rate if self._rate is None else (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * rate
+
+
+# Share of the budget the queue may fill: the rest is for the network, the batch delay, and noise.
+QUEUE_SHARE_OF_BUDGET = 0.9
+
+
+def queue_size_for(budget_s: float, capacity_rps: float, batch_size: int, workers: int = 1) -> int:
+    """The longest queue (TorchServe's ``jobQueueSize``) whose last request is still answered
+    within ``budget_s``, for a model measured at ``capacity_rps`` (all its workers together): it
+    waits for the batches in flight, the queue ahead of it, then its own batch, so
+    ``queue ≤ budget × capacity − 2 × batch_size × workers``. At least 1: a model too slow for
+    the budget at this batch size gets the shortest queue (and a smaller batchSize would help)."""
+    if budget_s <= 0 or capacity_rps <= 0:
+        raise ValueError(f"budget_s and capacity_rps must be > 0, got {budget_s!r} and {capacity_rps!r}")
+    return max(1, int(QUEUE_SHARE_OF_BUDGET * budget_s * capacity_rps - 2 * batch_size * workers))
