@@ -95,12 +95,20 @@ def application_of(spec, api_key: Optional[str] = None):
     model_config = dict(spec.model_config)
     replica = replica_class(options.get("max_concurrent_batches", DEFAULT_MAX_CONCURRENT_BATCHES))
     deployment_options = {key: options[key] for key in DEPLOYMENT_KEYS if key in options}
-    deployment_options.setdefault("max_ongoing_requests", max(2 * int(model_config.get("batchSize", 1)), 16))
+    deployment_options.setdefault("max_ongoing_requests", default_max_ongoing_requests(model_config))
     deployment = serve.deployment(replica, name=spec.model_name).options(
         user_config=batching_of(model_config), **deployment_options
     )
     return deployment.bind(files, spec.handler.name, model_config, dataclasses.asdict(model_files),
                            options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), api_key)
+
+
+def default_max_ongoing_requests(model_config: Mapping[str, Any]) -> int:
+    """Requests a replica holds at once, unless ``ray_serve.max_ongoing_requests`` says: four
+    batches (at least 32). Deep enough that a full batch is always forming while one runs, and
+    that under overload the replica, which sees when each request arrived, decides what to
+    admit (``handlers._admission``), not Ray's proxy queue, which the replica cannot see."""
+    return max(4 * int(model_config.get("batchSize", 1)), 32)
 
 
 NOT_FOUND_APP = "microbatch-not-found"
@@ -283,16 +291,22 @@ def replica_class(max_concurrent_batches: int) -> type:
             refused = unauthorized(http_request.headers, self.api_key)
             if refused:  # before the body is read
                 return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
+            headers = dict(http_request.headers)
+            deadline = self.handler.deadline_for(headers, arrived)
+            overloaded = self.admission.enter(deadline)  # before the body is read: a refusal costs nothing
+            if overloaded:
+                return HTTPResponse(json.dumps(overloaded.to_json()), status_code=overloaded.status, media_type=JSON)
+            try:
+                return await self._answer(http_request, headers, deadline)
+            finally:
+                self.admission.leave()
+
+        async def _answer(self, http_request, headers: dict, deadline: Optional[float]) -> HTTPResponse:
             body = await http_request.body()
             if len(body) > self.max_request_bytes:
                 error = {"code": 413, "type": "PayloadTooLarge",
                          "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
                 return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
-            headers = dict(http_request.headers)
-            deadline = self.handler.deadline_for(headers, arrived)
-            overloaded = self.admission.enter(deadline)
-            if overloaded:
-                return HTTPResponse(json.dumps(overloaded.to_json()), status_code=overloaded.status, media_type=JSON)
             request = request_from_http(body, headers, deadline=deadline, hung_up=threading.Event())
             try:
                 response, batch_size = await self.answer_batch(request)
@@ -301,8 +315,6 @@ def replica_class(max_concurrent_batches: int) -> type:
                 # passed): if its batch has not reached the model yet, it costs no model time.
                 request.hung_up.set()
                 raise
-            finally:
-                self.admission.leave()
             # Encoded on the handler's pool: the event loop only forwards the bytes.
             return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
                                 headers={BATCH_SIZE_HEADER: str(batch_size)})

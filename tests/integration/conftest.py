@@ -23,6 +23,16 @@ def fault_archive(model_store):
             "handler": {"micro_batch_size": 8, "pool_size": 2, "deadline_s": 2.0},
         },
     )
+    # The same, one request per model call: a busy model for the deadline tests.
+    archive_config(
+        ROOT / "archiver_configs" / "quickstart.yaml", model_store,
+        model_name="faults_one_by_one",
+        handler=Path(__file__).resolve().parent / "fault_handler.py",
+        model_config={
+            "batchSize": 8, "maxBatchDelay": 200, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30,
+            "handler": {"micro_batch_size": 1, "pool_size": 2},
+        },
+    )
     return "faults"
 
 

@@ -3,6 +3,8 @@
 - ``"fault": "slow"``: preprocessing takes 3× the batch deadline (then finishes);
 - ``"fault": "hang_model"``: inference of a micro-batch holding this request hangs for a
   minute (far past the deadline): the worker answers its batch, then ends itself to be replaced;
+- ``"fault": "slow_model"``: inference of a micro-batch holding this request takes a second
+  longer (a busy model, for deadlines: the requests behind it wait);
 - ``"fault": "device_assert"``: inference raises a CUDA device-side assert, and every later call
   in this worker raises it too (a CUDA context left broken, as an out-of-range index leaves it);
 - out of memory on every micro-batch larger than 2 (as a too-small GPU would).
@@ -19,6 +21,7 @@ from handlers import BadRequest, MicroBatchHandler
 POISON = 13.0
 HANG = -7.0
 DEVICE_ASSERT = -13.0
+SLOW_MODEL = -21.0
 FITS_IN_MEMORY = 2
 DEVICE_ASSERT_MESSAGE = ("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously "
                          "reported at some other API call, so the stacktrace below might be incorrect.")
@@ -39,6 +42,8 @@ class FaultyHandler(MicroBatchHandler):
             x = torch.full_like(x, HANG)
         if payload.get("fault") == "device_assert":
             x = torch.full_like(x, DEVICE_ASSERT)
+        if payload.get("fault") == "slow_model":
+            x = torch.full_like(x, SLOW_MODEL)
         return {"id": payload.get("id"), "x": x}
 
     def collate(self, items):
@@ -52,6 +57,8 @@ class FaultyHandler(MicroBatchHandler):
             raise MemoryError(f"CUDA out of memory (simulated) on a micro-batch of {batch.shape[0]}")
         if (batch == POISON).all(dim=1).any():
             raise RuntimeError("the model cannot handle the poison value")
+        if (batch == SLOW_MODEL).all(dim=1).any():
+            threading.Event().wait(1.0)
         if (batch == HANG).all(dim=1).any():
             threading.Event().wait(60)  # a stuck model call (a hung kernel, a deadlock)
         y = super().infer(batch)

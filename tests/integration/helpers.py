@@ -26,10 +26,10 @@ def concurrently(count, call):
         return list(pool.map(gated, range(count)))
 
 
-def post_json(server, model, body, timeout=60):
+def post_json(server, model, body, timeout=60, headers=None):
     return requests.post(
         f"{server.inference_url}/predictions/{model}", data=json.dumps(body),
-        headers={"Content-Type": "application/json", **server.auth()}, timeout=timeout,
+        headers={"Content-Type": "application/json", **server.auth(), **(headers or {})}, timeout=timeout,
     )
 
 

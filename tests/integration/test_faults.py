@@ -130,3 +130,27 @@ def test_a_sticky_accelerator_error_fails_its_micro_batch_at_once_then_the_worke
     model_log = (torchserve.workdir / "logs" / "model_log.log").read_text()
     assert "the accelerator is in an unrecoverable state" in model_log
     assert "ending this worker so that TorchServe starts a fresh one" in model_log
+
+
+def test_requests_whose_client_stops_waiting_while_the_model_is_busy_get_a_408_and_no_model_time(torchserve):
+    """Overload: each model call takes a second, one request per call, and each client waits
+    1.5 s (x-request-timeout-seconds). The model runs what it can start in time; the rest are
+    answered 408 at once, unstarted, instead of costing a second each for nobody."""
+    def call(i):
+        return post_json(torchserve, "faults_one_by_one", {"id": f"d{i}", "x": [i, i, i, i], "fault": "slow_model"},
+                         headers={"x-request-timeout-seconds": "1.5"})
+
+    started = time.monotonic()
+    responses = concurrently(6, call)
+    took = time.monotonic() - started
+    statuses = [r.status_code for r in responses]
+    print(f"\nstatuses {statuses} in {took:.1f} s; batch sizes {[r.headers.get('X-Batch-Size') for r in responses]}")
+    assert set(statuses) <= {200, 408} and 200 in statuses and 408 in statuses, statuses
+    for i, response in enumerate(responses):
+        if response.status_code == 200:
+            assert response.json() == {"id": f"d{i}", "y": [-41.0] * 4, "sum": -164.0}
+        else:
+            assert response.json()["type"] == "RequestTimeout"
+            assert "no model time was spent" in response.json()["message"]
+    # A batch of six would take six seconds of model time; the shed ones cost none.
+    assert statuses.count(200) <= 4

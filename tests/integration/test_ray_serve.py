@@ -359,3 +359,41 @@ def test_with_an_inference_key_a_request_needs_it(ray_serve, tmp_path):
         assert answered.status_code == 200 and answered.json() == {"id": "k", "y": [3.0, 5.0, 7.0, 9.0]}
     finally:
         serve.delete("quickstart_keyed")
+
+
+def test_requests_whose_client_stops_waiting_while_the_model_is_busy_are_shed_without_model_time(ray_serve, tmp_path):
+    """Overload on Ray Serve: one request per model call, a second each, a budget of 1.2 s per
+    request (request_budget_s; a client's x-request-timeout-seconds is also honoured by Ray's
+    proxy, which would answer its own 408 first). What the replica can start in time is
+    answered; the rest get a 408 (deadline passed, unstarted) or, once the replica has measured
+    its rate, a 503 on arrival."""
+    from ray import serve
+
+    from handlers._rayserve import serve_configs
+
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.update(root=str(ROOT), model_name="busy_model", handler=str(Path(__file__).parent / "fault_handler.py"),
+                  model_config={"batchSize": 8, "maxBatchDelay": 200,
+                                "handler": {"micro_batch_size": 1, "request_budget_s": 1.2}})
+    (tmp_path / "busy.yaml").write_text(yaml.safe_dump(config))
+    serve_configs([tmp_path / "busy.yaml"])
+    try:
+        def call(i):
+            return requests.post(f"{ray_serve}/predictions/busy_model", timeout=60,
+                                 json={"id": f"d{i}", "x": [i, i, i, i], "fault": "slow_model"})
+
+        waves = [concurrently(6, call) for _ in range(2)]  # the second wave meets a measured rate
+        for wave, responses in enumerate(waves):
+            statuses = [r.status_code for r in responses]
+            print(f"\nwave {wave}: statuses {statuses}")
+            assert set(statuses) <= {200, 408, 503} and 200 in statuses and statuses.count(200) <= 4, statuses
+            for i, response in enumerate(responses):
+                body = response.json()
+                if response.status_code == 200:
+                    assert body == {"id": f"d{i}", "y": [-41.0] * 4, "sum": -164.0}
+                elif response.status_code == 408:
+                    assert body["type"] == "RequestTimeout" and "no model time was spent" in body["message"]
+                else:
+                    assert body["type"] == "ServiceUnavailable" and body["message"].startswith("overloaded:")
+    finally:
+        serve.delete("busy_model")
