@@ -1,11 +1,13 @@
 """The same handler and inputs through TorchServe and through Ray Serve, in one run: throughput and
-p99 of each at the same concurrency, and Ray Serve with one and with two batches in flight
-(``max_concurrent_batches``), to pick that default from the numbers.
+p99 of each at the same concurrency (and Ray Serve with more batches in flight,
+``--concurrent-batches 1 2``, to pick that default from the numbers).
 
-    python -m bench.ray_vs_torchserve --workloads photo-12mp photo-vga --concurrency 32 --seconds 20 --out bench/results
+    python -m bench.ray_vs_torchserve --concurrency 32 --seconds 20 --out bench/results
 
-Both servers get the same model files, handler (``bench/serve_handlers/ours_image.py``), batch
-size and delay. They run one after the other, each alone on the machine.
+Both servers serve the same archiver config per workload (TorchServe from its ``.mar``): the same
+model files, handler, batch size and delay. They run one after the other, each alone on the
+machine. The workloads: photo-12mp, photo-vga (our image handler on a small CNN / ResNet-18),
+text (sentence embeddings) and ``image-classifier``, ``make serve``'s example as shipped.
 """
 
 from __future__ import annotations
@@ -19,42 +21,67 @@ from pathlib import Path
 
 import yaml
 
-from bench.e2e import SERVE_HANDLERS, build_archive
+from bench.e2e import KIND, SERVE_HANDLERS
 from bench.loadgen import run_closed_loop
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
+from handlers.archive import archive_config
 from scripts.torchserve_instance import Ports, TorchServe, free_port
 
 
-def ray_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: int, concurrent_batches: int,
-               replica_cpus: int = 1) -> Path:
-    """An archiver config for the workload's model and our handler, as a user would write it."""
-    workload = WORKLOADS[workload_name]()
-    model_dir = workload.model_dir()
-    config = {
-        "model_name": f"{workload_name.replace('-', '_')}_ray{concurrent_batches}",
-        "version": "1.0",
-        "handler": str(SERVE_HANDLERS / "ours_image.py"),
-        "model_file": str(model_dir / workload.model_file.name),
-        "serialized_file": str(model_dir / "weights.pt"),
-        "extra_files": [str(model_dir / "index_to_name.json")],
-        "model_config": {"batchSize": batch_size, "maxBatchDelay": max_delay_ms, "responseTimeout": 120,
-                         "handler": dict(workload.handler_config)},
-        "ray_serve": {"max_concurrent_batches": concurrent_batches, "ray_actor_options": {"num_cpus": replica_cpus}},
-    }
+# The model-bound workload: make serve's image classifier as shipped (ResNet-18, its own config).
+EXAMPLE = "image-classifier"
+EXAMPLE_CONFIG = ROOT / "archiver_configs" / "image_classifier.yaml"
+
+
+def workload_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: int, concurrent_batches: int,
+                    replica_cpus: int = 1) -> Path:
+    """An archiver config for the workload's model and our handler, as a user would write it;
+    TorchServe archives it, Ray Serve serves it: the same handler, files and settings."""
+    if workload_name == EXAMPLE:
+        config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+        config.update(root=str(ROOT), model_name=f"image_classifier_{concurrent_batches}")
+        config["ray_serve"] = {**config.get("ray_serve", {}), "max_concurrent_batches": concurrent_batches,
+                               "ray_actor_options": {"num_cpus": replica_cpus}}
+    else:
+        workload = WORKLOADS[workload_name]()
+        model_dir = workload.model_dir()
+        if workload.model_file is None:  # a Hugging Face folder: the text workload
+            files = {"extra_files": [str(model_dir / f) for f in ("config.json", "model.safetensors", "tokenizer.json")]}
+        else:
+            files = {"model_file": str(model_dir / workload.model_file.name),
+                     "serialized_file": str(model_dir / "weights.pt"),
+                     "extra_files": [str(model_dir / "index_to_name.json")]}
+        config = {
+            "model_name": f"{workload_name.replace('-', '_')}_{concurrent_batches}",
+            "version": "1.0",
+            "handler": str(SERVE_HANDLERS / f"ours_{KIND[workload_name]}.py"),
+            **files,
+            "model_config": {"batchSize": batch_size, "maxBatchDelay": max_delay_ms, "responseTimeout": 120,
+                             "handler": dict(workload.handler_config)},
+            "ray_serve": {"max_concurrent_batches": concurrent_batches, "ray_actor_options": {"num_cpus": replica_cpus}},
+        }
     path = folder / f"{config['model_name']}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+def inputs_of(workload_name: str) -> tuple:
+    """(bodies, Content-Type) of a workload."""
+    spec = WORKLOADS["photo-vga" if workload_name == EXAMPLE else workload_name]()
+    return spec.make_inputs(max(64, spec.batch_size)), spec.content_type
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", nargs="*", default=["photo-12mp", "photo-vga"])
+    parser.add_argument("--workloads", nargs="*", default=["photo-12mp", "photo-vga", "text", EXAMPLE],
+                        help=f"of {', '.join([*WORKLOADS, EXAMPLE])} ({EXAMPLE}: archiver_configs/image_classifier.yaml "
+                             f"as shipped, fed 640x480 JPEGs)")
     parser.add_argument("--concurrency", nargs="*", type=int, default=[32])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-delay-ms", type=int, default=50)
-    parser.add_argument("--concurrent-batches", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--concurrent-batches", nargs="*", type=int, default=[1])
     parser.add_argument("--replica-cpus", type=int, default=os.cpu_count() or 1,
                         help="CPUs each Ray replica reserves, and so torch's threads in it (default: the cores, "
                              "as a TorchServe worker uses them all)")
@@ -67,10 +94,13 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     results = []
 
-    # TorchServe: one archive per workload, one server.
+    configs = {w: workload_config(w, work, args.batch_size, args.max_delay_ms, 1, args.replica_cpus)
+               for w in args.workloads}
+
+    # TorchServe: each workload's config archived, one server.
     if not args.skip_torchserve:
         store = work / "model_store"
-        models = {w: build_archive(w, "ours", store, args.batch_size, args.max_delay_ms, {}) for w in args.workloads}
+        models = {w: archive_config(path, store).stem for w, path in configs.items()}
         server = TorchServe(work / "torchserve", store, ROOT / "config.properties", ports=Ports.free())
         server.start()
         try:
@@ -81,7 +111,7 @@ def main(argv=None) -> int:
         finally:
             server.stop()
 
-    # Ray Serve: the same handler and files from an archiver config, on a private local cluster.
+    # Ray Serve: the same configs, on a private local cluster.
     from handlers._rayserve import serve_configs, start_local_cluster, stop_local_cluster
 
     port = free_port()
@@ -90,7 +120,8 @@ def main(argv=None) -> int:
         try:
             for workload in args.workloads:
                 for batches in args.concurrent_batches:
-                    config = ray_config(workload, work, args.batch_size, args.max_delay_ms, batches, args.replica_cpus)
+                    config = workload_config(workload, work, args.batch_size, args.max_delay_ms, batches,
+                                             args.replica_cpus)
                     [name] = serve_configs([config])
                     url = f"http://127.0.0.1:{port}/predictions/{name}"
                     results += measure(f"Ray Serve, {batches} batch(es) in flight, {args.replica_cpus} CPU(s)", workload,
@@ -105,12 +136,11 @@ def main(argv=None) -> int:
 
 
 def measure(server: str, workload: str, url: str, auth: dict, args) -> list:
-    spec = WORKLOADS[workload]()
-    bodies = spec.make_inputs(max(64, spec.batch_size))
+    bodies, content_type = inputs_of(workload)
     rows = []
     for concurrency in args.concurrency:
         print(f"{server}: {workload} at concurrency {concurrency}", file=sys.stderr, flush=True)
-        load = run_closed_loop(url, bodies, {"Content-Type": spec.content_type, **auth}, concurrency, args.seconds)
+        load = run_closed_loop(url, bodies, {"Content-Type": content_type, **auth}, concurrency, args.seconds)
         rows.append({"server": server, "workload": workload, **load.summary()})
     return rows
 
