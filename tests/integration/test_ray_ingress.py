@@ -65,8 +65,16 @@ def test_the_cli_serves_on_loopback_only_and_stops_clean_within_10_s(tmp_path, i
         assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, answer.text
 
         ray_dir = ray_temp_dir(cli.pid)
-        started.update(processes_started(cli.pid, ray_dir))
-        listening = listening_sockets(started)
+        # HAProxy reloads (a new process takes the listeners over) when Ray's targets change: list
+        # again until the listing holds the port's owner.
+        deadline = time.monotonic() + 30
+        while True:
+            current = processes_started(cli.pid, ray_dir)
+            started.update(current)
+            listening = listening_sockets(current)
+            if any(row[4] == port for row in listening) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         print(f"\nRay temp dir {ray_dir}; {len(started)} processes started; listening sockets:")
         for pid, name, kind, address, listen_port in sorted(listening, key=lambda row: (row[1], row[0], row[4])):
             print(f"  {name:<28} pid {pid:<7} {kind} {address}:{listen_port}")
