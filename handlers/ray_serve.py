@@ -83,7 +83,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {missing}", file=sys.stderr)
         return 1
     configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
-    stop = threading.Event()
+    stop, serving = threading.Event(), threading.Event()
     try:  # checked once: what the replicas reserve sizes the local node, then they are served
         specs = [load_spec(Path(config), args.root) for config in configs]
     except ArchiveConfigError as exc:
@@ -101,7 +101,7 @@ def main(argv: Optional[list] = None) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
             # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(stop, serving))
             try:
                 names = serve_specs(specs, api_key)
                 if api_key:
@@ -114,6 +114,7 @@ def main(argv: Optional[list] = None) -> int:
                     print(f"metrics (Prometheus): {metrics}", flush=True)
                 ingress = {"haproxy": "HAProxy", "python": "Ray's Python proxy"}[proxy]
                 print(f"serving on Ray Serve, {ingress} in front; Ctrl-C stops it", flush=True)
+                serving.set()
                 stop.wait()
             except ModelCannotStart as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -126,6 +127,16 @@ def main(argv: Optional[list] = None) -> int:
         if api_key:
             args.key_file.unlink(missing_ok=True)  # as torchserve --stop removes its key file
     return 0
+
+
+def _on_sigterm(stop: threading.Event, serving: threading.Event) -> None:
+    """SIGTERM stops as Ctrl-C does: while the models are still being deployed (``serve.run``
+    waits for each), it interrupts the deployment, once (a second one does not cut the clean-up
+    short); the clean-up follows either way."""
+    first = not stop.is_set()
+    stop.set()
+    if first and not serving.is_set():
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
