@@ -86,6 +86,9 @@ def main(argv=None) -> int:
                         help="CPUs each Ray replica reserves, and so torch's threads in it (default: the cores, "
                              "as a TorchServe worker uses them all)")
     parser.add_argument("--skip-torchserve", action="store_true", help="measure Ray Serve only")
+    parser.add_argument("--ray-proxy", choices=["haproxy", "python"], default="haproxy",
+                        help="what receives HTTP in front of Ray Serve's replicas (default: HAProxy, as python -m "
+                             "handlers.ray_serve)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default="ray_vs_torchserve")
     args = parser.parse_args(argv)
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, port, num_cpus=max(os.cpu_count() or 1, args.replica_cpus + 1))
+        start_local_cluster(temp_dir, port, num_cpus=max(os.cpu_count() or 1, args.replica_cpus + 1),
+                            proxy=args.ray_proxy)
         try:
             for workload in args.workloads:
                 for batches in args.concurrent_batches:
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
                                              args.replica_cpus)
                     [name] = serve_configs([config])
                     url = f"http://127.0.0.1:{port}/predictions/{name}"
-                    results += measure(f"Ray Serve, {batches} batch(es) in flight, {args.replica_cpus} CPU(s)", workload,
+                    results += measure(f"Ray Serve ({args.ray_proxy}), {batches} batch(es) in flight, "
+                                       f"{args.replica_cpus} CPU(s)", workload,
                                        url, {}, args)
                     from ray import serve
 

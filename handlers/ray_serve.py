@@ -1,10 +1,11 @@
 """Serve archiver configs on Ray Serve: the same handlers as in the ``.mar`` archives, on a private
 local Ray cluster (loopback only, dashboard off), at the same URLs as TorchServe's
-(``/predictions/<model_name>``).
+(``/predictions/<model_name>``), with HAProxy in front of the replicas (``--python-proxy``: Ray's
+Python proxy instead).
 
 Usage::
 
-    python -m handlers.ray_serve [CONFIG ...] [--port 8000] [--root DIR]
+    python -m handlers.ray_serve [CONFIG ...] [--port 8000] [--root DIR] [--python-proxy]
 
 or, on a Ray cluster you run yourself (``ray start``), one application per config::
 
@@ -28,8 +29,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._rayserve import (ModelCannotStart, build_app, metrics_url, ray_missing, reserved_cpus, serve_specs,
-                        start_local_cluster, stop_local_cluster)
+from ._rayserve import (ModelCannotStart, NoHAProxy, build_app, metrics_url, ray_missing, reserved_cpus,
+                        serve_specs, set_ray_environment, start_local_cluster, stop_local_cluster)
 from .archive import ArchiveConfigError, load_spec
 
 
@@ -68,17 +69,21 @@ def main(argv: Optional[list] = None) -> int:
                         help=f"where the inference key is written (default: ./{KEY_FILE}); removed at stop")
     parser.add_argument("--no-token-auth", action="store_true",
                         help="serve without token authorisation (only behind a gateway that authenticates)")
+    parser.add_argument("--python-proxy", action="store_true",
+                        help="receive HTTP with Ray Serve's Python proxy instead of HAProxy (where HAProxy is "
+                             "missing, or to compare; also the default with RAY_SERVE_ENABLE_HA_PROXY=0)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the node; each replica reserves one unless its ray_actor_options "
                              "say otherwise, and runs torch on that many threads (default: the cores, or what "
                              "the configs' replicas reserve, plus one)")
     args = parser.parse_args(argv)
+    set_ray_environment()  # before ray_missing() first imports Ray, which reads it then
     missing = ray_missing()
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 1
     configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
-    stop = threading.Event()
+    stop, serving = threading.Event(), threading.Event()
     try:  # checked once: what the replicas reserve sizes the local node, then they are served
         specs = [load_spec(Path(config), args.root) for config in configs]
     except ArchiveConfigError as exc:
@@ -90,9 +95,13 @@ def main(argv: Optional[list] = None) -> int:
     auth = f"-H 'Authorization: Bearer {api_key}' " if api_key else ""
     try:
         with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-            start_local_cluster(temp_dir, args.port, num_cpus)
+            try:
+                proxy = start_local_cluster(temp_dir, args.port, num_cpus, "python" if args.python_proxy else None)
+            except NoHAProxy as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
             # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(stop, serving))
             try:
                 names = serve_specs(specs, api_key)
                 if api_key:
@@ -103,7 +112,9 @@ def main(argv: Optional[list] = None) -> int:
                 metrics = metrics_url()
                 if metrics:
                     print(f"metrics (Prometheus): {metrics}", flush=True)
-                print("serving on Ray Serve; Ctrl-C stops it", flush=True)
+                ingress = {"haproxy": "HAProxy", "python": "Ray's Python proxy"}[proxy]
+                print(f"serving on Ray Serve, {ingress} in front; Ctrl-C stops it", flush=True)
+                serving.set()
                 stop.wait()
             except ModelCannotStart as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -116,6 +127,16 @@ def main(argv: Optional[list] = None) -> int:
         if api_key:
             args.key_file.unlink(missing_ok=True)  # as torchserve --stop removes its key file
     return 0
+
+
+def _on_sigterm(stop: threading.Event, serving: threading.Event) -> None:
+    """SIGTERM stops as Ctrl-C does: while the models are still being deployed (``serve.run``
+    waits for each), it interrupts the deployment, once (a second one does not cut the clean-up
+    short); the clean-up follows either way."""
+    first = not stop.is_set()
+    stop.set()
+    if first and not serving.is_set():
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
