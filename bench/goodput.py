@@ -100,19 +100,21 @@ def measure(server: str, url: str, bodies, headers, args, capacity=None) -> list
     for load in LOADS:
         print(f"{server}: {load}x of {capacity:.1f} req/s", file=sys.stderr, flush=True)
         result = run_open_loop(url, bodies, headers, load * capacity, args.seconds, args.client_timeout)
-        rows.append({"server": server, "load": load, "capacity_rps": round(capacity, 1), **result.summary(),
+        rows.append({"server": server, "load": load, "capacity_rps": round(capacity, 1), "seconds": args.seconds,
+                     **result.summary(),
                      "goodput_share": round(result.goodput / capacity, 2)})
     return rows
 
 
 def table(rows: list) -> str:
     lines = ["| server | load | offered req/s | goodput req/s | goodput / capacity | p99 ms (in time) | "
-             "answers (status: count; 599 = client gave up) | median refusal ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "answers (status: count; 599 = client gave up) | median refusal ms | load generator CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         statuses = ", ".join(f"{status}: {count}" for status, count in row["statuses"].items())
         lines.append(f"| {row['server']} | {row['load']}x | {row['offered_rps']} | {row['goodput_rps']} | "
-                     f"{row['goodput_share']:.0%} | {row['p99_ms_in_time']} | {statuses} | {row['median_refusal_ms']} |")
+                     f"{row['goodput_share']:.0%} | {row['p99_ms_in_time']} | {statuses} | {row['median_refusal_ms']} | "
+                     f"{row['client_cpu_s'] / row['seconds']:.0%} of a core |")
     return "\n".join(lines)
 
 

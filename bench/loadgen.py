@@ -135,6 +135,7 @@ class OpenLoopResult:
     statuses: Counter = field(default_factory=Counter)  # 599: the client gave up (or no connection)
     refusal_ms: list = field(default_factory=list)  # how fast non-200 answers came
     latencies_ms: list = field(default_factory=list)  # of the 200s in time
+    client_cpu_s: float = 0.0  # the load generator's own, on the server's machine
 
     @property
     def goodput(self) -> float:
@@ -149,62 +150,120 @@ class OpenLoopResult:
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "p99_ms_in_time": round(float(np.percentile(self.latencies_ms, 99)), 1) if self.latencies_ms else None,
             "median_refusal_ms": round(float(np.median(self.refusal_ms)), 1) if self.refusal_ms else None,
+            "client_cpu_s": round(self.client_cpu_s, 1),
         }
 
 
 def run_open_loop(url: str, bodies: list, headers: dict, rate: float, seconds: float,
                   client_timeout_s: float = 1.0, send_timeout_header: bool = True, seed: int = 0) -> OpenLoopResult:
     """Offer ``rate`` requests/s (Poisson arrivals) for ``seconds``, whatever the server does: each
-    client waits ``client_timeout_s`` at most, then hangs up, as real clients do. With
-    ``send_timeout_header`` each request says so in ``x-request-timeout-seconds``."""
-    import queue
-    import random
+    client waits ``client_timeout_s`` at most, then hangs up (closes its connection), as real
+    clients do. With ``send_timeout_header`` each request says so in ``x-request-timeout-seconds``.
 
+    One asyncio loop on keep-alive connections with the requests' bytes written once: the client
+    shares the machine's cores with the server, and a thread per client with ``requests`` cost a
+    core by itself at a few hundred requests/s (the load it measured was partly its own)."""
+    import asyncio
+
+    started_cpu = _cpu_seconds()
     result = OpenLoopResult(rate=rate, seconds=seconds, client_timeout_s=client_timeout_s)
     request_headers = {**headers, **({"x-request-timeout-seconds": str(client_timeout_s)} if send_timeout_header else {})}
-    arrivals: "queue.Queue" = queue.Queue()
-    lock = threading.Lock()
-    # Enough clients that an arrival never waits for a free one: each is busy at most the timeout.
-    clients = int(rate * client_timeout_s * 2) + 8
+    asyncio.run(_open_loop(url, [_request_bytes(url, body, request_headers) for body in bodies], rate, seconds,
+                           client_timeout_s, seed, result))
+    result.client_cpu_s = _cpu_seconds() - started_cpu
+    return result
 
-    def client():
-        session = requests.Session()
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _request_bytes(url: str, body: bytes, headers: dict) -> bytes:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    lines = [f"POST {parts.path or '/'} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}",
+             *(f"{name}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def _open_loop(url: str, requests_bytes: list, rate: float, seconds: float, client_timeout_s: float,
+                     seed: int, result: OpenLoopResult) -> None:
+    import asyncio
+    import random
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    idle: list = []  # keep-alive connections free for the next request
+
+    async def send(payload: bytes):
+        connection = idle.pop() if idle else None
+        reused = connection is not None
         while True:
-            index = arrivals.get()
-            if index is None:
-                return
-            sent = time.perf_counter()
+            if connection is None:
+                connection = await asyncio.open_connection(parts.hostname, parts.port)
+            reader, writer = connection
+            writer.write(payload)
             try:
-                response = session.post(url, data=bodies[index % len(bodies)], headers=request_headers,
-                                        timeout=client_timeout_s)
-                status = response.status_code
-            except requests.RequestException:
-                status = 599
-                session.close()
-                session = requests.Session()
-            elapsed = time.perf_counter() - sent
-            with lock:
-                result.statuses[status] += 1
-                if status == 200 and elapsed <= client_timeout_s:
-                    result.in_time += 1
-                    result.latencies_ms.append(elapsed * 1000)
-                elif status != 599:
-                    result.refusal_ms.append(elapsed * 1000)
+                status_line = await reader.readline()
+            except BaseException:  # given up on (cancelled) or broken: this connection goes
+                writer.close()
+                raise
+            if status_line or not reused:
+                break
+            writer.close()  # the server had closed this idle connection: once more on a new one
+            connection, reused = None, False
+        status = int(status_line.split()[1])
+        length, chunked, close = 0, False, False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value
+            elif name == b"connection":
+                close = value == b"close"
+        if chunked:
+            while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+                await reader.readexactly(size + 2)
+            await reader.readline()
+        elif length:
+            await reader.readexactly(length)
+        if close:
+            writer.close()
+        else:
+            idle.append(connection)
+        return status, connection
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
+    async def one(index: int) -> None:
+        sent = time.perf_counter()
+        try:
+            status, _ = await asyncio.wait_for(send(requests_bytes[index % len(requests_bytes)]), client_timeout_s)
+        except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            status = 599  # gave up (its connection is dropped with the cancelled send: the server sees it go)
+        elapsed = time.perf_counter() - sent
+        result.statuses[status] += 1
+        if status == 200 and elapsed <= client_timeout_s:
+            result.in_time += 1
+            result.latencies_ms.append(elapsed * 1000)
+        elif status != 599:
+            result.refusal_ms.append(elapsed * 1000)
+
     randomness = random.Random(seed)
+    tasks = set()
     start = time.perf_counter()
     next_at = start
     while next_at - start < seconds:
-        time.sleep(max(0.0, next_at - time.perf_counter()))
-        arrivals.put(result.sent)
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        task = asyncio.create_task(one(result.sent))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         result.sent += 1
         next_at += randomness.expovariate(rate)
-    for _ in threads:
-        arrivals.put(None)
-    for thread in threads:
-        thread.join(client_timeout_s + 5)
+    if tasks:
+        await asyncio.wait(list(tasks))
+    for _, writer in idle:
+        writer.close()
     result.seconds = seconds
-    return result
