@@ -29,14 +29,14 @@ def test_a_request_that_would_be_answered_after_its_deadline_is_refused_with_a_5
     admission.observe(answered=16, seconds=0.5)  # 32 requests/s
     for _ in range(15):
         assert admission.enter(deadline=clock.now + 1.0) is None
-    # 16 inside: the 17th would take 17/32 = 0.53 s
-    assert admission.enter(deadline=clock.now + 0.6) is None
-    refused = admission.enter(deadline=clock.now + 0.5)
+    # 16 inside: the 17th would take 17/32 = 0.53 s, which may use 80% of the time left
+    assert admission.enter(deadline=clock.now + 0.67) is None
+    refused = admission.enter(deadline=clock.now + 0.66)
     assert refused.status == 503 and "overloaded" in refused.message and "17 requests ahead" not in refused.message
     assert "16 requests ahead" in refused.message
     assert admission.inside == 16  # the refused one is not counted
     admission.leave()
-    assert admission.enter(deadline=clock.now + 0.53) is None
+    assert admission.enter(deadline=clock.now + 0.67) is None
 
 
 def test_batches_in_flight_at_once_multiply_the_rate():
@@ -47,7 +47,7 @@ def test_batches_in_flight_at_once_multiply_the_rate():
         for _ in range(9):
             admission.enter(deadline=None)
     assert one.enter(deadline=clock.now + 0.9) is not None  # 10 / 10 per s = 1 s
-    assert two.enter(deadline=clock.now + 0.9) is None  # 10 / 20 per s = 0.5 s
+    assert two.enter(deadline=clock.now + 0.9) is None  # 10 / 20 per s = 0.5 s, under 0.8 × 0.9 s
 
 
 @given(st.lists(st.tuples(st.integers(0, 64), st.floats(0.0, 5.0, allow_nan=False)), max_size=30))
@@ -71,8 +71,40 @@ def test_leave_never_counts_below_zero():
 def test_the_queue_for_a_budget_leaves_room_for_the_batches_in_flight_and_its_own():
     from handlers._admission import queue_size_for
 
-    # The image classifier on 2 cores: ~46 requests/s in batches of 16, clients that wait 1 s.
-    assert queue_size_for(1.0, 46.0, 16) == 9  # 0.9 × 46 − 32
-    assert queue_size_for(2.0, 46.0, 16) == 50
-    assert queue_size_for(1.0, 1000.0, 16, workers=2) == 836
+    # The image classifier on 2 cores: ~74 requests/s in batches of 16, clients that wait 1 s.
+    assert queue_size_for(1.0, 74.0, 16) == 12  # 0.6 × 74 − 32
+    assert queue_size_for(2.0, 46.0, 16) == 23
+    assert queue_size_for(1.0, 1000.0, 16, workers=2) == 536
     assert queue_size_for(0.5, 46.0, 16) == 1  # too slow for the budget: the shortest queue
+
+
+def test_back_to_back_batches_count_the_time_between_their_ends_not_only_the_model_time():
+    """Under load a batch starts when the last one ends (its requests were waiting): the rate is
+    what is delivered end to end. After an idle gap only the batch's own time counts."""
+    clock = Clock()
+    admission = Admission(clock=clock)
+    for _ in range(40):
+        admission.enter(deadline=None)
+    admission.finished(answered=16, batch_size=16, started=100.0, ended=100.2)  # 24 more waiting
+    assert abs(admission.rate - 80.0) < 1e-9
+    for _ in range(16):
+        admission.leave()
+    # The next batch (the other 24) ran 0.2 s too, but began 0.1 s after the last one ended.
+    admission.finished(answered=24, batch_size=24, started=100.3, ended=100.5)
+    assert abs(admission.rate - (0.7 * 80 + 0.3 * 24 / 0.3)) < 1e-9
+    for _ in range(24):
+        admission.leave()
+    # Nothing was waiting when that one ended: after the idle gap, the batch's own 0.2 s.
+    admission.enter(deadline=None)
+    rate = admission.rate
+    admission.finished(answered=1, batch_size=1, started=105.0, ended=105.2)
+    assert abs(admission.rate - (0.7 * rate + 0.3 * 1 / 0.2)) < 1e-9
+
+
+def test_with_batches_in_flight_at_once_each_batch_counts_its_own_time():
+    admission = Admission(2, clock=Clock())
+    for _ in range(64):
+        admission.enter(deadline=None)
+    admission.finished(answered=16, batch_size=16, started=100.0, ended=100.4)
+    admission.finished(answered=16, batch_size=16, started=100.2, ended=100.6)
+    assert abs(admission.rate - 40.0) < 1e-9  # 16 per 0.4 s each; enter multiplies by the 2 in flight
