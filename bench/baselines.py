@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from handlers._loading import load_model_files, read_labels
-from handlers._torchserve import device_for, model_files_from_manifest
+from handlers.core.loading import load_model_files, read_labels
+from handlers.servers.torchserve import device_for, model_files_from_manifest
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

@@ -25,7 +25,7 @@ from bench.inprocess import run_isolated
 from bench.loadgen import run_closed_loop
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
-from handlers.archive import ArchiveSpec, archive
+from handlers.packaging.archive import ArchiveSpec, archive
 from scripts.torchserve_instance import Ports, TorchServe
 
 KIND = {"photo-12mp": "image", "photo-vga": "image", "text": "text", "tensor": "tensor"}

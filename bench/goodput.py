@@ -8,7 +8,7 @@ The model is ``make serve``'s image classifier (archiver_configs/image_classifie
 batches of 16), fed 640×480 JPEGs. For each server: its capacity (closed loop, 32 clients), then
 Poisson arrivals at 1x, 2x and 4x that capacity. TorchServe runs twice: as shipped
 (config.properties' job_queue_size=64), and with the queue sized from the budget and the capacity
-just measured (``jobQueueSize``, :func:`handlers._admission.queue_size_for`) plus the handler's
+just measured (``jobQueueSize``, :func:`handlers.engine.admission.queue_size_for`) plus the handler's
 ``request_budget_s``. Ray Serve runs once: its replica admits on arrival what it can answer in time.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 from bench.loadgen import run_closed_loop, run_open_loop
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
-from handlers._admission import queue_size_for
-from handlers.archive import archive_config, load_spec
+from handlers.engine.admission import queue_size_for
+from handlers.packaging.archive import archive_config, load_spec
 from scripts.torchserve_instance import Ports, TorchServe, free_port
 
 CONFIG = ROOT / "archiver_configs" / "image_classifier.yaml"
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                                 bodies, headers, args, capacity)
 
     if "ray" in args.servers:
-        from handlers._rayserve import serve_configs, start_local_cluster, stop_local_cluster
+        from handlers.servers.ray_serve import serve_configs
+        from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
 
         port = free_port()
         with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:

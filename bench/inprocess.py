@@ -41,7 +41,7 @@ def measure(workload_name: str, contender: str, rounds: int, handler_config: dic
     from bench.gpu import GpuBusy
     from bench.workloads import load_workload
     from handlers import Request
-    from handlers._settings import usable_cores
+    from handlers.engine.settings import usable_cores
     from handlers.testing import FakeContext
 
     workload = load_workload(workload_name, model)

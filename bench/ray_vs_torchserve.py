@@ -25,7 +25,7 @@ from bench.e2e import KIND, SERVE_HANDLERS
 from bench.loadgen import run_closed_loop
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
-from handlers.archive import archive_config
+from handlers.packaging.archive import archive_config
 from scripts.torchserve_instance import Ports, TorchServe, free_port
 
 
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
             server.stop()
 
     # Ray Serve: the same configs, on a private local cluster.
-    from handlers._rayserve import serve_configs, start_local_cluster, stop_local_cluster
+    from handlers.servers.ray_serve import serve_configs
+    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:

@@ -97,7 +97,7 @@ def soak(server, model: str = "quickstart", total: int = 20000, concurrency: int
 
 
 def main(argv=None) -> int:
-    from handlers.archive import archive_config
+    from handlers.packaging.archive import archive_config
     from scripts.torchserve_instance import Ports, TorchServe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -118,8 +118,8 @@ def compare_inputs(workload_name: str, model: str | None) -> dict:
 
     from bench.baselines import IMAGENET_STD, SequentialImageClassifier
     from handlers import ImageClassifierHandler
-    from handlers._images import ImageGeometry, ImageLimits, decode_image
-    from handlers._loading import build_module
+    from handlers.ready_made.image_input import ImageGeometry, ImageLimits, decode_image
+    from handlers.core.loading import build_module
 
     workload = load_workload(workload_name, model)
     model_dir = workload.model_dir()

@@ -37,7 +37,7 @@ import requests
 from bench.e2e import build_archive
 from bench.loadgen import run_closed_loop
 from bench.workloads import ROOT, WORK, WORKLOADS
-from handlers.archive import ArchiveConfigError, archive_config, load_spec
+from handlers.packaging.archive import ArchiveConfigError, archive_config, load_spec
 from scripts.torchserve_instance import READY_TIMEOUT_S, Ports, TorchServe
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"

@@ -43,7 +43,7 @@ class Workload:
         if not weights.exists():
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copy(self.model_file, folder / self.model_file.name)
-            from handlers._loading import build_module
+            from handlers.core.loading import build_module
 
             torch.manual_seed(0)
             torch.save(build_module(str(folder / self.model_file.name)).state_dict(), weights)

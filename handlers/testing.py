@@ -28,10 +28,10 @@ or, through the TorchServe adapter::
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
+
+from handlers.servers.local import LocalServer
 
 __all__ = [
     "LocalServer",
@@ -46,57 +46,6 @@ __all__ = [
     "assert_matches_alone",
     "assert_isolates_bad_request",
 ]
-
-
-class LocalServer:
-    """A handler served in this process, batch by batch: the test kit's server adapter.
-
-    Use :meth:`start` to build one; :meth:`send` answers one batch with one
-    :class:`~handlers.Response` per body (status, body, Content-Type, ``X-Batch-Size``).
-    """
-
-    BATCH_SIZE_HEADER = "X-Batch-Size"
-
-    def __init__(self, handler):
-        self.handler = handler
-
-    @classmethod
-    def start(cls, handler_class: type, model_dir: str = ".", handler_config: Optional[Mapping[str, Any]] = None,
-              model_files=None, device: str = "cpu", samples: Optional[Sequence[Any]] = None) -> "LocalServer":
-        """Create ``handler_class`` and start it with ``handler_config`` as its ``handler:``
-        section (checked as every server checks it). ``samples``: request bodies (as
-        :meth:`send` takes them) for the start-up self-test, instead of those shipped in
-        ``model_dir``; a failed self-test raises ``ConfigError``."""
-        from ._request import Request
-        from ._self_test import Sample
-        from ._settings import ModelFiles
-
-        if samples is not None:
-            samples = [s if isinstance(s, Sample) else Sample(f"#{i}", Request(s, {})) for i, s in enumerate(samples)]
-        handler = handler_class()
-        handler.start(model_dir=str(model_dir), section=handler_config, device=device,
-                      model_files=model_files or ModelFiles(), samples=samples)
-        return cls(handler)
-
-    def send(self, bodies: Sequence[Any], headers: Optional[Sequence[Mapping[str, str]]] = None) -> list:
-        """Answer ``bodies`` as one batch; ``headers``: one mapping per body (default none)."""
-        from ._request import Request
-
-        headers = list(headers) if headers is not None else [{} for _ in bodies]
-        arrived = time.monotonic()
-        responses, _ = self.handler.respond([Request(body, dict(h), deadline=self.handler.deadline_for(h, arrived))
-                                             for body, h in zip(bodies, headers)])
-        size = {self.BATCH_SIZE_HEADER: str(len(responses))}
-        return [dataclasses.replace(r, headers={**r.headers, **size}) for r in responses]
-
-    def close(self) -> None:
-        self.handler.close()
-
-    def __enter__(self) -> "LocalServer":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 @dataclass
@@ -251,8 +200,8 @@ def start_handler(
 
 
 def as_torchserve_delivers(body: Any, content_type: Optional[str]) -> Any:
-    """A body as TorchServe's worker hands it to a handler (see ``handlers._request.decoded_body``)."""
-    from ._request import decoded_body
+    """A body as TorchServe's worker hands it to a handler (see ``handlers.core.request.decoded_body``)."""
+    from handlers.core.request import decoded_body
 
     return decoded_body(body, content_type)
 
@@ -356,7 +305,7 @@ def start_archived_handler(mar_path, workdir, **system_properties):
 
     import yaml
 
-    from ._loading import load_handler_class
+    from handlers.core.loading import load_handler_class
 
     workdir = Path(workdir)
     with zipfile.ZipFile(mar_path) as archive:

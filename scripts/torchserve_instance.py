@@ -9,7 +9,7 @@ Waiting for the models (:meth:`TorchServe.wait_started`, :meth:`TorchServe.wait_
 TorchServe's log as it grows: a model whose worker dies at start-up is reported within seconds
 with one line saying why, instead of after ``READY_TIMEOUT_S`` (TorchServe itself keeps
 restarting that worker, with backoff, and logging its traceback each time). The line is the handler's own
-``microbatch-handlers: model <name> cannot start: <message>`` (handlers._torchserve), or, when
+``microbatch-handlers: model <name> cannot start: <message>`` (handlers.servers.torchserve), or, when
 the worker died before our code ran (the handler file does not import, a module is missing in
 the worker's Python), the last error line of the worker's traceback.
 """
@@ -94,7 +94,7 @@ class StartupFailed(RuntimeError):
 # a worker's death as "W-<port>-<model>_<version> org.pytorch.serve.wlm.WorkerThread - Retry worker: ...".
 _WORKER_OUTPUT = re.compile(r" W-\d+-(?P<model>\S+)_[^_\s]*-(?P<stream>stdout|stderr) MODEL_LOG - (?P<text>.*)$")
 _WORKER_DIED = re.compile(r" W-\d+-(?P<model>\S+)_[^_\s]* org\.pytorch\.serve\.wlm\.WorkerThread - Retry worker: ")
-_MARKED = re.compile(r"microbatch-handlers: model (?P<model>\S+) cannot start: (?P<reason>.+)$")  # handlers._torchserve
+_MARKED = re.compile(r"microbatch-handlers: model (?P<model>\S+) cannot start: (?P<reason>.+)$")  # handlers.servers.torchserve
 # TorchServe's own follow-ups of a worker's real error: its re-raise of a load failure ("500 -
 # Unknown exception") and its fallback lookup of a handler file that did not import.
 _NOISE = re.compile(r"^RuntimeError: \d{3} - |No module named 'ts\.torch_handler\.")

@@ -27,7 +27,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, TiffTags
 
-from handlers._errors import RequestError, describe
+from handlers.engine.errors import RequestError, describe
 
 CLIENT_STATUSES = (400, 413, 415)
 
@@ -431,7 +431,7 @@ def start_image_handler(crop: int = 56, resize: int = 64):
 
 def fuzz_images(handler, seed: int, count: int, crop: int = 56, start: int = 0) -> Tally:
     """``count`` mutated images through ``handler.preprocess_one``."""
-    from handlers._request import Request
+    from handlers.core.request import Request
 
     tally = Tally()
     is_right = image_item_check(crop)
@@ -570,7 +570,7 @@ def start_text_handler(max_tokens: int = 128):
 
 def check_text_request(tally: Tally, handler, case: tuple, max_tokens: int = 128) -> None:
     """One ``text_requests()`` case through ``handler.preprocess_one``, as TorchServe delivers it."""
-    from handlers._request import Request
+    from handlers.core.request import Request
     from handlers.testing import as_torchserve_delivers
 
     kind, body, content_type = case
@@ -582,7 +582,7 @@ def check_text_request(tally: Tally, handler, case: tuple, max_tokens: int = 128
 # -- tensors: JSON and .npy bodies for parse_array ---------------------------------------------
 
 def tensor_specs() -> list:
-    from handlers._tensors import TensorSpec
+    from handlers.ready_made.tensor_input import TensorSpec
 
     return [
         TensorSpec(shape=[4], dtype="float32"),
@@ -713,7 +713,7 @@ def tensor_result_check(spec) -> Callable[[Any], Optional[str]]:
 
 def check_tensor_request(tally: Tally, case: tuple) -> None:
     """One ``tensor_requests()`` case through ``parse_array``."""
-    from handlers._tensors import parse_array
+    from handlers.ready_made.tensor_input import parse_array
 
     kind, body, spec_index = case
     spec = tensor_specs()[spec_index]

@@ -22,7 +22,7 @@ from digits_data import digit_png, split  # noqa: E402
 from model import DigitsCNN  # noqa: E402
 
 from handlers import ImageGeometry, decode_image  # noqa: E402
-from handlers._images import ImageLimits  # noqa: E402
+from handlers.ready_made.image_input import ImageLimits  # noqa: E402
 
 EPOCHS = 30
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.archive import archive_config
+from handlers.packaging.archive import archive_config
 from scripts.torchserve_instance import Ports, TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]

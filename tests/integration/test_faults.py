@@ -45,7 +45,7 @@ def test_poison_slow_and_out_of_memory_in_one_batch_fail_only_where_they_must(to
     # stderr so), named by the id its client got back, with the traceback.
     poisoned = responses[2].headers["X-Request-Id"]
     [logged] = [line for line in model_log.splitlines() if f"request {poisoned} " in line]
-    assert "[WARN ]" in logged and "MODEL_LOG - ERROR handlers._engine: request " in logged, logged
+    assert "[WARN ]" in logged and "MODEL_LOG - ERROR handlers.engine.batch_engine: request " in logged, logged
     assert "500 InferenceFailed" in logged
     assert "RuntimeError: the model cannot handle the poison value" in model_log
 

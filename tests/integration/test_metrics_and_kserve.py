@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers.archive import archive_config
+from handlers.packaging.archive import archive_config
 from scripts.torchserve_instance import Ports, TorchServe
 
 pytestmark = pytest.mark.integration

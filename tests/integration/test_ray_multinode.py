@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers._rayserve import set_ray_environment
+from handlers.servers.ray_cluster import set_ray_environment
 from scripts.torchserve_instance import free_port
 
 from .helpers import alive, background_load
@@ -75,7 +75,7 @@ def two_nodes():
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from handlers._rayserve import PACKAGE_DIR
+    from handlers.servers.ray_cluster import PACKAGE_DIR
 
     temp_dir = tempfile.mkdtemp(prefix="raymn-", dir="/tmp")  # short: Ray's unix sockets live there
     cluster = Cluster(shutdown_at_exit=True)
@@ -105,7 +105,7 @@ def two_nodes():
 def _end_leftovers(temp_dir: str) -> None:
     """End the cluster's processes that outlive its shutdown (Ray's agents): by pid, only those
     that name or hold open a file in its temp dir; fail if any is still there after 30 s."""
-    from handlers._rayserve import _end_processes_naming, _uses
+    from handlers.servers.ray_cluster import _end_processes_naming, _uses
 
     _end_processes_naming(temp_dir)
     root = os.path.realpath(temp_dir)
@@ -145,7 +145,7 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2) -> flo
 
 def quickstart_spec(name: str, ray_serve: dict):
     """The quickstart config as ``name``, its ray_serve: section replaced."""
-    from handlers.archive import load_spec
+    from handlers.packaging.archive import load_spec
 
     spec = load_spec(ROOT / "archiver_configs" / "quickstart.yaml")
     return dataclasses.replace(spec, model_name=name, ray_serve=ray_serve)
@@ -154,7 +154,7 @@ def quickstart_spec(name: str, ray_serve: dict):
 def deploy(two_nodes: TwoNodes, name: str, ray_serve: dict) -> "Client":
     """Serve the quickstart config as ``name`` (token authorisation on); returns a client for it
     once the head node's proxy routes to it (it learns the route shortly after the deployment)."""
-    from handlers._rayserve import serve_specs
+    from handlers.servers.ray_serve import serve_specs
 
     serve_specs([quickstart_spec(name, ray_serve)], API_KEY)
     client = Client(two_nodes.url, name)

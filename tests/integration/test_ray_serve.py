@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from handlers._rayserve import set_ray_environment
+from handlers.servers.ray_cluster import set_ray_environment
 from scripts.torchserve_instance import free_port
 
 from ..corpus.bad_inputs import corpus
@@ -38,7 +38,8 @@ def ray_serve(model_store, readme_handler_config):
     """One private Ray cluster for this module, serving every example config at
     /predictions/<model>, as ``python -m handlers.ray_serve`` does; stopped at the end. (It needs
     the model store only for the built artefacts.)"""
-    from handlers._rayserve import serve_configs, start_local_cluster, stop_local_cluster
+    from handlers.servers.ray_serve import serve_configs
+    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
     for attempt in range(3):  # a free port can be taken by another process before Ray binds it
@@ -233,7 +234,7 @@ def test_batch_sizes_and_stage_times_reach_ray_metrics(ray_serve):
     application: the batch-size histogram, model calls and stage times."""
     concurrently(8, lambda i: post(ray_serve, "quickstart", json.dumps({"id": i, "x": [i, 0, 0, 0]}).encode(),
                                    "application/json"))
-    from handlers._rayserve import metrics_url
+    from handlers.servers.ray_cluster import metrics_url
 
     url = metrics_url()  # what python -m handlers.ray_serve prints at start
     wanted = ("ray_microbatch_batch_size_bucket", "ray_microbatch_model_calls_total", "ray_microbatch_stage_ms_total")
@@ -292,7 +293,7 @@ def test_a_model_whose_answers_change_with_batch_mates_is_refused_at_start_up_in
     import yaml
     from ray import serve
 
-    from handlers._rayserve import ModelCannotStart, serve_configs
+    from handlers.servers.ray_serve import ModelCannotStart, serve_configs
 
     (tmp_path / "batch_mixing.py").write_text(MIXING_HANDLER)
     config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
@@ -330,7 +331,7 @@ def test_a_replica_removes_its_copy_of_the_model_files_when_it_stops(ray_serve, 
     each replacement left another copy of the weights behind."""
     from ray import serve
 
-    from handlers._rayserve import serve_configs
+    from handlers.servers.ray_serve import serve_configs
 
     config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
     config.update(model_name="quickstart_copy", root=str(ROOT))
@@ -352,7 +353,7 @@ def test_with_an_inference_key_a_request_needs_it(ray_serve, tmp_path):
     model never sees the request), the key gets the answer."""
     from ray import serve
 
-    from handlers._rayserve import serve_configs
+    from handlers.servers.ray_serve import serve_configs
 
     config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
     config.update(model_name="quickstart_keyed", root=str(ROOT))
@@ -380,7 +381,7 @@ def test_requests_whose_client_stops_waiting_while_the_model_is_busy_are_shed_wi
     its rate, a 503 on arrival."""
     from ray import serve
 
-    from handlers._rayserve import serve_configs
+    from handlers.servers.ray_serve import serve_configs
 
     config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
     config.update(root=str(ROOT), model_name="busy_model", handler=str(Path(__file__).parent / "fault_handler.py"),

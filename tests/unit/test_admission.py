@@ -4,7 +4,7 @@ after the request's deadline; admitted otherwise, and always before anything is 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers._admission import Admission
+from handlers.engine.admission import Admission
 
 
 class Clock:
@@ -69,7 +69,7 @@ def test_leave_never_counts_below_zero():
 
 
 def test_the_queue_for_a_budget_leaves_room_for_the_batches_in_flight_and_its_own():
-    from handlers._admission import queue_size_for
+    from handlers.engine.admission import queue_size_for
 
     # The image classifier on 2 cores: ~74 requests/s in batches of 16, clients that wait 1 s.
     assert queue_size_for(1.0, 74.0, 16) == 12  # 0.6 × 74 − 32

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from handlers.archive import ArchiveConfigError, load_spec, main
+from handlers.archive import main
+from handlers.packaging.archive import ArchiveConfigError, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,7 +73,7 @@ def test_an_archive_carries_the_handlers_package_and_the_model_config(tmp_path):
     with zipfile.ZipFile(store / "quickstart.mar") as mar:
         names = set(mar.namelist())
         config = yaml.safe_load(mar.read("model-config.yaml"))
-    assert {"handlers/__init__.py", "handlers/_engine.py", "handlers/_torchserve.py", "handler.py"} <= names
+    assert {"handlers/__init__.py", "handlers/engine/batch_engine.py", "handlers/servers/torchserve.py", "handler.py"} <= names
     assert not any("__pycache__" in name for name in names)
     assert config["batchSize"] == 16 and config["handler"]["micro_batch_size"] == 4
 
@@ -416,7 +417,7 @@ def forget_modules():
 
 
 def test_the_archive_handler_is_an_entry_that_serves_the_users_class(tmp_path, monkeypatch, forget_modules):
-    from handlers.archive import archive_config
+    from handlers.packaging.archive import archive_config
 
     mar = archive_config(ROOT / "archiver_configs" / "quickstart.yaml", tmp_path / "store", root=ROOT)
     with zipfile.ZipFile(mar) as archive:
@@ -432,7 +433,7 @@ def test_a_module_missing_from_the_archive_leaves_the_one_line_in_the_worker(tmp
                                                                               forget_modules):
     """Regression (issue 19, finding 2): TorchServe imports the handler file before our code runs,
     so a ModuleNotFoundError left only tracebacks (and a restart loop), no "cannot start" line."""
-    from handlers.archive import archive_config
+    from handlers.packaging.archive import archive_config
 
     handler = tmp_path / "needs_helper.py"
     handler.write_text(MISSING_MODULE_HANDLER)
@@ -452,7 +453,7 @@ def test_a_module_missing_from_the_archive_leaves_the_one_line_in_the_worker(tmp
 ])
 def test_the_entry_serves_a_handle_function_and_refuses_in_one_line_what_torchserve_refuses(
         tmp_path, source, expected, forget_modules):
-    from handlers._entry import entry_points
+    from handlers.packaging.torchserve_entry import entry_points
 
     (tmp_path / "handler_x.py").write_text(source)
     names = entry_points("handler_x_entry", str(tmp_path / "handler_x_entry.py"), "handler_x.py")

@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from handlers import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from handlers._client_data import parsing_client_data
+from handlers.core.client_data import parsing_client_data
 
 
 class PanicException(BaseException):

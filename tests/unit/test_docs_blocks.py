@@ -4,7 +4,7 @@ not; the configuration excerpts pass the same check the archive command makes.""
 import pytest
 import yaml
 
-from handlers.archive import load_spec
+from handlers.packaging.archive import load_spec
 from scripts.torchserve_instance import read_properties
 from tests.docs_blocks import ROOT, RUNNERS, all_blocks, blocks_named, outputs_in_order
 

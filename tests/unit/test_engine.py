@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from handlers import BadRequest, EngineSettings
-from handlers._engine import BatchEngine, plan_micro_batches
+from handlers.engine.batch_engine import BatchEngine, plan_micro_batches
 
 # A model you can compute by hand: y = 2x + 1.
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from handlers import EngineSettings, Request, TensorHandler
-from handlers._engine import BatchEngine
+from handlers.engine.batch_engine import BatchEngine
 from handlers.testing import assert_matches_alone, run_batch, start_handler
 
 from .images import encode, photo
@@ -212,7 +212,7 @@ def test_a_detector_whose_box_count_equals_the_micro_batch_size_is_still_answere
 def test_samples_teach_the_layout_of_a_sequence_first_output_before_anything_is_served():
     """The start-up self-test on the user's samples learns that dimension 1 is the batch, so the
     first live micro-batch is cut right without a probe."""
-    from handlers._self_test import Sample
+    from handlers.core.self_test import Sample
 
     handler = SequenceFirst()
     samples = [Sample(f"s{i}.json", Request(body, {"Content-Type": "application/json"}))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from handlers import ImageClassifierHandler, MicroBatchHandler
-from handlers._loading import build_module
+from handlers.core.loading import build_module
 from handlers.testing import run_batch, start_handler
 
 from .images import encode, photo

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from handlers import BadRequest, ConfigError, MicroBatchHandler
-from handlers._torchserve import BATCH_SIZE_HEADER, device_for
+from handlers.servers.torchserve import BATCH_SIZE_HEADER, device_for
 from handlers.testing import (
     FakeContext,
     assert_isolates_bad_request,
@@ -250,7 +250,7 @@ def test_a_json_string_already_decoded_by_torchserve_is_not_parsed_again():
 
 
 def test_precision_and_channels_last_apply_on_a_gpu_only_and_bad_values_are_refused():
-    from handlers._loading import model_dtype, prepare_model
+    from handlers.core.loading import model_dtype, prepare_model
 
     model = prepare_model(affine_model(), torch.device("cpu"), "bfloat16", channels_last=True)
     assert model_dtype(model) == torch.float32 and not model.training  # the CPU keeps float32

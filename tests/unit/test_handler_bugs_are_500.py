@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from handlers import BadRequest, PayloadTooLarge, Request, UnsupportedMediaType
-from handlers._client_data import parsing_client_data
-from handlers._errors import InternalError, preprocess_error
+from handlers.core.client_data import parsing_client_data
+from handlers.engine.errors import InternalError, preprocess_error
 from handlers.testing import LocalServer
 
 from .models import AffineHandler
@@ -51,12 +51,12 @@ class JsonParsingHandler(AffineHandler):
 
 
 def server_errors(caplog):
-    return [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "handlers._engine"]
+    return [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "handlers.engine.batch_engine"]
 
 
 def test_a_valueerror_from_the_handlers_own_reshape_is_a_logged_500_and_its_batch_mates_200(caplog):
     bodies = [GOOD, {"x": [1, 1, 1, 1], "layout": "grid"}, {"x": [0, 0, 0, 0]}]
-    with caplog.at_level(logging.ERROR, logger="handlers._engine"):
+    with caplog.at_level(logging.ERROR, logger="handlers.engine.batch_engine"):
         with LocalServer.start(ReshapeBugHandler, handler_config={"micro_batch_size": 3, "pool_size": 2}) as server:
             responses = server.send(bodies)
     assert [r.status for r in responses] == [200, 500, 200], responses[1].body
@@ -70,7 +70,7 @@ def test_a_valueerror_from_the_handlers_own_reshape_is_a_logged_500_and_its_batc
 
 
 def test_int_of_a_bad_setting_in_preprocess_one_is_a_500_for_every_request_not_a_400(caplog):
-    with caplog.at_level(logging.ERROR, logger="handlers._engine"):
+    with caplog.at_level(logging.ERROR, logger="handlers.engine.batch_engine"):
         with LocalServer.start(SettingBugHandler, handler_config={"micro_batch_size": 2}) as server:
             responses = server.send([[1, 2, 3, 4], [5, 6, 7, 8]])
     assert [r.status for r in responses] == [500, 500]
@@ -82,7 +82,7 @@ def test_int_of_a_bad_setting_in_preprocess_one_is_a_500_for_every_request_not_a
 
 def test_bad_json_parsed_inside_parsing_client_data_is_still_a_400_and_not_logged(caplog):
     bodies = [[1, 2, 3, 4], b'{"x": [1, 2', [0, 0, 0, 0]]
-    with caplog.at_level(logging.ERROR, logger="handlers._engine"):
+    with caplog.at_level(logging.ERROR, logger="handlers.engine.batch_engine"):
         with LocalServer.start(JsonParsingHandler, handler_config={"micro_batch_size": 3}) as server:
             responses = server.send(bodies)
     assert [r.status for r in responses] == [200, 400, 200]
@@ -111,14 +111,14 @@ def test_preprocess_error_passes_a_request_error_through_unchanged(raised):
 
 @pytest.mark.parametrize("header", ["²", "٣", "9" * 5000, " 3x", "+3"])
 def test_an_x_top_k_header_that_int_would_choke_on_is_a_400_naming_the_header(header):
-    from handlers._image_handler import requested_top_k
+    from handlers.ready_made.image_classifier import requested_top_k
 
     with pytest.raises(BadRequest, match="top_k"):
         requested_top_k(Request(b"", {"X-Top-K": header}), 5)
 
 
 def test_an_x_top_k_header_of_plain_digits_is_read():
-    from handlers._image_handler import requested_top_k
+    from handlers.ready_made.image_classifier import requested_top_k
 
     assert requested_top_k(Request(b"", {"x-top-k": " 3 "}), 5) == 3
 

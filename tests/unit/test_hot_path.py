@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from handlers import TextHandler
-from handlers import _responses
-from handlers._responses import BINARY, JSON, TEXT, encoded
-from handlers._torchserve import BATCH_SIZE_HEADER
+from handlers.core import responses as _responses
+from handlers.core.responses import BINARY, JSON, TEXT, encoded
+from handlers.servers.torchserve import BATCH_SIZE_HEADER
 from handlers.testing import FakeContext, start_handler
 from scripts.torchserve_instance import read_properties
 from tests.unit.models import AffineHandler

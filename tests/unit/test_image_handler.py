@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from handlers import ImageGeometry, decode_image
-from handlers._image_handler import ImageItem
+from handlers.ready_made.image_classifier import ImageItem
 from handlers.testing import assert_isolates_bad_request, assert_matches_alone, run_batch
 
 from .images import encode, photo, with_exif_orientation

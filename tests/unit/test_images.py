@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from handlers import BadRequest, ImageGeometry, ImageLimits, PayloadTooLarge, UnsupportedMediaType, decode_image
-from handlers._images import image_bytes, to_rgb
+from handlers.ready_made.image_input import image_bytes, to_rgb
 
 from .images import animated_gif, bomb_png, encode, in_mode, photo, with_corrupt_exif, with_exif_orientation
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from handlers import BadRequest
-from handlers._torchserve import REQUEST_ID_HEADER, log_with_levels
+from handlers.servers.torchserve import REQUEST_ID_HEADER, log_with_levels
 from handlers.testing import run_batch, start_handler
 
 from .models import AffineHandler
@@ -37,7 +37,7 @@ def test_errors_are_logged_once_with_the_request_id_5xx_at_error_with_traceback_
     with caplog.at_level(logging.DEBUG, logger="handlers"):
         _, context = run_batch(handler, [[1, 2, 3, 4], [99, 0, 0, 0], b'"bad"'])
     assert context.statuses() == [200, 500, 400]
-    records = [r for r in caplog.records if r.name == "handlers._engine"]
+    records = [r for r in caplog.records if r.name == "handlers.engine.batch_engine"]
     [server_error] = [r for r in records if r.levelno == logging.ERROR]
     [client_error] = [r for r in records if r.levelno == logging.DEBUG and "400" in r.getMessage()]
     assert server_error.getMessage().startswith("request request-1 (of a batch of 3): 500 PostprocessFailed: ")
@@ -51,7 +51,7 @@ def test_errors_are_logged_once_with_the_request_id_5xx_at_error_with_traceback_
 def test_a_clean_batch_logs_no_error(handler, caplog):
     with caplog.at_level(logging.DEBUG, logger="handlers"):
         run_batch(handler, [[1, 2, 3, 4]] * 3)
-    assert not [r for r in caplog.records if r.name == "handlers._engine" and "request " in r.getMessage()]
+    assert not [r for r in caplog.records if r.name == "handlers.engine.batch_engine" and "request " in r.getMessage()]
 
 
 def test_in_a_torchserve_worker_records_keep_their_level_errors_on_stderr(monkeypatch):
@@ -65,15 +65,15 @@ def test_in_a_torchserve_worker_records_keep_their_level_errors_on_stderr(monkey
     # As in a fresh worker: no handler from an earlier test's start-up, loggers enabled (a
     # library's dictConfig may have disabled them).
     logger.handlers[:] = []
-    for name in ("handlers._engine", "handlers._core"):
+    for name in ("handlers.engine.batch_engine", "handlers.core.handler"):
         monkeypatch.setattr(logging.getLogger(name), "disabled", False)
     try:
         log_with_levels()
         log_with_levels()  # idempotent: one pair of handlers
-        logging.getLogger("handlers._engine").error("request r-1 (of a batch of 1): 500 ...")
-        logging.getLogger("handlers._core").info("ready")
-        logging.getLogger("handlers._engine").debug("request r-2: 400 (hidden at the default level)")
+        logging.getLogger("handlers.engine.batch_engine").error("request r-1 (of a batch of 1): 500 ...")
+        logging.getLogger("handlers.core.handler").info("ready")
+        logging.getLogger("handlers.engine.batch_engine").debug("request r-2: 400 (hidden at the default level)")
     finally:
         logger.handlers[:], logger.level, logger.propagate = before
-    assert err.getvalue() == "ERROR handlers._engine: request r-1 (of a batch of 1): 500 ...\n"
-    assert out.getvalue() == "INFO handlers._core: ready\n"
+    assert err.getvalue() == "ERROR handlers.engine.batch_engine: request r-1 (of a batch of 1): 500 ...\n"
+    assert out.getvalue() == "INFO handlers.core.handler: ready\n"

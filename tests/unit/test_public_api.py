@@ -42,7 +42,7 @@ def test_testing_kit_names_are_pinned():
 def test_the_engine_imports_without_torch_or_torchserve():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['ts'] = None\n"
-        "from handlers import EngineSettings\nfrom handlers._engine import BatchEngine\n"
+        "from handlers import EngineSettings\nfrom handlers.engine.batch_engine import BatchEngine\n"
         "with BatchEngine(int, lambda xs: [x * 2 for x in xs], lambda o, i: o, EngineSettings(pool_size=1)) as e:\n"
         "    print([o.value for o in e.run(['1', '2']).outcomes])\n"
     )
@@ -64,16 +64,18 @@ def imported_roots(path):
     return roots
 
 
-def test_each_server_is_known_to_one_adapter_module_and_the_engine_needs_no_torch():
+def test_each_server_is_known_to_its_adapter_modules_and_the_engine_needs_no_torch():
     import pathlib
 
     package = pathlib.Path(handlers.__file__).parent
-    importing_ts = {p.name for p in package.glob("*.py") if "ts" in imported_roots(p)}
-    assert importing_ts == {"_torchserve.py"}  # TorchServe's metric dimension (optional import)
-    importing_ray = {p.name for p in package.glob("*.py") if "ray" in imported_roots(p)}
-    assert importing_ray <= {"_rayserve.py"}
-    for name in ("_core.py", "_engine.py", "_image_handler.py", "_text_handler.py", "_tensor_handler.py"):
-        assert not imported_roots(package / name) & {"ts", "ray"}, name
-    for name in ("_engine.py", "_clocks.py", "_sizing.py", "_outcome.py", "_errors.py", "_settings.py", "_request.py",
-                 "_pool.py", "_scatter.py", "_model_call.py", "_responses.py", "_metrics.py", "_client_data.py"):
-        assert not imported_roots(package / name) & {"torch", "ts", "numpy", "PIL"}, name
+    modules = {p.relative_to(package).as_posix(): p for p in package.rglob("*.py")}
+    importing_ts = {name for name, path in modules.items() if "ts" in imported_roots(path)}
+    assert importing_ts == {"servers/torchserve.py"}  # TorchServe's metric dimension (optional import)
+    importing_ray = {name for name, path in modules.items() if "ray" in imported_roots(path)}
+    assert importing_ray <= {"servers/ray_serve.py", "servers/ray_cluster.py"}
+    for name, path in modules.items():
+        if name.startswith(("engine/", "core/", "ready_made/", "packaging/")):
+            assert not imported_roots(path) & {"ts", "ray"}, name
+        if name.startswith("engine/") or name in ("core/request.py", "core/responses.py", "core/metrics.py",
+                                                  "core/client_data.py"):
+            assert not imported_roots(path) & {"torch", "ts", "numpy", "PIL"}, name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers._rayserve import LOOPBACK_ONLY, NoHAProxy, node_environment
+from handlers.servers.ray_cluster import LOOPBACK_ONLY, NoHAProxy, node_environment
 
 # The listeners of the HAProxy config Ray 2.60 writes (ray/serve/_private/haproxy_templates.py).
 RAY_CONFIG = """frontend prometheus

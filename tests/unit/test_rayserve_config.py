@@ -4,9 +4,10 @@ checked with the rest of the config, and TorchServe's batching maps to @serve.ba
 import pytest
 import yaml
 
-from handlers._rayserve import batching_of, check_ray_section, request_from_http
-from handlers._request import NO_BODY
-from handlers.archive import ArchiveConfigError, load_spec
+from handlers.packaging.server_sections import check_ray_section
+from handlers.servers.ray_serve import batching_of, request_from_http
+from handlers.core.request import NO_BODY
+from handlers.packaging.archive import ArchiveConfigError, load_spec
 from handlers.testing import LocalServer
 
 from .models import AffineHandler
@@ -84,7 +85,7 @@ def test_without_ray_the_command_says_in_one_line_how_to_install_it(monkeypatch,
 
 
 def test_torch_threads_follow_the_replicas_cpus_unless_the_handler_sets_them():
-    from handlers._rayserve import replica_threads
+    from handlers.servers.ray_serve import replica_threads
 
     assert replica_threads(2.0, 0) == 2 and replica_threads(1.0, 0) == 1 and replica_threads(0.5, 0) == 1
     assert replica_threads(4.0, 3) == 0  # the handler's torch_threads: it applies them itself
@@ -94,7 +95,7 @@ def test_torch_threads_follow_the_replicas_cpus_unless_the_handler_sets_them():
 def test_the_local_node_holds_what_the_configs_replicas_reserve(tmp_path):
     from types import SimpleNamespace
 
-    from handlers._rayserve import reserved_cpus
+    from handlers.servers.ray_serve import reserved_cpus
 
     specs = [SimpleNamespace(ray_serve={}),
              SimpleNamespace(ray_serve={"num_replicas": 2, "ray_actor_options": {"num_cpus": 2}}),
@@ -105,7 +106,7 @@ def test_the_local_node_holds_what_the_configs_replicas_reserve(tmp_path):
 
 
 def test_a_request_without_the_inference_key_is_refused_and_one_with_it_passes():
-    from handlers._rayserve import unauthorized
+    from handlers.servers.ray_serve import unauthorized
 
     assert unauthorized({"authorization": "Bearer k1"}, "k1") is None
     assert unauthorized({"Authorization": "Bearer k1"}, "k1") is None

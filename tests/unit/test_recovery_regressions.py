@@ -8,9 +8,9 @@ import time
 import pytest
 
 from handlers import EngineSettings
-from handlers._engine import BatchEngine
-from handlers._engine import MAX_STUCK_PER_THREAD, MIN_STUCK
-from handlers._model_call import PROBE_CAPPED_SIZE_EVERY
+from handlers.engine.batch_engine import BatchEngine
+from handlers.engine.batch_engine import MAX_STUCK_PER_THREAD, MIN_STUCK
+from handlers.engine.model_call import PROBE_CAPPED_SIZE_EVERY
 
 from .test_engine import affine, as_dict, model_hanging_on_big, parse, preprocess_hanging_on_negative, values
 
@@ -219,7 +219,7 @@ def test_a_stage_raising_a_base_exception_fails_its_request_alone_not_the_batch(
 def test_a_torchserve_worker_whose_model_is_stuck_ends_itself_when_the_next_batch_arrives(monkeypatch):
     """It answers the stuck batch, then ends the process before answering the next one (so that
     TorchServe fails that batch in flight instead of losing a job it polled between batches)."""
-    import handlers._torchserve as adapter
+    import handlers.servers.torchserve as adapter
     from handlers.testing import FakeContext, start_handler
 
     from .models import AffineHandler

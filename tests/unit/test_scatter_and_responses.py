@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers._errors import SplitFailed
-from handlers._scatter import cut, learn_layout
+from handlers.engine.errors import SplitFailed
+from handlers.engine.scatter import cut, learn_layout
 from handlers.testing import FakeContext, assert_matches_alone, run_batch, start_handler
 
 from .models import AffineHandler

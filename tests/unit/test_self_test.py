@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from handlers import ConfigError, MicroBatchHandler
-from handlers._self_test import SAMPLES_DIR, SelfTestFailed
+from handlers.core.self_test import SAMPLES_DIR, SelfTestFailed
 from handlers.testing import LocalServer
 
 from .models import AffineHandler

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from handlers import ConfigError, EngineSettings
-from handlers._engine import BatchEngine, plan_micro_batches
-from handlers._sizing import (
+from handlers.engine.batch_engine import BatchEngine, plan_micro_batches
+from handlers.engine.sizing import (
     AdaptiveSizing,
     DynamicSizing,
     StaticSizing,
@@ -124,7 +124,7 @@ def test_on_shared_cpu_cores_adaptive_runs_the_whole_batch():
 
 def test_a_strategy_of_ones_own_is_registered_by_name_and_chosen_in_the_config():
     from handlers import register_sizing
-    from handlers._engine import BatchEngine
+    from handlers.engine.batch_engine import BatchEngine
 
     seen = []
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from handlers import EngineSettings
-from handlers._engine import BatchEngine
+from handlers.engine.batch_engine import BatchEngine
 
 micro_batching = pytest.importorskip("ts.handler_utils.micro_batching")
 

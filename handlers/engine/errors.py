@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
+from handlers.engine.settings import ConfigError
+
 
 class RequestError(Exception):
     """An error that belongs to one request, not to its batch.
@@ -20,7 +22,7 @@ class RequestError(Exception):
 
     status: int = 500
     kind: str = "InternalServerError"
-    # Set when the error is given to a request (handlers._outcome.error_of): its traceback as text
+    # Set when the error is given to a request (handlers.engine.outcome.error_of): its traceback as text
     # (5xx only: for the log, no frames kept), and whether retrying the model on smaller
     # micro-batches may cure it.
     traceback_text: str = ""
@@ -178,8 +180,6 @@ def startup_failure_line(model_name: str, exc: BaseException) -> str:
     """``microbatch-handlers: model <name> cannot start: <message>``, on one line. A ConfigError's
     message says it all; any other exception is named (``KeyError: 'labels'`` says more than
     ``'labels'``)."""
-    from ._settings import ConfigError
-
     message = " ".join(str(exc).split())
     if not isinstance(exc, ConfigError) or not message:
         message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -16,14 +16,14 @@ from collections import abc
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from ._errors import startup_failure_line
-from ._metrics import batch_metrics
-from ._request import NO_BODY, Request
-from ._responses import JSON
-from ._settings import SECTION, ModelFiles, check_positive_number, read_handler_settings
+from handlers.engine.errors import startup_failure_line
+from handlers.core.metrics import batch_metrics
+from handlers.core.request import NO_BODY, Request
+from handlers.core.responses import JSON
+from handlers.engine.settings import SECTION, ModelFiles
+from handlers.packaging.server_sections import response_timeout
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -46,30 +46,6 @@ BATCH_SIZE_HEADER = "X-Batch-Size"
 REQUEST_ID_HEADER = "X-Request-Id"
 # The exit status of a worker that ended itself to be replaced (it shows in TorchServe's log).
 WORKER_REPLACED_EXIT_CODE = 75
-DEFAULT_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's default responseTimeout
-
-
-# -- configuration ---------------------------------------------------------------------------------
-
-
-def response_timeout(model_config: Mapping[str, Any]) -> float:
-    """TorchServe's ``responseTimeout`` from a model config (its default when absent)."""
-    return check_positive_number("responseTimeout", model_config.get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT_S))
-
-
-def read_settings(model_config: Optional[Mapping[str, Any]], option_defaults: Mapping[str, Any] = {}) -> tuple:
-    """The engine settings and a handler's own options from a TorchServe model config (its
-    ``handler:`` section, with the deadline kept inside ``responseTimeout``)."""
-    model_config = model_config or {}
-    return read_handler_settings(model_config.get(SECTION), option_defaults, response_timeout(model_config),
-                                 "responseTimeout")
-
-
-def check_model_config(model_config: Optional[Mapping[str, Any]], handler_class) -> tuple:
-    """Everything start-up checks of a model config, without starting: the engine settings and
-    ``handler_class``'s options with its own rules. Raises ConfigError."""
-    model_config = model_config or {}
-    return handler_class.read_config(model_config.get(SECTION), response_timeout(model_config), "responseTimeout")
 
 
 def device_for(system_properties: Mapping[str, Any]):
@@ -196,7 +172,7 @@ def body_of(row: Mapping[str, Any]) -> Any:
 
 
 def report_metrics(context, report) -> None:
-    """The batch's metrics (``handlers._metrics``) through TorchServe's metric cache. Metrics
+    """The batch's metrics (``handlers.core.metrics``) through TorchServe's metric cache. Metrics
     never fail a batch."""
     metrics = getattr(context, "metrics", None)
     if metrics is None:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from ._sizing import sizing_names
+from handlers.engine.sizing import sizing_names
 
 SECTION = "handler"
 # Leave the server room to send our error answers before it gives up on the worker.

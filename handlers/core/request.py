@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from ._errors import BadRequest, RequestTimeout
+from handlers.engine.errors import BadRequest, RequestTimeout
 
 # How long the client waits for its answer, in seconds from when it sent the request: the header
 # Ray Serve's proxy and HAProxy ingress honour; a client or gateway sends it.

@@ -16,8 +16,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ._client_data import parsing_client_data
-from ._errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from handlers.core.client_data import parsing_client_data
+from handlers.engine.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

@@ -11,8 +11,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._client_data import parsing_client_data
-from ._errors import BadRequest, PayloadTooLarge
+from handlers.core.client_data import parsing_client_data
+from handlers.engine.errors import BadRequest, PayloadTooLarge
 
 NPY_MAGIC = b"\x93NUMPY"
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")

@@ -10,7 +10,7 @@ one class the module itself defines (``list_classes_from_module``: exactly one c
 ``__module__`` is the module's). The entry module gives it the same: the user's ``handle``, or a
 subclass of the user's class with the user's class name; for a file that cannot be loaded, one
 class whose ``initialize`` logs the line (with the model name TorchServe registered) and raises
-the loading error. Only the standard library and ``handlers._errors`` are imported here: the
+the loading error. Only the standard library and ``handlers.engine.errors`` are imported here: the
 missing module may be torch itself.
 """
 
@@ -30,7 +30,7 @@ _SOURCE = '''"""TorchServe's handler for this archive, written by `python -m han
 the archive or from TorchServe's Python), the worker logs one line,
 "microbatch-handlers: model <name> cannot start: <why>", before TorchServe's traceback."""
 
-from handlers._entry import entry_points
+from handlers.packaging.torchserve_entry import entry_points
 
 globals().update(entry_points(__name__, __file__, {handler_file!r}))
 '''
@@ -93,7 +93,7 @@ def _cannot_start(entry_module: str, error: Exception) -> type:
         raises the error (TorchServe logs its traceback and stops the worker)."""
 
         def initialize(self, context):
-            from ._errors import startup_failure_line  # standard library only
+            from handlers.engine.errors import startup_failure_line  # standard library only
 
             name = getattr(context, "model_name", None) or "?"
             log.error("%s", startup_failure_line(str(name), error))

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Optional
 
-from ._errors import ServiceUnavailable
+from handlers.engine.errors import ServiceUnavailable
 
 # Weight of the newest batch in the moving rate: a few batches follow a change of load or input.
 RATE_SMOOTHING = 0.3

@@ -2,7 +2,7 @@
 micro-batch sizes, before anything is served.
 
 It proves two things on the model itself, not on guesses: the **batch layout** of its output
-(which parts follow the micro-batch size, along which dimension: :mod:`handlers._scatter`), and
+(which parts follow the micro-batch size, along which dimension: :mod:`handlers.engine.scatter`), and
 that it is **batch-invariant**: each sample's answer beside other requests (what
 ``postprocess_one`` makes of its part, as a client receives it) equals its answer alone, within
 a tolerance. That takes at least two different samples: with one, or copies of one, every
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ._errors import SplitFailed, is_out_of_memory
-from ._request import Request, decoded_body
-from ._scatter import children_of, child_path, cut, is_array, learn_layout, ROOT
-from ._settings import ConfigError
+from handlers.engine.errors import SplitFailed, is_out_of_memory
+from handlers.core.request import Request, decoded_body
+from handlers.engine.scatter import children_of, child_path, cut, is_array, learn_layout, ROOT
+from handlers.engine.settings import ConfigError
 
 SAMPLES_DIR = "microbatch_samples"
 SAMPLES_INDEX = "samples.json"
@@ -90,10 +90,11 @@ def load_samples(model_dir: str) -> list:
     return samples
 
 
-def run_self_test(handler, samples: list) -> SelfTestReport:
+def run_self_test(handler, samples: list, default_split: bool = True) -> SelfTestReport:
     """Run ``samples`` through ``handler`` (started, its engine not yet serving): alone, then
     together at :data:`TOGETHER_SIZES` and the configured micro-batch size. Learns the batch
-    layout (when the handler uses the default ``split``) and checks batch invariance.
+    layout (when the handler uses the default ``split``: ``default_split``) and checks batch
+    invariance.
 
     Raises:
         SelfTestFailed: one line naming the sample, the output part and the difference.
@@ -124,7 +125,7 @@ def run_self_test(handler, samples: list) -> SelfTestReport:
         raise SelfTestFailed(f"self-test: the model ran out of memory on every micro-batch of samples tried "
                              f"({', '.join(map(str, sizes))})")
     scatter = getattr(handler, "_scatter", None)
-    learned = scatter is not None and type(handler).split is _default_split()
+    learned = scatter is not None and default_split
     if learned:
         try:
             scatter.learn({1: alone[0], **together}, "samples")
@@ -241,12 +242,6 @@ def _sizes(handler) -> tuple:
     if configured and configured not in sizes and configured <= LARGEST_SIZE_TRIED:
         sizes.append(configured)
     return tuple(sizes)
-
-
-def _default_split():
-    from ._core import MicroBatchHandler
-
-    return MicroBatchHandler.split
 
 
 def _first_line(exc: BaseException) -> str:

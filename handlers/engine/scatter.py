@@ -10,7 +10,7 @@ known from one of (first match wins, and a later one is checked against the earl
    ``output``, ``output[0]``, ``output['logits']``, ``output.hidden``) to the batch dimension
    of that tensor, ``"items"`` (a list with one entry per request) or ``"shared"`` (the same
    value for every request, copied to each);
-2. **samples** run at start-up at several micro-batch sizes (:mod:`handlers._self_test`);
+2. **samples** run at start-up at several micro-batch sizes (:mod:`handlers.core.self_test`);
 3. a **probe** on live traffic: the first time a micro-batch has no known layout, the model is
    called once more at another size (its first half; a lone request twice over), and the layout
    is learned from the two sizes (a third size when two leave it ambiguous). That layout is then
@@ -36,7 +36,7 @@ from collections import abc
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from ._errors import SplitFailed
+from handlers.engine.errors import SplitFailed
 
 HOW_TO_FIX = ("declare it in the handler's settings, e.g. handler.batch_dims: {'output': 0} (a tensor's batch "
               "dimension, 'items' for a list with one entry per request, 'shared' for a value common to all), "

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._settings import ConfigError, ModelFiles
+from handlers.engine.settings import ConfigError, ModelFiles
 
 
 def load_model_files(model_dir: str, files: ModelFiles, device: torch.device) -> Any:

@@ -6,7 +6,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from ._errors import RequestError
+from handlers.engine.errors import RequestError
 
 
 @dataclass(frozen=True)

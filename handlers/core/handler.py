@@ -1,6 +1,6 @@
 """The handler core: the hooks a user writes and the engine that runs them, with no server in it.
 
-A server adapter (``handlers._torchserve``, ``handlers._rayserve``, the test kit's
+A server adapter (``handlers.servers.torchserve``, ``handlers.servers.ray_serve``, the test kit's
 ``handlers.testing.LocalServer``) turns its own requests into :class:`Request` objects, calls
 :meth:`MicroBatchHandler.respond`, and turns each :class:`Response` back into its own kind.
 """
@@ -15,15 +15,15 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
-from ._engine import BatchEngine, BatchReport
-from ._errors import BadRequest, UnsupportedMediaType
-from ._loading import PRECISIONS, load_model_files, model_dtype, prepare_model
-from ._model_call import ModelCall
-from ._request import NO_BODY, Request, deadline_of, decoded_body
-from ._responses import JSON, Encoded, encoded
-from ._scatter import ITEMS, SHARED, Batched, Scatter
-from ._self_test import load_samples, run_self_test
-from ._settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
+from handlers.engine.batch_engine import BatchEngine, BatchReport
+from handlers.engine.errors import BadRequest, UnsupportedMediaType
+from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
+from handlers.engine.model_call import ModelCall
+from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
+from handlers.core.responses import JSON, Encoded, encoded
+from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter
+from handlers.core.self_test import load_samples, run_self_test
+from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
 
 log = logging.getLogger(__name__)
 # TorchServe hands a form post (curl -d without a Content-Type) over as fields with no body.
@@ -94,7 +94,7 @@ class MicroBatchHandler:
         Run the model (default: ``self.model(batch)``), under ``torch.inference_mode()``.
     ``split(output, count) -> [output, ...]``
         Cut the micro-batch output into one output per item (default: by the batch layout proven
-        on samples, declared in ``batch_dims``, or probed once; see ``handlers._scatter``).
+        on samples, declared in ``batch_dims``, or probed once; see ``handlers.engine.scatter``).
     ``postprocess_one(output, item) -> response``
         Turn one output into a response (default: ``output.tolist()``).
 
@@ -114,7 +114,7 @@ class MicroBatchHandler:
     # Settings of every handler; a subclass's own ``options`` are added to these.
     # torch_threads: torch's CPU threads in this worker (0: torch's default, one per core). With
     # several workers on one machine, cores / workers keeps them from oversubscribing the cores.
-    # batch_dims: how the output is batched, by output path (see handlers._scatter): a tensor's
+    # batch_dims: how the output is batched, by output path (see handlers.engine.scatter): a tensor's
     # batch dimension, "items" or "shared". invariance_rtol/atol: how close a sample's answer
     # beside other requests must be to its answer alone, in the start-up self-test.
     # request_budget_s: seconds from a request's arrival after which its answer is no longer
@@ -184,7 +184,7 @@ class MicroBatchHandler:
               model_files: ModelFiles = ModelFiles(), server_timeout_s: Optional[float] = None,
               server_timeout_name: str = "the server's timeout", samples: Optional[Sequence] = None) -> None:
         """Read and check the settings, load the model on ``device``, run the self-test on the
-        samples (``samples``, else those shipped in ``model_dir``; see ``handlers._self_test``),
+        samples (``samples``, else those shipped in ``model_dir``; see ``handlers.core.self_test``),
         start the pools. Raises ConfigError (``SelfTestFailed`` for a failed self-test)."""
         self.settings, self.config = self.read_config(section, server_timeout_s, server_timeout_name)
         threads = self.config["torch_threads"]
@@ -207,7 +207,7 @@ class MicroBatchHandler:
             torch.cuda.synchronize(self.device)
         samples = load_samples(self.model_dir) if samples is None else list(samples)
         if samples:
-            self.self_test = run_self_test(self, samples)
+            self.self_test = run_self_test(self, samples, default_split=type(self).split is MicroBatchHandler.split)
             # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
             level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
             log.log(level, "%s %s", type(self).__name__, self.self_test.summary())
@@ -237,7 +237,7 @@ class MicroBatchHandler:
     def deadline_for(self, headers: Mapping[str, str], arrived: float) -> Optional[float]:
         """When the answer to a request that ``arrived`` (``time.monotonic()``) with ``headers``
         stops being awaited: its client's ``x-request-timeout-seconds`` or ``request_budget_s``,
-        the sooner (see :func:`handlers._request.deadline_of`); the adapter puts it on the
+        the sooner (see :func:`handlers.core.request.deadline_of`); the adapter puts it on the
         :class:`Request`."""
         return deadline_of(headers, arrived, self.config.get("request_budget_s", 0.0))
 
@@ -251,17 +251,17 @@ class MicroBatchHandler:
         if self._engine is not None:
             self._engine.close()
 
-    # -- TorchServe's entry points: the adapter in handlers._torchserve does the work ----------------
+    # -- TorchServe's entry points: the adapter in handlers.servers.torchserve does the work ----------------
 
     def initialize(self, context) -> None:
-        """TorchServe's start-up call (see :func:`handlers._torchserve.initialize`)."""
-        from . import _torchserve
+        """TorchServe's start-up call (see :func:`handlers.servers.torchserve.initialize`)."""
+        from handlers.servers import torchserve as _torchserve
 
         _torchserve.initialize(self, context)
 
     def handle(self, data: Sequence[Mapping[str, Any]], context) -> list:
-        """TorchServe's per-batch call (see :func:`handlers._torchserve.handle`)."""
-        from . import _torchserve
+        """TorchServe's per-batch call (see :func:`handlers.servers.torchserve.handle`)."""
+        from handlers.servers import torchserve as _torchserve
 
         return _torchserve.handle(self, data, context)
 
@@ -318,7 +318,7 @@ class MicroBatchHandler:
 
     def split(self, output: Any, count: int) -> list:
         """One output per item, by the batch layout known from evidence (see
-        ``handlers._scatter``): declared in ``batch_dims``, learned from the samples at start-up,
+        ``handlers.engine.scatter``): declared in ``batch_dims``, learned from the samples at start-up,
         or probed once on live traffic. Tensors are copied to the CPU once, then cut; tuples,
         dicts, named tuples and dataclasses cut field by field. An output that cannot be cut
         per request is a :class:`SplitFailed` (500) naming the part and how to declare it."""
@@ -386,7 +386,7 @@ def _hand_over(parts: list, stream, reader) -> None:
     """GPU tensors made on the model thread's ``stream`` are read on ``reader`` (the pool threads'
     default stream): their memory is not reused until ``reader``'s work is done (record_stream),
     and ``stream``'s kernels are finished before the pool sees them."""
-    from ._scatter import map_arrays
+    from handlers.engine.scatter import map_arrays
 
     def record(leaf):
         if isinstance(leaf, torch.Tensor) and leaf.is_cuda:

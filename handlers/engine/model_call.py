@@ -25,11 +25,11 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from ._clocks import Deadline, StageTimes
-from ._errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
+from handlers.engine.clocks import Deadline, StageTimes
+from handlers.engine.errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
                       inference_error)
-from ._outcome import Failure, Outcome, Success, attempt
-from ._scatter import LayoutAmbiguous, LayoutUnknown
+from handlers.engine.outcome import Failure, Outcome, Success, attempt
+from handlers.engine.scatter import LayoutAmbiguous, LayoutUnknown
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from ._clocks import Deadline, StageTimes
-from ._errors import (DeadlineExceeded, InternalError, RequestError, ServiceUnavailable, describe, postprocess_error,
+from handlers.engine.clocks import Deadline, StageTimes
+from handlers.engine.errors import (DeadlineExceeded, InternalError, RequestError, ServiceUnavailable, describe, postprocess_error,
                       preprocess_error)
-from ._model_call import ModelCall
-from ._outcome import Failure, Outcome, Success, attempt
-from ._pool import CallChunk, StagePool
-from ._settings import EngineSettings
-from ._sizing import make_sizing
+from handlers.engine.model_call import ModelCall
+from handlers.engine.outcome import Failure, Outcome, Success, attempt
+from handlers.engine.pool import CallChunk, StagePool
+from handlers.engine.settings import EngineSettings
+from handlers.engine.sizing import make_sizing
 
 log = logging.getLogger(__name__)
 

