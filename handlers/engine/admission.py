@@ -44,16 +44,19 @@ class Admission:
 
     def enter(self, deadline: Optional[float]) -> Optional[ServiceUnavailable]:
         """Admit a request (it then counts as inside until :meth:`leave`), or return the 503
-        for one whose answer would come after ``deadline`` (``time.monotonic()``; None: no
-        deadline, always admitted; so is everything until a rate has been measured)."""
+        for one whose predicted answer would take more than :data:`ADMITTED_SHARE_OF_TIME_LEFT`
+        of the time left to ``deadline`` (``time.monotonic()``; None: no deadline, always
+        admitted; so is everything until a rate has been measured, and on an idle server)."""
         with self._lock:
-            if deadline is not None and self._rate:
+            # An idle server admits: refusing then spares no one's time, and the margin below would
+            # refuse every request to a model whose one call takes most of the budget.
+            if deadline is not None and self._rate and self._inside > 0:
                 now = self._clock()
                 expected = (self._inside + 1) / (self._rate * self._concurrent_batches)
                 if expected > ADMITTED_SHARE_OF_TIME_LEFT * (deadline - now):
                     return ServiceUnavailable(
                         f"overloaded: {self._inside} requests ahead at {self._rate:.3g} requests/s would answer this "
-                        f"one in about {expected:.2f} s, after its deadline ({max(0.0, deadline - now):.2f} s left); "
+                        f"one in about {expected:.2f} s, too late for its deadline ({max(0.0, deadline - now):.2f} s left); "
                         f"refused before any work, send it again later or to another replica")
             self._inside += 1
             return None

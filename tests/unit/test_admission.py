@@ -108,3 +108,13 @@ def test_with_batches_in_flight_at_once_each_batch_counts_its_own_time():
     admission.finished(answered=16, batch_size=16, started=100.0, ended=100.4)
     admission.finished(answered=16, batch_size=16, started=100.2, ended=100.6)
     assert abs(admission.rate - 40.0) < 1e-9  # 16 per 0.4 s each; enter multiplies by the 2 in flight
+
+
+def test_an_idle_server_admits_even_a_request_it_predicts_late():
+    """Nothing inside: a refusal would spare no one's time (the margin would otherwise refuse
+    every request to a model whose one call takes most of the budget)."""
+    clock = Clock()
+    admission = Admission(clock=clock)
+    admission.observe(answered=1, seconds=1.05)  # one call takes 1.05 s
+    assert admission.enter(deadline=clock.now + 1.2) is None  # 1.05 s > 80% of 1.2 s, but idle
+    assert admission.enter(deadline=clock.now + 1.2) is not None  # one ahead: 2.1 s
