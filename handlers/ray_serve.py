@@ -29,10 +29,10 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from handlers.servers.ray_serve import ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs
+from handlers.packaging.archive import ArchiveConfigError, load_spec
 from handlers.servers.ray_cluster import (NoHAProxy, metrics_url, set_ray_environment, start_local_cluster,
                                           stop_local_cluster)
-from handlers.packaging.archive import ArchiveConfigError, load_spec
+from handlers.servers.ray_serve import ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs
 
 
 def app(args: dict):

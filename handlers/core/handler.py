@@ -15,14 +15,14 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
-from handlers.engine.batch_engine import BatchEngine, BatchReport
-from handlers.engine.errors import BadRequest, UnsupportedMediaType
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
-from handlers.engine.model_call import ModelCall
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
 from handlers.core.responses import JSON, Encoded, encoded
-from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter
 from handlers.core.self_test import load_samples, run_self_test
+from handlers.engine.batch_engine import BatchEngine, BatchReport
+from handlers.engine.errors import BadRequest, UnsupportedMediaType
+from handlers.engine.model_call import ModelCall
+from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter
 from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
 
 log = logging.getLogger(__name__)

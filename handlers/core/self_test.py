@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from handlers.engine.errors import SplitFailed, is_out_of_memory
 from handlers.core.request import Request, decoded_body
+from handlers.engine.errors import SplitFailed, is_out_of_memory
 from handlers.engine.scatter import children_of, child_path, cut, is_array, learn_layout, ROOT
 from handlers.engine.settings import ConfigError
 

@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 import yaml
 
-from handlers.packaging.torchserve_entry import entry_file_name, entry_source
 from handlers.engine.settings import ConfigError, ModelFiles, did_you_mean
 from handlers.packaging.server_sections import check_model_config, check_ray_section, read_settings, response_timeout
+from handlers.packaging.torchserve_entry import entry_file_name, entry_source
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the handlers package
 SPEC_KEYS = ("model_name", "version", "root", "handler", "serialized_file", "model_file", "extra_files", "build",

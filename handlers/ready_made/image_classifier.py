@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from handlers.core.client_data import parsing_client_data
-from handlers.engine.errors import BadRequest
-from handlers.ready_made.image_input import ImageGeometry, ImageLimits, decode_image, image_bytes
+from handlers.core.handler import MicroBatchHandler
 from handlers.core.loading import model_dtype, read_labels
 from handlers.core.request import Request
+from handlers.engine.errors import BadRequest
 from handlers.engine.settings import ConfigError
-from handlers.core.handler import MicroBatchHandler
+from handlers.ready_made.image_input import ImageGeometry, ImageLimits, decode_image, image_bytes
 
 TOP_K_HEADER = "X-Top-K"
 

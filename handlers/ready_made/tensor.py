@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from handlers.core.handler import MicroBatchHandler
 from handlers.core.request import Request
 from handlers.engine.settings import ConfigError
 from handlers.ready_made.tensor_input import TensorSpec, check_spec, parse_array
-from handlers.core.handler import MicroBatchHandler
 
 
 class TensorHandler(MicroBatchHandler):

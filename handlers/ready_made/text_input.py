@@ -6,8 +6,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from handlers.engine.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from handlers.core.request import Request
+from handlers.engine.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 
 def request_text(body: Any, max_chars: int, content_type: Optional[str] = None) -> str:

@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from handlers.engine.admission import Admission
-from handlers.engine.errors import startup_failure_line
 from handlers.core.metrics import batch_metrics
 from handlers.core.request import NO_BODY, Request
 from handlers.core.responses import JSON
+from handlers.engine.admission import Admission
+from handlers.engine.errors import startup_failure_line
 from handlers.engine.settings import SECTION, ModelFiles
 from handlers.packaging.server_sections import DEPLOYMENT_KEYS
 

@@ -16,10 +16,10 @@ from collections import abc
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from handlers.engine.errors import startup_failure_line
 from handlers.core.metrics import batch_metrics
 from handlers.core.request import NO_BODY, Request
 from handlers.core.responses import JSON
+from handlers.engine.errors import startup_failure_line
 from handlers.engine.settings import SECTION, ModelFiles
 from handlers.packaging.server_sections import response_timeout
 

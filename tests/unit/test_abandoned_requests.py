@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handlers import EngineSettings, MicroBatchHandler
-from handlers.engine.batch_engine import BatchEngine
 from handlers.core.request import TIMEOUT_HEADER, Request, deadline_of
+from handlers.engine.batch_engine import BatchEngine
 from handlers.testing import LocalServer
 
 

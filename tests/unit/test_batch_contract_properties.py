@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from handlers import BadRequest, EngineSettings, Request
+from handlers.core.responses import json_ready
+from handlers.core.self_test import Sample, SelfTestFailed
 from handlers.engine.batch_engine import BatchEngine
 from handlers.engine.errors import SplitFailed
-from handlers.core.responses import json_ready
 from handlers.engine.scatter import cut, learn_layout
-from handlers.core.self_test import Sample, SelfTestFailed
 from handlers.testing import run_batch, start_handler
 
 from .models import AffineHandler, affine_model

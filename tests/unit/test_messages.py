@@ -4,9 +4,9 @@ terms (JSON's words, the Content-Type sent) and what to send instead."""
 import pytest
 
 from handlers import BadRequest, Request
+from handlers.core.request import NO_BODY
 from handlers.ready_made.image_classifier import requested_top_k
 from handlers.ready_made.image_input import image_bytes
-from handlers.core.request import NO_BODY
 from handlers.testing import LocalServer
 
 from .models import AffineHandler

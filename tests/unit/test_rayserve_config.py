@@ -4,10 +4,10 @@ checked with the rest of the config, and TorchServe's batching maps to @serve.ba
 import pytest
 import yaml
 
-from handlers.packaging.server_sections import check_ray_section
-from handlers.servers.ray_serve import batching_of, request_from_http
 from handlers.core.request import NO_BODY
 from handlers.packaging.archive import ArchiveConfigError, load_spec
+from handlers.packaging.server_sections import check_ray_section
+from handlers.servers.ray_serve import batching_of, request_from_http
 from handlers.testing import LocalServer
 
 from .models import AffineHandler

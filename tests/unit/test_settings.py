@@ -3,8 +3,8 @@
 import pytest
 
 from handlers import ConfigError, EngineSettings
-from handlers.packaging.server_sections import read_settings
 from handlers.engine.settings import usable_cores
+from handlers.packaging.server_sections import read_settings
 
 
 def test_defaults_run_the_whole_batch_on_all_usable_cores():
