@@ -235,12 +235,12 @@ async def _open_loop(url: str, requests_bytes: list, rate: float, seconds: float
             writer.close()
         else:
             idle.append(connection)
-        return status, connection
+        return status
 
     async def one(index: int) -> None:
         sent = time.perf_counter()
         try:
-            status, _ = await asyncio.wait_for(send(requests_bytes[index % len(requests_bytes)]), client_timeout_s)
+            status = await asyncio.wait_for(send(requests_bytes[index % len(requests_bytes)]), client_timeout_s)
         except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
             status = 599  # gave up (its connection is dropped with the cancelled send: the server sees it go)
         elapsed = time.perf_counter() - sent

@@ -50,11 +50,13 @@ class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         warnings.warn(f"{spec.name} moved to {OLD_PATHS[spec.name]}; the old path is removed in the next release",
                       DeprecationWarning, stacklevel=2)
         module = importlib.import_module(OLD_PATHS[spec.name])
-        self._own_spec = module.__spec__  # the import machinery sets the alias's spec on it: put it back
+        # The import machinery then sets this alias's spec on the module: keep its own with the
+        # alias (one per import, so concurrent imports of two old paths cannot mix them up).
+        spec.loader_state = module.__spec__
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self._own_spec
+        module.__spec__ = module.__spec__.loader_state
 
 
 def install() -> None:

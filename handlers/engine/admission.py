@@ -56,7 +56,8 @@ class Admission:
                 if expected > ADMITTED_SHARE_OF_TIME_LEFT * (deadline - now):
                     return ServiceUnavailable(
                         f"overloaded: {self._inside} requests ahead at {self._rate:.3g} requests/s would answer this "
-                        f"one in about {expected:.2f} s, too late for its deadline ({max(0.0, deadline - now):.2f} s left); "
+                        f"one in about {expected:.2f} s, too late for its deadline "
+                        f"({max(0.0, deadline - now):.2f} s left); "
                         f"refused before any work, send it again later or to another replica")
             self._inside += 1
             return None
@@ -74,7 +75,7 @@ class Admission:
         more than is delivered and admits requests that are answered late."""
         with self._lock:
             begun = started
-            if self._concurrent_batches == 1 and self._busy_at_last_end and self._last_end is not None:
+            if self._concurrent_batches == 1 and self._busy_at_last_end:  # set with _last_end
                 begun = min(started, self._last_end)
             self._last_end = ended
             self._busy_at_last_end = self._inside > batch_size
@@ -100,7 +101,8 @@ def queue_size_for(budget_s: float, capacity_rps: float, batch_size: int, worker
     """The longest queue (TorchServe's ``jobQueueSize``) whose last request is still answered
     within ``budget_s``, for a model measured at ``capacity_rps`` (all its workers together): it
     waits for the batches in flight, the queue ahead of it, then its own batch, so
-    ``queue ≤ budget × capacity − 2 × batch_size × workers``. At least 1: a model too slow for
+    ``queue ≤ share × budget × capacity − 2 × batch_size × workers``, ``share`` being
+    :data:`QUEUE_SHARE_OF_BUDGET` (the rest of the budget is slack). At least 1: a model too slow for
     the budget at this batch size gets the shortest queue (and a smaller batchSize would help)."""
     if budget_s <= 0 or capacity_rps <= 0:
         raise ValueError(f"budget_s and capacity_rps must be > 0, got {budget_s!r} and {capacity_rps!r}")
