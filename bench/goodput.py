@@ -15,6 +15,7 @@ just measured (``jobQueueSize``, :func:`handlers.engine.admission.queue_size_for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -50,34 +51,29 @@ def main(argv=None) -> int:
     rows = []
 
     if "torchserve" in args.servers:
-        shipped = torchserve_rows("TorchServe, as shipped (job_queue_size 64)", work / "shipped", {}, bodies,
-                                  headers, args)
+        with on_torchserve(work / "shipped", {}) as (url, auth):
+            shipped = measure("TorchServe, as shipped (job_queue_size 64)", url, bodies, {**headers, **auth}, args)
         rows += shipped
         capacity = shipped[0]["capacity_rps"]
         queue = queue_size_for(args.client_timeout, capacity, batch_size)
         budgeted = {"jobQueueSize": queue,
                     "handler": {**spec.model_config["handler"], "request_budget_s": args.client_timeout}}
-        rows += torchserve_rows(f"TorchServe, jobQueueSize {queue} from the budget", work / "budgeted", budgeted,
-                                bodies, headers, args, capacity)
+        with on_torchserve(work / "budgeted", budgeted) as (url, auth):
+            rows += measure(f"TorchServe, jobQueueSize {queue} from the budget", url, bodies, {**headers, **auth},
+                            args, capacity)
 
     if "ray" in args.servers:
-        from handlers.servers.ray_serve import serve_configs
-        from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
-
-        port = free_port()
-        with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-            start_local_cluster(temp_dir, port, num_cpus=(os.cpu_count() or 2) + 1)
-            try:
-                [name] = serve_configs([CONFIG])
-                rows += measure("Ray Serve", f"http://127.0.0.1:{port}/predictions/{name}", bodies, headers, args)
-            finally:
-                stop_local_cluster(temp_dir)
+        with on_ray_serve() as url:
+            rows += measure("Ray Serve", url, bodies, headers, args)
 
     publish(args.out, args.name, rows, table(rows))
     return 0
 
 
-def torchserve_rows(server: str, workdir: Path, model_config: dict, bodies, headers, args, capacity=None) -> list:
+@contextlib.contextmanager
+def on_torchserve(workdir: Path, model_config: dict):
+    """:data:`CONFIG` archived with ``model_config``'s updates and served by a TorchServe of its own
+    in ``workdir`` (made here): yields the model's URL and the auth header."""
     store = workdir / "model_store"
     store.mkdir(parents=True)
     archive_config(CONFIG, store, model_config or None)
@@ -85,10 +81,25 @@ def torchserve_rows(server: str, workdir: Path, model_config: dict, bodies, head
     instance.start()
     try:
         instance.wait_ready(["image_classifier"])
-        url = f"{instance.inference_url}/predictions/image_classifier"
-        return measure(server, url, bodies, {**headers, **instance.auth()}, args, capacity)
+        yield f"{instance.inference_url}/predictions/image_classifier", instance.auth()
     finally:
         instance.stop()
+
+
+@contextlib.contextmanager
+def on_ray_serve():
+    """:data:`CONFIG` served by Ray Serve on a private local cluster (every core): yields the URL."""
+    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
+    from handlers.servers.ray_serve import serve_configs
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
+        start_local_cluster(temp_dir, port, num_cpus=(os.cpu_count() or 2) + 1)
+        try:
+            [name] = serve_configs([CONFIG])
+            yield f"http://127.0.0.1:{port}/predictions/{name}"
+        finally:
+            stop_local_cluster(temp_dir)
 
 
 def measure(server: str, url: str, bodies, headers, args, capacity=None) -> list:
@@ -114,7 +125,8 @@ def table(rows: list) -> str:
     for row in rows:
         statuses = ", ".join(f"{status}: {count}" for status, count in row["statuses"].items())
         lines.append(f"| {row['server']} | {row['load']}x | {row['offered_rps']} | {row['goodput_rps']} | "
-                     f"{row['goodput_share']:.0%} | {row['p99_ms_in_time']} | {statuses} | {row['median_refusal_ms']} | "
+                     f"{row['goodput_share']:.0%} | {row['p99_ms_in_time']} | {statuses} | "
+                     f"{row['median_refusal_ms']} | "
                      f"{row['client_cpu_s'] / row['seconds']:.0%} of a core |")
     return "\n".join(lines)
 

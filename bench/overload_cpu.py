@@ -15,15 +15,13 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 
-from bench.goodput import CONFIG
+from bench.goodput import CONFIG, on_ray_serve, on_torchserve
 from bench.loadgen import run_open_loop
-from bench.workloads import ROOT, WORK, WORKLOADS
-from handlers.packaging.archive import archive_config, load_spec
-from scripts.torchserve_instance import Ports, TorchServe, free_port
+from bench.workloads import WORK, WORKLOADS
+from handlers.packaging.archive import load_spec
 
 # A process's group: the first of these its command line holds.
 GROUPS = ("java", "haproxy", "ServeReplica", "ProxyActor", "ServeController", "raylet", "gcs_server",
@@ -79,35 +77,17 @@ def main(argv=None) -> int:
     parser.add_argument("--queue", type=int, default=None, help="TorchServe's jobQueueSize (default: as shipped)")
     args = parser.parse_args(argv)
     headers = {"Content-Type": "image/jpeg"}
-    if args.server == "torchserve":
-        work = WORK / "overload_cpu"
-        shutil.rmtree(work, ignore_errors=True)
-        store = work / "model_store"
-        store.mkdir(parents=True)
-        handler = {**load_spec(CONFIG).model_config["handler"], "request_budget_s": 1.0}
-        archive_config(CONFIG, store, {"handler": handler, **({"jobQueueSize": args.queue} if args.queue else {})})
-        instance = TorchServe(work / "server", store, ROOT / "config.properties", ports=Ports.free())
-        instance.start()
-        try:
-            instance.wait_ready(["image_classifier"])
-            measure(f"{instance.inference_url}/predictions/image_classifier", {**headers, **instance.auth()},
-                    args.rate, args.seconds)
-        finally:
-            instance.stop()
+    if args.server == "ray":
+        with on_ray_serve() as url:
+            measure(url, headers, args.rate, args.seconds)
         return 0
-    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
-    from handlers.servers.ray_serve import serve_configs
-
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, port, num_cpus=(os.cpu_count() or 2) + 1)
-        try:
-            [name] = serve_configs([CONFIG])
-            measure(f"http://127.0.0.1:{port}/predictions/{name}", headers, args.rate, args.seconds)
-        finally:
-            stop_local_cluster(temp_dir)
+    work = WORK / "overload_cpu"
+    shutil.rmtree(work, ignore_errors=True)
+    handler = {**load_spec(CONFIG).model_config["handler"], "request_budget_s": 1.0}
+    queue = {"jobQueueSize": args.queue} if args.queue else {}
+    with on_torchserve(work, {"handler": handler, **queue}) as (url, auth):
+        measure(url, {**headers, **auth}, args.rate, args.seconds)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
