@@ -121,6 +121,17 @@ def ingress_environment(proxy: str, temp_dir: str) -> dict:
     os.makedirs(folder, exist_ok=True)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # Ray's high-throughput mode, documented beside the HAProxy ingress: the handler's
+        # coroutine on the replica's own event loop (no hop to a second loop per request), the
+        # per-request access log buffered (flushed every 1000 lines or on an error) and not
+        # copied to stderr, replica-to-replica calls over gRPC. The replica then does less
+        # Python work per request: on 2 cores, 51.2 -> 54.0 req/s (text) and 57.6 -> 62.9
+        # (photo-vga) at 32 clients. The handler's own work runs on its threads, so sharing
+        # the loop blocks nothing. A value already in the environment is kept ("0": Ray's default).
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") or "1",
+        # Except one part of it: deployment handles keep their router on a loop of their own, so a
+        # handle still works from plain (not async) code, this process's included.
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": os.environ.get("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP") or "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),

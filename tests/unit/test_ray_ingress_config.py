@@ -75,3 +75,16 @@ def test_without_an_haproxy_binary_the_error_says_what_to_do(tmp_path, monkeypat
     with pytest.raises(NoHAProxy, match="--python-proxy"):
         node_environment("haproxy", str(tmp_path / "ray"))
 
+
+
+def test_ray_runs_in_its_high_throughput_mode_unless_the_environment_says_otherwise(fake_haproxy, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    monkeypatch.delenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", raising=False)
+    environment = node_environment("haproxy", str(tmp_path / "ray"))
+    assert environment["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # but handles keep their own loop: they work from plain (not async) code
+    assert environment["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
+    assert node_environment("haproxy", str(tmp_path / "ray2"))["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in node_environment("python", str(tmp_path / "ray3"))
