@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench.loadgen import run_closed_loop, run_open_loop
+from bench.machine import matmul_gflops, speed_line
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
 from handlers.engine.admission import queue_size_for
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     spec = load_spec(CONFIG)
     batch_size = int(spec.model_config["batchSize"])
     rows = []
+    speed_before = matmul_gflops()
 
     if "torchserve" in args.servers:
         with on_torchserve(work / "shipped", {}) as (url, auth):
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         with on_ray_serve() as url:
             rows += measure("Ray Serve", url, bodies, headers, args)
 
-    publish(args.out, args.name, rows, table(rows))
+    publish(args.out, args.name, rows, table(rows) + "\n\n" + speed_line(speed_before, matmul_gflops()))
     return 0
 
 

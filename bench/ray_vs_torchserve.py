@@ -23,6 +23,7 @@ import yaml
 
 from bench.e2e import KIND, SERVE_HANDLERS
 from bench.loadgen import run_closed_loop
+from bench.machine import matmul_gflops, speed_line
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
 from handlers.packaging.archive import archive_config
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results = []
+    speed_before = matmul_gflops()
 
     configs = {w: workload_config(w, work, args.batch_size, args.max_delay_ms, 1, args.replica_cpus)
                for w in args.workloads}
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
                     serve.delete(name)  # alone on the machine, as TorchServe's model was
         finally:
             stop_local_cluster(temp_dir)
-    publish(args.out, args.name, results, table(results))
+    publish(args.out, args.name, results, table(results) + "\n\n" + speed_line(speed_before, matmul_gflops()))
     return 0
 
 

@@ -53,3 +53,10 @@ def test_the_model_busy_counter_sums_one_stage_of_one_model_from_prometheus_text
     assert stage_ms(FakeMetricsServer(text), "vga_ours", "inference") == 2000.0
     assert stage_ms(FakeMetricsServer(text), "vga_ours", "preprocess") == 77.0
     assert stage_ms(FakeMetricsServer(text), "missing", "inference") == 0.0
+
+
+def test_the_machine_speed_line_says_how_far_the_speed_moved_during_a_run():
+    from bench.machine import matmul_gflops, speed_line
+
+    assert speed_line(100.0, 75.0).endswith("100.0 GFLOP/s before, 75.0 after (-25%).")
+    assert matmul_gflops(0.05) > 0
