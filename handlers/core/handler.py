@@ -23,7 +23,7 @@ from handlers.engine.batch_engine import BatchEngine, BatchReport
 from handlers.engine.errors import BadRequest, UnsupportedMediaType
 from handlers.engine.model_call import ModelCall
 from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter
-from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings
+from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings, usable_cores
 
 log = logging.getLogger(__name__)
 # TorchServe hands a form post (curl -d without a Content-Type) over as fields with no body.
@@ -76,6 +76,16 @@ def breaks_device(exc: BaseException) -> bool:
         message in text for message in BROKEN_DEVICE_MESSAGES)
 
 
+def shared_threads(threads: int, inference_workers: int) -> int:
+    """torch's threads when ``inference_workers`` micro-batches run on the model at once and the
+    handler's ``torch_threads`` is 0: the ``threads`` torch would use, shared among them (at least
+    1 each). Each micro-batch's operators then run on threads of their own instead of all of them
+    waiting, at every operator, for the slowest of all the cores: on a 2-core machine another
+    process using 30% of a core cut ResNet-18 from 71 to 52 images/s with one micro-batch on 2
+    threads, and from 75 to 61 with two on 1 thread each. One worker: ``threads``, unchanged."""
+    return max(1, threads // max(1, inference_workers))
+
+
 class MicroBatchHandler:
     """Base handler: parallel preprocessing, pipelined micro-batch inference, scatter postprocessing.
 
@@ -112,8 +122,9 @@ class MicroBatchHandler:
     """
 
     # Settings of every handler; a subclass's own ``options`` are added to these.
-    # torch_threads: torch's CPU threads in this worker (0: torch's default, one per core). With
-    # several workers on one machine, cores / workers keeps them from oversubscribing the cores.
+    # torch_threads: torch's CPU threads in this worker (0: torch's default, one per core, shared
+    # among the inference_workers' micro-batches, see shared_threads). With several workers on one
+    # machine, cores / workers keeps them from oversubscribing the cores.
     # batch_dims: how the output is batched, by output path (see handlers.engine.scatter): a tensor's
     # batch dimension, "items" or "shared". invariance_rtol/atol: how close a sample's answer
     # beside other requests must be to its answer alone, in the start-up self-test.
@@ -182,12 +193,19 @@ class MicroBatchHandler:
 
     def start(self, model_dir: str = ".", section: Optional[Mapping[str, Any]] = None, device: Any = "cpu",
               model_files: ModelFiles = ModelFiles(), server_timeout_s: Optional[float] = None,
-              server_timeout_name: str = "the server's timeout", samples: Optional[Sequence] = None) -> None:
+              server_timeout_name: str = "the server's timeout", samples: Optional[Sequence] = None,
+              cpus: Optional[int] = None) -> None:
         """Read and check the settings, load the model on ``device``, run the self-test on the
         samples (``samples``, else those shipped in ``model_dir``; see ``handlers.core.self_test``),
-        start the pools. Raises ConfigError (``SelfTestFailed`` for a failed self-test)."""
+        start the pools. ``cpus``: the cores this worker may use (default: those the process may
+        run on), shared among the micro-batches on the model at once when ``torch_threads`` is 0.
+        Raises ConfigError (``SelfTestFailed`` for a failed self-test)."""
         self.settings, self.config = self.read_config(section, server_timeout_s, server_timeout_name)
         threads = self.config["torch_threads"]
+        if not threads and self.settings.inference_workers > 1:
+            threads = shared_threads(cpus or usable_cores(), self.settings.inference_workers)
+            log.info("torch uses %d thread(s) per micro-batch, %d micro-batches on the model at once",
+                     threads, self.settings.inference_workers)
         if threads:
             torch.set_num_threads(threads)  # process-wide: a worker is one process
         self.device = torch.device(device)

@@ -250,7 +250,7 @@ def replica_class(max_concurrent_batches: int) -> type:
             try:
                 self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
                 self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
-                                   model_files=ModelFiles(**model_files))
+                                   model_files=ModelFiles(**model_files), cpus=threads or None)
             except Exception as exc:
                 # The same one line as a TorchServe worker's (the self-test's refusal included),
                 # with the traceback in the replica's log; Ray shows the line in the status.

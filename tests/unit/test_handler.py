@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from handlers import BadRequest, ConfigError, MicroBatchHandler
+from handlers.engine.settings import usable_cores
 from handlers.servers.torchserve import BATCH_SIZE_HEADER, device_for
 from handlers.testing import (
     FakeContext,
@@ -259,6 +260,25 @@ def test_precision_and_channels_last_apply_on_a_gpu_only_and_bad_values_are_refu
     if torch.cuda.is_available():
         half = prepare_model(affine_model(), torch.device("cuda:0"), "float16", channels_last=False)
         assert model_dtype(half) == torch.float16
+
+
+def test_micro_batches_on_the_model_at_once_share_the_cores_unless_torch_threads_is_set():
+    from handlers.core.handler import shared_threads
+
+    assert shared_threads(2, 2) == 1 and shared_threads(16, 2) == 8 and shared_threads(16, 3) == 5
+    assert shared_threads(1, 4) == 1 and shared_threads(8, 1) == 8
+    before = torch.get_num_threads()
+    try:
+        start_handler(AffineHandler, handler_config={"inference_workers": 2}).close()
+        assert torch.get_num_threads() == max(1, usable_cores() // 2)
+        handler = AffineHandler()
+        handler.start(section={"inference_workers": 2}, cpus=6)  # the CPUs a Ray replica reserved
+        handler.close()
+        assert torch.get_num_threads() == 3
+        start_handler(AffineHandler, handler_config={"inference_workers": 2, "torch_threads": 2}).close()
+        assert torch.get_num_threads() == 2  # set: it wins
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_torch_threads_sets_the_workers_cpu_threads_and_refuses_a_negative_count():
