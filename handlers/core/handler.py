@@ -197,14 +197,16 @@ class MicroBatchHandler:
               cpus: Optional[int] = None) -> None:
         """Read and check the settings, load the model on ``device``, run the self-test on the
         samples (``samples``, else those shipped in ``model_dir``; see ``handlers.core.self_test``),
-        start the pools. ``cpus``: the cores this worker may use (default: those the process may
-        run on), shared among the micro-batches on the model at once when ``torch_threads`` is 0.
-        Raises ConfigError (``SelfTestFailed`` for a failed self-test)."""
+        start the pools. ``cpus``: the cores this worker may use (a Ray replica's reservation;
+        default: those the process may run on). When ``torch_threads`` is 0 and ``cpus`` is given
+        or several micro-batches run on the model at once, torch's threads are those cores,
+        shared among the micro-batches. Raises ConfigError (``SelfTestFailed`` for a failed
+        self-test)."""
         self.settings, self.config = self.read_config(section, server_timeout_s, server_timeout_name)
         threads = self.config["torch_threads"]
-        if not threads and self.settings.inference_workers > 1:
+        if not threads and (cpus or self.settings.inference_workers > 1):
             threads = shared_threads(cpus or usable_cores(), self.settings.inference_workers)
-            log.info("torch uses %d thread(s) per micro-batch, %d micro-batches on the model at once",
+            log.info("torch uses %d thread(s) per micro-batch, %d micro-batch(es) on the model at once",
                      threads, self.settings.inference_workers)
         if threads:
             torch.set_num_threads(threads)  # process-wide: a worker is one process

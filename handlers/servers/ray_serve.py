@@ -238,19 +238,13 @@ def replica_class(max_concurrent_batches: int) -> type:
                 target = Path(self.model_dir) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content)
-            threads = replica_threads(_assigned_cpus(), (model_config.get(SECTION) or {}).get("torch_threads", 0))
-            if threads:
-                import torch
-
-                # Ray gives a replica 1 CPU unless told otherwise (and sets OMP_NUM_THREADS to
-                # it): torch's threads follow the CPUs the replica reserved.
-                torch.set_num_threads(threads)
-                log.info("torch uses %d thread(s): the CPUs this replica reserved (ray_actor_options.num_cpus)",
-                         threads)
+            # Ray gives a replica 1 CPU unless told otherwise (and sets OMP_NUM_THREADS to it):
+            # the handler sets torch's threads from the CPUs the replica reserved.
+            cpus = replica_threads(_assigned_cpus(), (model_config.get(SECTION) or {}).get("torch_threads", 0))
             try:
                 self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
                 self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
-                                   model_files=ModelFiles(**model_files), cpus=threads or None)
+                                   model_files=ModelFiles(**model_files), cpus=cpus or None)
             except Exception as exc:
                 # The same one line as a TorchServe worker's (the self-test's refusal included),
                 # with the traceback in the replica's log; Ray shows the line in the status.

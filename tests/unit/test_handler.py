@@ -275,6 +275,10 @@ def test_micro_batches_on_the_model_at_once_share_the_cores_unless_torch_threads
         handler.start(section={"inference_workers": 2}, cpus=6)  # the CPUs a Ray replica reserved
         handler.close()
         assert torch.get_num_threads() == 3
+        handler = AffineHandler()
+        handler.start(section={}, cpus=5)  # one micro-batch at a time: all the replica's CPUs
+        handler.close()
+        assert torch.get_num_threads() == 5
         start_handler(AffineHandler, handler_config={"inference_workers": 2, "torch_threads": 2}).close()
         assert torch.get_num_threads() == 2  # set: it wins
     finally:

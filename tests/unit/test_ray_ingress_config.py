@@ -76,7 +76,6 @@ def test_without_an_haproxy_binary_the_error_says_what_to_do(tmp_path, monkeypat
         node_environment("haproxy", str(tmp_path / "ray"))
 
 
-
 def test_ray_runs_in_its_high_throughput_mode_unless_the_environment_says_otherwise(fake_haproxy, tmp_path,
                                                                                       monkeypatch):
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
