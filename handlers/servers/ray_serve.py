@@ -1,8 +1,9 @@
 """The Ray Serve adapter: the same handler class, unchanged, served as a Ray Serve deployment
 built from the same archiver config as its ``.mar``.
 
-This is the one module that knows Ray Serve: ``@serve.batch`` (``batchSize`` →
-``max_batch_size``, ``maxBatchDelay`` → ``batch_wait_timeout_s``), starlette requests and
+This is the one module that knows Ray Serve: batching (``batchSize`` → ``max_batch_size``,
+``maxBatchDelay`` → ``batch_wait_timeout_s``, gathered by ``handlers.engine.batch_queue`` when
+the model is free, as on TorchServe, rather than by ``@serve.batch``), starlette requests and
 responses, replicas, autoscaling and GPUs from the config's ``ray_serve:`` section, health checks,
 Ray's metrics, and a private local cluster on loopback with HAProxy in front (or Ray's Python
 proxy). Ray is imported only when used.
@@ -38,7 +39,8 @@ BATCH_SIZE_HEADER = "X-Batch-Size"
 # smaller batches; with the model on the same cores nothing is left to overlap. One, until a
 # measurement on a GPU says otherwise.
 DEFAULT_MAX_CONCURRENT_BATCHES = 1
-DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
 
 def build_app(config: str, root: Optional[str] = None, api_key: Optional[str] = None):
     """A Ray Serve application for one archiver config (its paths start from the config's own
@@ -200,7 +202,7 @@ def _startup_failure_of(name: str) -> Optional[str]:
 
 
 def batching_of(model_config: Mapping[str, Any]) -> dict:
-    """TorchServe's batching settings in ``@serve.batch``'s words."""
+    """TorchServe's batching settings in Ray Serve's words (the deployment's ``user_config``)."""
     return {
         "max_batch_size": int(model_config.get("batchSize", 1)),
         "batch_wait_timeout_s": float(model_config.get("maxBatchDelay", 100)) / 1000.0,
@@ -217,9 +219,7 @@ def _files_of(path: Path) -> dict:
 
 
 def replica_class(max_concurrent_batches: int) -> type:
-    """The deployment class: one handler per replica, ``@serve.batch`` with this many batches in
-    flight at once (a decorator argument, so the class is made per application)."""
-    from ray import serve
+    """The deployment class: one handler per replica, with this many batches in flight at once."""
     from starlette.responses import Response as HTTPResponse
 
     class MicroBatchReplica:
@@ -229,6 +229,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                      max_request_bytes: int, api_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
             from handlers.core.loading import load_handler_class
+            from handlers.engine.batch_queue import BatchQueue
             from handlers.servers.ray_cluster import keep_replica_grpc_on_loopback
 
             keep_replica_grpc_on_loopback()
@@ -259,10 +260,13 @@ def replica_class(max_concurrent_batches: int) -> type:
             # Under overload, a request that would be answered after its deadline is refused on arrival.
             self.admission = Admission(max_concurrent_batches)
             self.metrics = _RayMetrics()
+            batching = batching_of(model_config)
+            self.batches = BatchQueue(self.answer_batch, batching["max_batch_size"], batching["batch_wait_timeout_s"],
+                                      max_concurrent_batches)
 
         def reconfigure(self, user_config: dict) -> None:
-            self.answer_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-            self.answer_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self.batches.max_batch_size = int(user_config["max_batch_size"])
+            self.batches.max_wait_s = float(user_config["batch_wait_timeout_s"])
 
         async def __call__(self, http_request) -> HTTPResponse:
             arrived = time.monotonic()
@@ -287,7 +291,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                 return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
             request = request_from_http(body, headers, deadline=deadline, hung_up=threading.Event())
             try:
-                response, batch_size = await self.answer_batch(request)
+                response, batch_size = await self.batches.submit(request)
             except asyncio.CancelledError:
                 # Ray's proxy gave up on it (the client hung up, or its x-request-timeout-seconds
                 # passed): if its batch has not reached the model yet, it costs no model time.
@@ -297,7 +301,6 @@ def replica_class(max_concurrent_batches: int) -> type:
             return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
                                 headers={BATCH_SIZE_HEADER: str(batch_size)})
 
-        @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=max_concurrent_batches)
         async def answer_batch(self, requests: list) -> list:
             loop = asyncio.get_running_loop()
             started = time.monotonic()
