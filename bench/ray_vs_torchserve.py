@@ -6,7 +6,8 @@ p99 of each at the same concurrency (and Ray Serve with more batches in flight,
 
 Both servers serve the same archiver config per workload (TorchServe from its ``.mar``): the same
 model files, handler, batch size and delay. They run one after the other, each alone on the
-machine. The workloads: photo-12mp, photo-vga (our image handler on a small CNN / ResNet-18),
+machine, in rounds (``--rounds``, 2 by default) that alternate which goes first, and each round's
+ratio is printed under the table with their median. The workloads: photo-12mp, photo-vga (our image handler on a small CNN / ResNet-18),
 text (sentence embeddings) and ``image-classifier``, ``make serve``'s example as shipped.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--replica-cpus", type=int, default=os.cpu_count() or 1,
                         help="CPUs each Ray replica reserves, and so torch's threads in it (default: the cores, "
                              "as a TorchServe worker uses them all)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating phases of each server (TorchServe, Ray Serve, TorchServe, ...)")
     parser.add_argument("--skip-torchserve", action="store_true", help="measure Ray Serve only")
     parser.add_argument("--ray-proxy", choices=["haproxy", "python"], default="haproxy",
                         help="what receives HTTP in front of Ray Serve's replicas (default: HAProxy, as python -m "
@@ -101,25 +105,49 @@ def main(argv=None) -> int:
 
     configs = {w: workload_config(w, work, args.batch_size, args.max_delay_ms, 1, args.replica_cpus)
                for w in args.workloads}
+    store = work / "model_store"
+    models = {} if args.skip_torchserve else {w: archive_config(path, store).stem for w, path in configs.items()}
+    # This machine's speed drifts by tens of percent within minutes: a drift during one server's
+    # phase would read as that server's gain. Rounds alternate which server goes first (TorchServe
+    # then Ray Serve, then Ray Serve then TorchServe, ...), so a steady drift favours each in turn
+    # and the median of the rounds' ratios cancels it.
+    for round_number in range(1, args.rounds + 1):
+        phases = [lambda: on_ray_serve(work, args)]
+        if models:
+            phases.insert(0, lambda: on_torchserve(work / f"torchserve-{round_number}", store, models, args))
+        for phase in phases if round_number % 2 else reversed(phases):
+            results += tagged(phase(), round_number)
+    text = table(results) + "\n\n" + ratios(results) + "\n\n" + speed_line(speed_before, matmul_gflops())
+    publish(args.out, args.name, results, text)
+    return 0
 
-    # TorchServe: each workload's config archived, one server.
-    if not args.skip_torchserve:
-        store = work / "model_store"
-        models = {w: archive_config(path, store).stem for w, path in configs.items()}
-        server = TorchServe(work / "torchserve", store, ROOT / "config.properties", ports=Ports.free())
-        server.start()
-        try:
-            server.wait_ready(models.values())
-            for workload, name in models.items():
-                results += measure("TorchServe", workload, f"{server.inference_url}/predictions/{name}", server.auth(),
-                                   args)
-        finally:
-            server.stop()
 
-    # Ray Serve: the same configs, on a private local cluster.
-    from handlers.servers.ray_serve import serve_configs
+def tagged(rows: list, round_number: int) -> list:
+    return [{**row, "round": round_number} for row in rows]
+
+
+def on_torchserve(workdir: Path, store: Path, models: dict, args) -> list:
+    """Every workload's archive on one TorchServe, measured one after the other."""
+    server = TorchServe(workdir, store, ROOT / "config.properties", ports=Ports.free())
+    server.start()
+    try:
+        server.wait_ready(models.values())
+        return [row for workload, name in models.items()
+                for row in measure("TorchServe", workload, f"{server.inference_url}/predictions/{name}",
+                                   server.auth(), args)]
+    finally:
+        server.stop()
+
+
+def on_ray_serve(work: Path, args) -> list:
+    """Every workload (and number of batches in flight) deployed alone in turn on a private local
+    Ray cluster, as TorchServe's models are alone while measured."""
+    from ray import serve
+
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
+    from handlers.servers.ray_serve import serve_configs
 
+    rows = []
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
         start_local_cluster(temp_dir, port, num_cpus=max(os.cpu_count() or 1, args.replica_cpus + 1),
@@ -130,17 +158,13 @@ def main(argv=None) -> int:
                     config = workload_config(workload, work, args.batch_size, args.max_delay_ms, batches,
                                              args.replica_cpus)
                     [name] = serve_configs([config])
-                    url = f"http://127.0.0.1:{port}/predictions/{name}"
-                    results += measure(f"Ray Serve ({args.ray_proxy}), {batches} batch(es) in flight, "
-                                       f"{args.replica_cpus} CPU(s)", workload,
-                                       url, {}, args)
-                    from ray import serve
-
-                    serve.delete(name)  # alone on the machine, as TorchServe's model was
+                    rows += measure(f"Ray Serve ({args.ray_proxy}), {batches} batch(es) in flight, "
+                                    f"{args.replica_cpus} CPU(s)", workload,
+                                    f"http://127.0.0.1:{port}/predictions/{name}", {}, args)
+                    serve.delete(name)
         finally:
             stop_local_cluster(temp_dir)
-    publish(args.out, args.name, results, table(results) + "\n\n" + speed_line(speed_before, matmul_gflops()))
-    return 0
+    return rows
 
 
 def measure(server: str, workload: str, url: str, auth: dict, args) -> list:
@@ -155,14 +179,39 @@ def measure(server: str, workload: str, url: str, auth: dict, args) -> list:
 
 def table(results: list) -> str:
     lines = [
-        "| workload | server | concurrency | req/s | p50 ms | p99 ms | errors | mean batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | workload | server | concurrency | req/s | p50 ms | p99 ms | errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         lines.append(
-            f"| {row['workload']} | {row['server']} | {row['concurrency']} | {row['throughput_rps']:.1f} | "
+            f"| {row['round']} | {row['workload']} | {row['server']} | {row['concurrency']} | "
+            f"{row['throughput_rps']:.1f} | "
             f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} | {row['mean_batch_size']} |"
         )
+    return "\n".join(lines)
+
+
+def ratios(results: list) -> str:
+    """Per workload and concurrency, each Ray Serve configuration over TorchServe in the same round
+    (req/s, and p99), and the median of the rounds."""
+    def key(row):
+        return row["workload"], row["concurrency"], row["round"]
+
+    torchserve = {key(row): row for row in results if row["server"] == "TorchServe"}
+    groups: dict = {}
+    for row in results:
+        baseline = torchserve.get(key(row))
+        if row["server"] != "TorchServe" and baseline:
+            groups.setdefault((row["workload"], row["concurrency"], row["server"]), []).append(
+                (row["throughput_rps"] / baseline["throughput_rps"], row["p99_ms"] / baseline["p99_ms"]))
+    lines = ["| workload | concurrency | Ray Serve | req/s over TorchServe, by round | median | "
+             "p99 over TorchServe, by round | median |",
+             "|---|---|---|---|---|---|---|"]
+    for (workload, concurrency, server), pairs in groups.items():
+        speed, p99 = [p[0] for p in pairs], [p[1] for p in pairs]
+        lines.append(f"| {workload} | {concurrency} | {server} | {', '.join(f'{r:.2f}x' for r in speed)} | "
+                     f"{statistics.median(speed):.2f}x | {', '.join(f'{r:.2f}x' for r in p99)} | "
+                     f"{statistics.median(p99):.2f}x |")
     return "\n".join(lines)
 
 

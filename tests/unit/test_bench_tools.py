@@ -60,3 +60,17 @@ def test_the_machine_speed_line_says_how_far_the_speed_moved_during_a_run():
 
     assert speed_line(100.0, 75.0).endswith("100.0 GFLOP/s before, 75.0 after (-25%).")
     assert matmul_gflops(0.05) > 0
+
+
+def test_the_side_by_side_compares_each_ray_configuration_with_torchserve_in_the_same_round():
+    from bench.ray_vs_torchserve import ratios
+
+    def row(round_number, server, rps, p99):
+        return {"round": round_number, "workload": "text", "concurrency": 32, "server": server,
+                "throughput_rps": rps, "p99_ms": p99}
+
+    results = [row(1, "TorchServe", 50.0, 800), row(1, "Ray", 55.0, 400),
+               row(2, "Ray", 40.0, 600), row(2, "TorchServe", 40.0, 1200),
+               row(3, "TorchServe", 10.0, 100), row(3, "Ray", 30.0, 100)]
+    [line] = [line for line in ratios(results).splitlines() if line.startswith("| text")]
+    assert line == "| text | 32 | Ray | 1.10x, 1.00x, 3.00x | 1.10x | 0.50x, 0.50x, 1.00x | 0.50x |"
