@@ -101,8 +101,11 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     server = TorchServe(args.workdir, args.model_store, args.config, ports=Ports.free() if args.free_ports else None)
     server.stop()  # a TorchServe left by an earlier run in this workdir, if any
-    # SIGTERM stops us as Ctrl-C does, at any point (while waiting for the models too).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM stops us as Ctrl-C does, at any point (while waiting for the models too). SIGINT is
+    # set too: a shell starts a background job (`make serve &`) with it ignored, and Python then
+    # leaves it ignored, so `kill -INT` would not stop the server.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     failed = {}
     try:
         print(f"starting TorchServe with {args.config.name}: {', '.join(models)}", flush=True)

@@ -121,7 +121,12 @@ def test_make_serve_and_the_commands_it_prints(tmp_path):
     finally:
         server_pid = server.pid()
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as the README says
-        output.wait_exit(180)
+        try:
+            output.wait_exit(180)
+        except subprocess.TimeoutExpired:  # fails the test; leaves no server behind for the next one
+            os.killpg(process.pid, signal.SIGKILL)
+            server.stop()
+            raise
     assert "stopping TorchServe" in output.text
     if server_pid is not None:
         assert not alive(server_pid)
