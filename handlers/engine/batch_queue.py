@@ -23,28 +23,30 @@ class BatchQueue:
 
     ``run_batch(items)`` is awaited with each batch and returns one result per item, in order;
     an exception it raises (or a wrong number of results) goes to every request of that batch,
-    and only to them. Create and use it on one event loop; the settings may change between
-    batches (a redeployment's new ``user_config``).
+    and only to them. Create and use it on one event loop; :meth:`configure` changes the settings
+    between batches.
     """
 
     def __init__(self, run_batch: Callable[[list], Awaitable[list]], max_batch_size: int, max_wait_s: float,
                  concurrent_batches: int = 1):
-        if max_batch_size < 1 or max_wait_s < 0 or concurrent_batches < 1:
-            raise ValueError(f"BatchQueue needs max_batch_size >= 1, max_wait_s >= 0 and concurrent_batches >= 1, "
-                             f"got {max_batch_size}, {max_wait_s} and {concurrent_batches}")
+        if concurrent_batches < 1:
+            raise ValueError(f"BatchQueue needs concurrent_batches >= 1, got {concurrent_batches}")
+        self.configure(max_batch_size, max_wait_s)
         self._run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
         self._concurrent_batches = concurrent_batches
         self._waiting: deque = deque()  # (item, future), oldest first
         self._arrived: Optional[asyncio.Event] = None  # made on the loop, at the first request
         self._gathering: Optional[asyncio.Lock] = None  # one free slot gathers at a time
         self._slots: list = []
 
-    @property
-    def waiting(self) -> int:
-        """Requests queued for a batch (some may have been cancelled since)."""
-        return len(self._waiting)
+    def configure(self, max_batch_size: int, max_wait_s: float) -> None:
+        """The batch settings, from the next batch on (a redeployment's new ``user_config``).
+        Checked: a batch size of 0 would gather empty batches without end."""
+        if max_batch_size < 1 or max_wait_s < 0:
+            raise ValueError(f"BatchQueue needs max_batch_size >= 1 and max_wait_s >= 0, "
+                             f"got {max_batch_size} and {max_wait_s}")
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
 
     async def submit(self, item: Any) -> Any:
         """The result of ``item``'s batch for it; cancelling the caller takes it out of the queue."""

@@ -265,8 +265,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                                       max_concurrent_batches)
 
         def reconfigure(self, user_config: dict) -> None:
-            self.batches.max_batch_size = int(user_config["max_batch_size"])
-            self.batches.max_wait_s = float(user_config["batch_wait_timeout_s"])
+            self.batches.configure(int(user_config["max_batch_size"]), float(user_config["batch_wait_timeout_s"]))
 
         async def __call__(self, http_request) -> HTTPResponse:
             arrived = time.monotonic()

@@ -156,7 +156,9 @@ def test_settings_are_checked_and_may_change_between_batches():
     async def scenario():
         queue = BatchQueue(model, 1, 0.0, 1)
         await queue.submit(1)
-        queue.max_batch_size, queue.max_wait_s = 3, 0.05
+        queue.configure(3, 0.05)
+        with pytest.raises(ValueError, match="max_batch_size >= 1"):
+            queue.configure(0, 0.05)  # a redeployment's user_config is checked too
         await asyncio.gather(*(queue.submit(x) for x in (2, 3, 4)))
         queue.close()
 
