@@ -6,9 +6,10 @@ p99 of each at the same concurrency (and Ray Serve with more batches in flight,
 
 Both servers serve the same archiver config per workload (TorchServe from its ``.mar``): the same
 model files, handler, batch size and delay. They run one after the other, each alone on the
-machine, in rounds (``--rounds``, 2 by default) that alternate which goes first, and each round's
-ratio is printed under the table with their median. The workloads: photo-12mp, photo-vga (our image handler on a small CNN / ResNet-18),
-text (sentence embeddings) and ``image-classifier``, ``make serve``'s example as shipped.
+machine, in rounds (``--rounds``, 2 by default) that alternate which goes first; each round's
+ratio is printed under the table with their median. The workloads: photo-12mp, photo-vga (our
+image handler on a small CNN / ResNet-18), text (sentence embeddings) and ``image-classifier``,
+``make serve``'s example as shipped.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
                         help="CPUs each Ray replica reserves, and so torch's threads in it (default: the cores, "
                              "as a TorchServe worker uses them all)")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="alternating phases of each server (TorchServe, Ray Serve, TorchServe, ...)")
+                        help="rounds of both servers, alternating which goes first (TorchServe then Ray Serve, "
+                             "then Ray Serve then TorchServe, ...)")
     parser.add_argument("--skip-torchserve", action="store_true", help="measure Ray Serve only")
     parser.add_argument("--ray-proxy", choices=["haproxy", "python"], default="haproxy",
                         help="what receives HTTP in front of Ray Serve's replicas (default: HAProxy, as python -m "
