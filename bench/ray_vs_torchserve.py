@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -30,6 +31,7 @@ from bench.machine import matmul_gflops, speed_line
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
 from handlers.packaging.archive import archive_config
+from handlers.servers.ray_serve import DEFAULT_MAX_CONCURRENT_BATCHES
 from scripts.torchserve_instance import Ports, TorchServe, free_port
 
 
@@ -38,16 +40,22 @@ EXAMPLE = "image-classifier"
 EXAMPLE_CONFIG = ROOT / "archiver_configs" / "image_classifier.yaml"
 
 
-def workload_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: int, concurrent_batches: int,
-                    replica_cpus: int = 1) -> Path:
+def workload_config(workload_name: str, folder: Path, batch_size: int, max_delay_ms: int,
+                    concurrent_batches: Optional[int], replica_cpus: int = 1) -> Path:
     """An archiver config for the workload's model and our handler, as a user would write it;
-    TorchServe archives it, Ray Serve serves it: the same handler, files and settings."""
+    TorchServe archives it, Ray Serve serves it: the same handler, files and settings.
+    ``concurrent_batches``: Ray Serve's batches in flight per replica (None: the example's own
+    ``ray_serve.max_concurrent_batches``, Ray's adapter default for the other workloads)."""
     if workload_name == EXAMPLE:
         config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+        section = config.get("ray_serve", {})
+        if concurrent_batches is None:
+            concurrent_batches = section.get("max_concurrent_batches", DEFAULT_MAX_CONCURRENT_BATCHES)
         config.update(root=str(ROOT), model_name=f"image_classifier_{concurrent_batches}")
-        config["ray_serve"] = {**config.get("ray_serve", {}), "max_concurrent_batches": concurrent_batches,
+        config["ray_serve"] = {**section, "max_concurrent_batches": concurrent_batches,
                                "ray_actor_options": {"num_cpus": replica_cpus}}
     else:
+        concurrent_batches = concurrent_batches or DEFAULT_MAX_CONCURRENT_BATCHES
         workload = WORKLOADS[workload_name]()
         model_dir = workload.model_dir()
         if workload.model_file is None:  # a Hugging Face folder: the text workload
@@ -85,7 +93,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-delay-ms", type=int, default=50)
-    parser.add_argument("--concurrent-batches", nargs="*", type=int, default=[1])
+    parser.add_argument("--concurrent-batches", nargs="*", type=int, default=[None],
+                        help="Ray Serve's batches in flight per replica, each measured (default: the example's "
+                             "config's own, 1 for the other workloads)")
     parser.add_argument("--replica-cpus", type=int, default=os.cpu_count() or 1,
                         help="CPUs each Ray replica reserves, and so torch's threads in it (default: the cores, "
                              "as a TorchServe worker uses them all)")
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
     results = []
     speed_before = matmul_gflops()
 
-    configs = {w: workload_config(w, work, args.batch_size, args.max_delay_ms, 1, args.replica_cpus)
+    configs = {w: workload_config(w, work, args.batch_size, args.max_delay_ms, None, args.replica_cpus)
                for w in args.workloads}
     store = work / "model_store"
     models = {} if args.skip_torchserve else {w: archive_config(path, store).stem for w, path in configs.items()}
@@ -159,8 +169,9 @@ def on_ray_serve(work: Path, args) -> list:
                 for batches in args.concurrent_batches:
                     config = workload_config(workload, work, args.batch_size, args.max_delay_ms, batches,
                                              args.replica_cpus)
+                    in_flight = yaml.safe_load(config.read_text())["ray_serve"]["max_concurrent_batches"]
                     [name] = serve_configs([config])
-                    rows += measure(f"Ray Serve ({args.ray_proxy}), {batches} batch(es) in flight, "
+                    rows += measure(f"Ray Serve ({args.ray_proxy}), {in_flight} batch(es) in flight, "
                                     f"{args.replica_cpus} CPU(s)", workload,
                                     f"http://127.0.0.1:{port}/predictions/{name}", {}, args)
                     serve.delete(name)

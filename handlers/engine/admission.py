@@ -26,7 +26,7 @@ class Admission:
     refuses a request whose predicted answer time is past its deadline. Thread-safe."""
 
     def __init__(self, concurrent_batches: int = 1, clock=time.monotonic):
-        self._concurrent_batches = max(1, concurrent_batches)  # batches that run at once, each at the rate
+        self._concurrent_batches = max(1, concurrent_batches)  # batches that run at once
         self._clock = clock
         self._lock = threading.Lock()
         self._inside = 0
@@ -52,7 +52,7 @@ class Admission:
             # refuse every request to a model whose one call takes most of the budget.
             if deadline is not None and self._rate and self._inside > 0:
                 now = self._clock()
-                expected = (self._inside + 1) / (self._rate * self._concurrent_batches)
+                expected = (self._inside + 1) / self._rate
                 if expected > ADMITTED_SHARE_OF_TIME_LEFT * (deadline - now):
                     return ServiceUnavailable(
                         f"overloaded: {self._inside} requests ahead at {self._rate:.3g} requests/s would answer this "
@@ -68,18 +68,21 @@ class Admission:
 
     def finished(self, answered: int, batch_size: int, started: float, ended: float) -> None:
         """A batch of ``batch_size`` requests (still inside) that ran from ``started`` to ``ended``
-        (``time.monotonic()``) and answered ``answered`` of them with the model. With one batch at
-        a time and requests waiting when the previous batch ended, its time counts from that end:
-        the rate is then what this server delivers from one batch to the next (gathering the
-        batch and the event loop's work included), not the model's time alone, which promises
-        more than is delivered and admits requests that are answered late."""
+        (``time.monotonic()``) and answered ``answered`` of them with the model. The rate is what
+        this server delivers, all its batches in flight together: when requests were waiting as
+        the previous batch ended, this batch's answers count over the time since that end (the
+        batch's gathering, the event loop's work, and under overload the refusals' CPU included),
+        not over the model's time alone, which promises more than is delivered and admits
+        requests that are answered late. With several batches in flight that interval is at
+        least this batch's own time shared among them, so two batches ending together do not
+        read as a burst of speed. After an idle gap, the batch's own time."""
         with self._lock:
-            begun = started
-            if self._concurrent_batches == 1 and self._busy_at_last_end:  # set with _last_end
-                begun = min(started, self._last_end)
+            seconds = ended - started
+            if self._busy_at_last_end:  # set with _last_end
+                seconds = max(ended - self._last_end, seconds / self._concurrent_batches)
             self._last_end = ended
             self._busy_at_last_end = self._inside > batch_size
-        self.observe(answered, ended - begun)
+        self.observe(answered, seconds)
 
     def observe(self, answered: int, seconds: float) -> None:
         """A batch that answered ``answered`` requests (those the model ran) in ``seconds``."""

@@ -39,15 +39,16 @@ def test_a_request_that_would_be_answered_after_its_deadline_is_refused_with_a_5
     assert admission.enter(deadline=clock.now + 0.67) is None
 
 
-def test_batches_in_flight_at_once_multiply_the_rate():
+def test_the_prediction_is_the_requests_inside_over_the_rate_delivered_whatever_the_batches_in_flight():
     clock = Clock()
     one, two = Admission(1, clock=clock), Admission(2, clock=clock)
     for admission in (one, two):
         admission.observe(answered=10, seconds=1.0)
         for _ in range(9):
             admission.enter(deadline=None)
-    assert one.enter(deadline=clock.now + 0.9) is not None  # 10 / 10 per s = 1 s
-    assert two.enter(deadline=clock.now + 0.9) is None  # 10 / 20 per s = 0.5 s, under 0.8 × 0.9 s
+        assert admission.enter(deadline=clock.now + 0.9) is not None  # 10 / 10 per s = 1 s
+    two.observe(answered=30, seconds=1.0)  # 0.7 × 10 + 0.3 × 30 = 16 per s
+    assert two.enter(deadline=clock.now + 0.9) is None  # 10 / 16 per s = 0.625 s, under 0.8 × 0.9 s
 
 
 @given(st.lists(st.tuples(st.integers(0, 64), st.floats(0.0, 5.0, allow_nan=False)), max_size=30))
@@ -126,13 +127,21 @@ def test_back_to_back_batches_count_the_time_between_their_ends_not_only_the_mod
     assert abs(admission.rate - (0.7 * rate + 0.3 * 1 / 0.2)) < 1e-9
 
 
-def test_with_batches_in_flight_at_once_each_batch_counts_its_own_time():
+def test_with_batches_in_flight_at_once_the_rate_is_what_they_deliver_together():
+    """Two batches share the model: each takes twice its share, and one ends every 0.2 s. The
+    rate is 16 per 0.2 s, as delivered, not 16 per the 0.4 s each batch took (which would
+    predict answers twice as late), and not a burst when two end together."""
     admission = Admission(2, clock=Clock())
     for _ in range(64):
         admission.enter(deadline=None)
-    admission.finished(answered=16, batch_size=16, started=100.0, ended=100.4)
+    admission.finished(answered=16, batch_size=16, started=100.0, ended=100.4)  # nothing before: its own time
+    assert abs(admission.rate - 40.0) < 1e-9
     admission.finished(answered=16, batch_size=16, started=100.2, ended=100.6)
-    assert abs(admission.rate - 40.0) < 1e-9  # 16 per 0.4 s each; enter multiplies by the 2 in flight
+    assert abs(admission.rate - (0.7 * 40 + 0.3 * 80)) < 1e-9
+    rate = admission.rate
+    # Ended 1 ms after the last one: the interval is at least its own 0.4 s shared by the two.
+    admission.finished(answered=16, batch_size=16, started=100.201, ended=100.601)
+    assert abs(admission.rate - (0.7 * rate + 0.3 * 16 / 0.2)) < 1e-9
 
 
 def test_an_idle_server_admits_even_a_request_it_predicts_late():
