@@ -74,3 +74,15 @@ def test_the_side_by_side_compares_each_ray_configuration_with_torchserve_in_the
                row(3, "TorchServe", 10.0, 100), row(3, "Ray", 30.0, 100)]
     [line] = [line for line in ratios(results).splitlines() if line.startswith("| text")]
     assert line == "| text | 32 | Ray | 1.10x, 1.00x, 3.00x | 1.10x | 0.50x, 0.50x, 1.00x | 0.50x |"
+
+
+def test_the_cpu_split_shares_each_process_and_thread_over_the_window_and_counts_new_threads_from_zero():
+    from bench.cpu_split import idle_share, split
+
+    before = {(1, 1): ("model", 10.0), (1, 2): ("model", 4.0), (2, 7): ("java", 1.0)}
+    after = {(1, 1): ("model", 17.0), (1, 2): ("model", 9.0), (2, 7): ("java", 2.0), (1, 3): ("model", 0.5)}
+    processes, threads = split(before, after, seconds=10.0)
+    assert abs(processes[(1, "model")] - 1.25) < 1e-9  # (7 + 5 + 0.5) s over 10 s
+    assert abs(processes[(2, "java")] - 0.1) < 1e-9
+    assert abs(threads[(1, 3)] - 0.05) < 1e-9
+    assert abs(idle_share([100, 0, 50, 40, 10], [160, 0, 70, 50, 10]) - 10 / 90) < 1e-9
