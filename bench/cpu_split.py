@@ -26,6 +26,7 @@ from bench.loadgen import run_closed_loop
 from bench.workloads import ROOT, WORK
 
 WARMUP_S = 4.0
+NATIVE = "native, no Python name (e.g. torch's OpenMP)"
 
 
 def cpu_snapshot() -> dict:
@@ -97,7 +98,7 @@ def measure(label: str, url: str, headers: dict, workload: str, seconds: float) 
              f"machine idle {100 * idle_share(*window['stat']):.1f}% of its time", "",
              "| process or thread | % of a core |", "|---|---|"]
     lines += [f"| {pid} {name} | {100 * share:.1f} |" for (pid, name), share in processes.most_common(8) if share >= 0.003]
-    lines += [f"| thread {tid} {names.get(tid, 'native, no Python name (e.g. torch'"'"'s OpenMP)')} | {100 * share:.1f} |"
+    lines += [f"| thread {tid} {names.get(tid, NATIVE)} | {100 * share:.1f} |"
               for (pid, tid), share in threads.most_common() if pid == busiest and share >= 0.003]
     return "\n".join(lines)
 

@@ -308,9 +308,12 @@ def test_removing_a_node_under_load_fails_only_requests_in_flight_on_it(two_node
         wrong = [describe(entry[2]) for outcome, entry in zip(outcomes, log) if outcome == "wrong"]
         failed = [entry for outcome, entry in zip(outcomes, log) if outcome == "failed"]
         answered = sorted(entry[1] for outcome, entry in zip(outcomes, log) if outcome == "ok")
-        last_failure_end = max((entry[1] for entry in failed), default=removed_at)
-        # Time to answer again: from the removal to the first answer after the last failure.
-        answers_again_s = min((t for t in answered if t >= last_failure_end), default=float("inf")) - removed_at
+        since = max([removed_at] + [entry[0] for entry in failed])
+        # Time to answer again: from the removal to the first answer to a request sent after it and
+        # after the last one that failed (a failure by client timeout ends long after the service
+        # recovered, so its end does not count).
+        answers_again_s = min((entry[1] for outcome, entry in zip(outcomes, log)
+                               if outcome == "ok" and entry[0] >= since), default=float("inf")) - removed_at
         gaps = [b - a for a, b in zip(answered, answered[1:]) if b > removed_at]
         longest_gap_s = max(gaps, default=0.0)
         numbers = {"clients": CLIENTS, "requests": len(log), "failures": len(failed), "wrong": len(wrong),
@@ -329,11 +332,13 @@ def test_removing_a_node_under_load_fails_only_requests_in_flight_on_it(two_node
               f"failures: {numbers['failures_seen']}")
         assert not wrong, wrong[:5]
         # Only requests in flight on the removed node: at most a few per client, each an error
-        # status from Ray (5xx) or a dropped connection, and none sent well after the removal.
+        # status from Ray (5xx), a dropped connection, or (seen once here, behind Ray's Python
+        # proxy) no answer until the client's timeout; none sent well after the removal.
         assert doomed_busy > 0, "the worker node's replica took no requests before the removal"
         assert len(failed) <= 2 * CLIENTS, numbers
         for sent, ended, result, *_ in failed:
-            assert isinstance(result, requests.ConnectionError) or result.status_code >= 500, describe(result)
+            assert isinstance(result, (requests.ConnectionError, requests.Timeout)) or result.status_code >= 500, \
+                describe(result)
             # Sent before the removed node's replica ended (a little slack: it was polled).
             assert ended >= removed_at and sent <= removed_at + replica_ended_s + 0.5, \
                 (sent - removed_at, describe(result))
