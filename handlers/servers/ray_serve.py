@@ -34,10 +34,11 @@ from handlers.packaging.server_sections import DEPLOYMENT_KEYS
 log = logging.getLogger(__name__)
 
 BATCH_SIZE_HEADER = "X-Batch-Size"
-# Batches a replica runs at once. Measured on 2 CPU cores (bench/ray_vs_torchserve.py,
-# bench/results/ray_vs_torchserve.md): two gave -13% (photo-12mp) and +8% (photo-vga) req/s with
-# smaller batches; with the model on the same cores nothing is left to overlap. One, until a
-# measurement on a GPU says otherwise.
+# Batches a replica runs at once, unless ray_serve.max_concurrent_batches says. Measured on 2 CPU
+# cores (bench/ray_vs_torchserve.py --concurrent-batches 1 2; docs/ray_serve.md): with one model
+# thread two gained nothing (photo-vga +5%/-6%, text -2%/-2%); with the model on the same cores as
+# the decoding little is left to overlap. The image classifier example, two model threads, sets 2
+# (+10%). One, until a measurement on a GPU says otherwise.
 DEFAULT_MAX_CONCURRENT_BATCHES = 1
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
