@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -55,7 +55,8 @@ def workload_config(workload_name: str, folder: Path, batch_size: int, max_delay
         config["ray_serve"] = {**section, "max_concurrent_batches": concurrent_batches,
                                "ray_actor_options": {"num_cpus": replica_cpus}}
     else:
-        concurrent_batches = concurrent_batches or DEFAULT_MAX_CONCURRENT_BATCHES
+        if concurrent_batches is None:
+            concurrent_batches = DEFAULT_MAX_CONCURRENT_BATCHES
         workload = WORKLOADS[workload_name]()
         model_dir = workload.model_dir()
         if workload.model_file is None:  # a Hugging Face folder: the text workload
@@ -84,8 +85,9 @@ def inputs_of(workload_name: str) -> tuple:
     return spec.make_inputs(max(64, spec.batch_size)), spec.content_type
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser_for(description: str) -> argparse.ArgumentParser:
+    """The options of this side by side (also bench.cpu_split's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workloads", nargs="*", default=["photo-12mp", "photo-vga", "text", EXAMPLE],
                         help=f"of {', '.join([*WORKLOADS, EXAMPLE])} ({EXAMPLE}: archiver_configs/image_classifier.yaml "
                              f"as shipped, fed 640x480 JPEGs)")
@@ -108,50 +110,61 @@ def main(argv=None) -> int:
                              "handlers.ray_serve)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default="ray_vs_torchserve")
-    args = parser.parse_args(argv)
-    work = WORK / "ray_vs_torchserve"
+    return parser
+
+
+def main(argv=None) -> int:
+    args = parser_for(__doc__.split("\n\n")[0]).parse_args(argv)
+    speed_before = matmul_gflops()
+    results = in_rounds(args, WORK / "ray_vs_torchserve", measure)
+    text = table(results) + "\n\n" + ratios(results) + "\n\n" + speed_line(speed_before, matmul_gflops())
+    publish(args.out, args.name, results, text)
+    return 0
+
+
+def in_rounds(args, work: Path, measure_load: Callable) -> list:
+    """Every workload on TorchServe (unless ``--skip-torchserve``) and on Ray Serve, in
+    ``args.rounds`` rounds, each load measured by ``measure_load(server, workload, url, auth,
+    args)``, which returns rows; the rows, tagged with their round. ``work`` is emptied first."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    results = []
-    speed_before = matmul_gflops()
-
     configs = {w: workload_config(w, work, args.batch_size, args.max_delay_ms, None, args.replica_cpus)
                for w in args.workloads}
     store = work / "model_store"
     models = {} if args.skip_torchserve else {w: archive_config(path, store).stem for w, path in configs.items()}
+    results = []
     # This machine's speed drifts by tens of percent within minutes: a drift during one server's
     # phase would read as that server's gain. Rounds alternate which server goes first (TorchServe
     # then Ray Serve, then Ray Serve then TorchServe, ...), so a steady drift favours each in turn
     # and the median of the rounds' ratios cancels it.
     for round_number in range(1, args.rounds + 1):
-        phases = [lambda: on_ray_serve(work, args)]
+        phases = [lambda: on_ray_serve(work, args, measure_load)]
         if models:
-            phases.insert(0, lambda: on_torchserve(work / f"torchserve-{round_number}", store, models, args))
+            phases.insert(0, lambda: on_torchserve(work / f"torchserve-{round_number}", store, models, args,
+                                                   measure_load))
         for phase in phases if round_number % 2 else reversed(phases):
             results += tagged(phase(), round_number)
-    text = table(results) + "\n\n" + ratios(results) + "\n\n" + speed_line(speed_before, matmul_gflops())
-    publish(args.out, args.name, results, text)
-    return 0
+    return results
 
 
 def tagged(rows: list, round_number: int) -> list:
     return [{**row, "round": round_number} for row in rows]
 
 
-def on_torchserve(workdir: Path, store: Path, models: dict, args) -> list:
+def on_torchserve(workdir: Path, store: Path, models: dict, args, measure_load: Callable) -> list:
     """Every workload's archive on one TorchServe, measured one after the other."""
     server = TorchServe(workdir, store, ROOT / "config.properties", ports=Ports.free())
     server.start()
     try:
         server.wait_ready(models.values())
         return [row for workload, name in models.items()
-                for row in measure("TorchServe", workload, f"{server.inference_url}/predictions/{name}",
-                                   server.auth(), args)]
+                for row in measure_load("TorchServe", workload, f"{server.inference_url}/predictions/{name}",
+                                        server.auth(), args)]
     finally:
         server.stop()
 
 
-def on_ray_serve(work: Path, args) -> list:
+def on_ray_serve(work: Path, args, measure_load: Callable) -> list:
     """Every workload (and number of batches in flight) deployed alone in turn on a private local
     Ray cluster, as TorchServe's models are alone while measured."""
     from ray import serve
@@ -171,9 +184,9 @@ def on_ray_serve(work: Path, args) -> list:
                                              args.replica_cpus)
                     in_flight = yaml.safe_load(config.read_text())["ray_serve"]["max_concurrent_batches"]
                     [name] = serve_configs([config])
-                    rows += measure(f"Ray Serve ({args.ray_proxy}), {in_flight} batch(es) in flight, "
-                                    f"{args.replica_cpus} CPU(s)", workload,
-                                    f"http://127.0.0.1:{port}/predictions/{name}", {}, args)
+                    rows += measure_load(f"Ray Serve ({args.ray_proxy}), {in_flight} batch(es) in flight, "
+                                         f"{args.replica_cpus} CPU(s)", workload,
+                                         f"http://127.0.0.1:{port}/predictions/{name}", {}, args)
                     serve.delete(name)
         finally:
             stop_local_cluster(temp_dir)
