@@ -17,7 +17,7 @@ import torch
 
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
-from handlers.core.responses import JSON, Encoded, encoded
+from handlers.core.responses import JSON, Encoded, encoded, error_answer
 from handlers.core.self_test import load_samples, run_self_test
 from handlers.engine.batch_engine import BatchEngine, BatchReport
 from handlers.engine.errors import BadRequest, UnsupportedMediaType
@@ -247,11 +247,15 @@ class MicroBatchHandler:
         if self._engine is None:
             raise RuntimeError(f"{type(self).__name__} answered a batch before start()")
         report = self._engine.run(requests)
-        responses = [
-            Response(200, outcome.value.value, outcome.value.content_type, payload=outcome.value.payload)
-            if outcome.ok else Response(outcome.error.status, outcome.error.to_json(), JSON)
-            for outcome in report.outcomes
-        ]
+        responses = []
+        for outcome in report.outcomes:
+            if outcome.ok:
+                responses.append(Response(200, outcome.value.value, outcome.value.content_type,
+                                          payload=outcome.value.payload))
+            else:  # built per request, never raising (see error_answer)
+                answer = error_answer(outcome.error)
+                responses.append(Response(answer.status, answer.encoded.value, JSON, answer.headers,
+                                          payload=answer.encoded.payload))
         return responses, report
 
     def deadline_for(self, headers: Mapping[str, str], arrived: float) -> Optional[float]:

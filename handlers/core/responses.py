@@ -105,3 +105,38 @@ def _holds_named_tuple(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_holds_named_tuple(child) for child in value.values())
     return False
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorAnswer:
+    """A request's error as it goes out: status, reason phrase, JSON body and extra headers."""
+
+    status: int
+    phrase: str
+    encoded: Encoded
+    headers: dict
+
+
+def error_answer(error) -> ErrorAnswer:
+    """The one place an error becomes a response, per request: ``{"code", "type", "message"}``
+    with its status and headers. Never raises: a hook's error whose status is not an HTTP error
+    (400..599), or whose body cannot be encoded, is the handler's bug, answered as a 500 that
+    says so, to this request alone."""
+    from handlers.engine.errors import InternalError, describe
+
+    try:
+        status = error.status
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            raise ValueError(f"{type(error).__name__}.status is {status!r}; a RequestError's status must be "
+                             f"an HTTP error code, 400..599")
+        body = error.to_json()
+        return ErrorAnswer(status, error.phrase, Encoded(body, json.dumps(body, allow_nan=False).encode("utf-8"), JSON),
+                           dict(error.headers))
+    except Exception as exc:  # noqa: BLE001 - the answer of one request must not fail its batch
+        try:
+            reason = describe(exc)
+        except Exception:  # noqa: BLE001 - even describing it failed: name it only
+            reason = type(exc).__name__
+        fallback = InternalError(f"the handler's error answer could not be built: {reason}")
+        body = fallback.to_json()
+        return ErrorAnswer(500, fallback.phrase, Encoded(body, json.dumps(body).encode("utf-8"), JSON), {})

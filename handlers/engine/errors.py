@@ -29,13 +29,20 @@ class RequestError(Exception):
     retry_may_cure: bool = True
 
     def __init__(self, message: str):
+        # A hook may pass what it caught (``raise BadRequest(exc)``): the body needs a string.
+        message = message if isinstance(message, str) else str(message)
         super().__init__(message)
         self.message = message
 
     @property
     def phrase(self) -> str:
         """The HTTP reason phrase of :attr:`status`."""
-        return HTTPStatus(self.status).phrase
+        return phrase_of(self.status)
+
+    @property
+    def headers(self) -> dict:
+        """Response headers this error adds (e.g. ``Retry-After``)."""
+        return {}
 
     def to_json(self) -> dict:
         """The response body: ``{"code": 400, "type": "BadRequest", "message": "..."}``."""
@@ -67,9 +74,10 @@ class UnsupportedMediaType(RequestError):
 
 
 class RequestTimeout(RequestError):
-    """408: nobody waits for this answer any more (the client's deadline or the handler's
-    ``request_budget_s`` passed, or it hung up) and the model had not started on it: answered
-    at once, with no model time spent (under overload the model serves requests still awaited)."""
+    """408: nobody waits for this answer any more (the client's ``x-request-timeout-seconds``
+    passed, or it hung up) and the model had not started on it: answered at once, with no model
+    time spent (under overload the model serves requests still awaited). A request dropped on
+    the server's own ``request_budget_s`` is a 503 instead (see ``Request.abandoned``)."""
 
     status = 408
     kind = "RequestTimeout"
@@ -119,11 +127,34 @@ class SplitFailed(RequestError):
 
 
 class ServiceUnavailable(RequestError):
-    """503: the worker cannot take requests now (e.g. its model is stuck on an earlier batch and
-    the worker is being replaced); the request was not started and can be sent again."""
+    """503: the worker cannot take requests now (overloaded, or its model is stuck on an earlier
+    batch and the worker is being replaced); the request was not started and can be sent again,
+    as its ``Retry-After`` header says."""
 
     status = 503
     kind = "ServiceUnavailable"
+    retry_after_s = 1  # a hint: overload and a worker's replacement pass in seconds
+
+    @property
+    def headers(self) -> dict:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class ResponseTooLarge(RequestError):
+    """500: this request's answer is over the server's limit on a response's size (TorchServe's
+    ``max_response_size``); sent, it would cost its whole batch."""
+
+    status = 500
+    kind = "ResponseTooLarge"
+
+
+def phrase_of(status: int) -> str:
+    """The HTTP reason phrase of ``status``; for a code the standard does not name (e.g. 499),
+    that of its class: "Client Error" or "Server Error"."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Client Error" if 400 <= status < 500 else "Server Error"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handlers.core.client_data import parsing_client_data
+from handlers.core.request import parse_json
 from handlers.engine.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -53,7 +53,7 @@ def image_bytes(body, content_type: Optional[str] = None) -> bytes:
     if isinstance(body, (bytes, bytearray)):
         if (content_type or "").lower().startswith("application/json"):
             with parsing_client_data("the body is sent as application/json but is not valid JSON"):
-                json.loads(bytes(body))
+                parse_json(bytes(body))
         return bytes(body)
     if isinstance(body, dict):
         for key in ("image", "data", "b64"):

@@ -4,7 +4,6 @@ shape and dtype. Pure functions, safe on a thread pool."""
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -12,6 +11,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from handlers.core.client_data import parsing_client_data
+from handlers.core.request import parse_json
 from handlers.engine.errors import BadRequest, PayloadTooLarge
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -52,7 +52,7 @@ def _json_payload(body: Any) -> Any:
         if isinstance(body, (bytes, bytearray)) and not body:
             raise BadRequest("the body is empty: expected a JSON array or .npy bytes")
         try:
-            body = json.loads(body)
+            body = parse_json(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the body is neither a JSON array nor .npy bytes: {exc}") from None
         except RecursionError:

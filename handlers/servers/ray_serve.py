@@ -25,9 +25,9 @@ from typing import Any, Mapping, Optional
 
 from handlers.core.metrics import batch_metrics
 from handlers.core.request import NO_BODY, Request
-from handlers.core.responses import JSON
+from handlers.core.responses import JSON, error_answer
 from handlers.engine.admission import Admission
-from handlers.engine.errors import startup_failure_line
+from handlers.engine.errors import PayloadTooLarge, startup_failure_line
 from handlers.engine.settings import SECTION, ModelFiles
 from handlers.packaging.server_sections import DEPLOYMENT_KEYS
 
@@ -277,7 +277,7 @@ def replica_class(max_concurrent_batches: int) -> type:
             deadline = self.handler.deadline_for(headers, arrived)
             overloaded = self.admission.enter(deadline)  # before the body is read: a refusal costs nothing
             if overloaded:
-                return HTTPResponse(json.dumps(overloaded.to_json()), status_code=overloaded.status, media_type=JSON)
+                return _error_response(overloaded)
             try:
                 return await self._answer(http_request, headers, deadline)
             finally:
@@ -286,10 +286,13 @@ def replica_class(max_concurrent_batches: int) -> type:
         async def _answer(self, http_request, headers: dict, deadline: Optional[float]) -> HTTPResponse:
             body = await http_request.body()
             if len(body) > self.max_request_bytes:
-                error = {"code": 413, "type": "PayloadTooLarge",
-                         "message": f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}"}
-                return HTTPResponse(json.dumps(error), status_code=413, media_type=JSON)
-            request = request_from_http(body, headers, deadline=deadline, hung_up=threading.Event())
+                return _error_response(PayloadTooLarge(f"the body is {len(body):,} bytes; the limit is "
+                                                       f"{self.max_request_bytes:,}"))
+            hung_up = threading.Event()
+            if _media_type(headers) == MULTIPART:  # parsed in pure Python: off the event loop
+                request = await asyncio.to_thread(request_from_http, body, headers, deadline, hung_up)
+            else:
+                request = request_from_http(body, headers, deadline=deadline, hung_up=hung_up)
             try:
                 response, batch_size = await self.batches.submit(request)
             except asyncio.CancelledError:
@@ -299,14 +302,15 @@ def replica_class(max_concurrent_batches: int) -> type:
                 raise
             # Encoded on the handler's pool: the event loop only forwards the bytes.
             return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
-                                headers={BATCH_SIZE_HEADER: str(batch_size)})
+                                headers={**response.headers, BATCH_SIZE_HEADER: str(batch_size)})
 
         async def answer_batch(self, requests: list) -> list:
             loop = asyncio.get_running_loop()
             started = time.monotonic()
             responses, report = await loop.run_in_executor(self.executor, self.handler.respond, requests)
-            # The rate admission predicts with: requests the model ran, over the batch's time.
-            self.admission.finished(sum(1 for r in responses if r.status != 408), len(requests), started,
+            # The rate admission predicts with: requests the model ran (not those dropped unstarted,
+            # 408 or 503), over the batch's time.
+            self.admission.finished(sum(1 for r in responses if r.status not in (408, 503)), len(requests), started,
                                     time.monotonic())
             self.metrics.record(report)
             return [(response, len(requests)) for response in responses]
@@ -350,22 +354,61 @@ def ray_missing() -> Optional[str]:
 
 
 FORM = "application/x-www-form-urlencoded"
+MULTIPART = "multipart/form-data"
 
 
 def request_from_http(body: bytes, headers: dict, deadline: Optional[float] = None,
                       hung_up: Optional[threading.Event] = None) -> Request:
     """One HTTP request as the handler core takes it, as TorchServe hands it over: the raw
-    bytes (the handler decodes them on its pool, not on this event loop); a form post (``curl
-    -d`` without a Content-Type) is its fields, so the body is a field named ``body`` or
-    ``data``, else there is none (a 415 that says what to send, as on TorchServe)."""
-    content_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
-    if content_type == FORM:
-        from urllib.parse import parse_qs
-
-        fields = parse_qs(body.decode("latin-1"), keep_blank_values=True, encoding="latin-1")  # bytes kept as sent
-        found = next((fields[key][0] for key in ("body", "data") if key in fields), None)
-        body = NO_BODY if found is None else found.encode("latin-1")
+    bytes (the handler decodes them on its pool, not on this event loop); a form (``curl -d``
+    without a Content-Type, or ``curl -F data=@file``) is its fields, so the body is the bytes of
+    a field named ``body`` or ``data``, else there is none (a 415 that says what to send, as on
+    TorchServe)."""
+    content_type = _media_type(headers)
+    if content_type in (FORM, MULTIPART):
+        fields = _form_fields(body) if content_type == FORM else _multipart_fields(body, headers)
+        body = next((fields[key] for key in ("body", "data") if key in fields), NO_BODY)
     return Request(body, headers, _request_id(headers), deadline=deadline, hung_up=hung_up)
+
+
+def _media_type(headers: Mapping[str, str]) -> str:
+    content_type = next((value for key, value in headers.items() if key.lower() == "content-type"), "")
+    return content_type.split(";")[0].strip().lower()
+
+
+def _form_fields(body: bytes) -> dict:
+    from urllib.parse import parse_qs
+
+    fields = parse_qs(body.decode("latin-1"), keep_blank_values=True, encoding="latin-1")  # bytes kept as sent
+    return {name: values[0].encode("latin-1") for name, values in fields.items()}
+
+
+def _multipart_fields(body: bytes, headers: Mapping[str, str]) -> dict:
+    """The first value of each field of a multipart/form-data body, as bytes (a file's content
+    or a field's value), parsed by the standard library's MIME parser (``email``, which Python's
+    docs name in place of the removed ``cgi``): Starlette's own needs python-multipart, which
+    Ray Serve does not install. A body that does not parse has no fields."""
+    import email.parser
+    import email.policy
+
+    content_type = next(value for key, value in headers.items() if key.lower() == "content-type")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    fields = {}
+    for part in message.iter_parts() if message.is_multipart() else ():
+        name, value = part.get_param("name", header="content-disposition"), part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(value, bytes):
+            fields.setdefault(name, value)
+    return fields
+
+
+def _error_response(error):
+    """A starlette response for an error this adapter answers itself, built as the core builds
+    every error (:func:`handlers.core.responses.error_answer`)."""
+    from starlette.responses import Response as HTTPResponse
+
+    answer = error_answer(error)
+    return HTTPResponse(answer.encoded.payload, status_code=answer.status, media_type=JSON, headers=answer.headers)
 
 
 def replica_threads(assigned_cpus: Optional[float], torch_threads: Any) -> int:

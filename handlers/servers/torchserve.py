@@ -8,18 +8,21 @@ of ``data``, the KServe envelopes, ``responseTimeout``, and how a worker asks to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
 from collections import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from handlers.core.metrics import batch_metrics
 from handlers.core.request import NO_BODY, Request
-from handlers.core.responses import JSON
-from handlers.engine.errors import startup_failure_line
+from handlers.core.responses import JSON, error_answer
+from handlers.engine.errors import ResponseTooLarge, phrase_of, startup_failure_line
+from handlers.engine.outcome import Failure
 from handlers.engine.settings import SECTION, ModelFiles
 from handlers.packaging.server_sections import response_timeout
 
@@ -46,6 +49,11 @@ BATCH_SIZE_HEADER = "X-Batch-Size"
 REQUEST_ID_HEADER = "X-Request-Id"
 # The exit status of a worker that ended itself to be replaced (it shows in TorchServe's log).
 WORKER_REPLACED_EXIT_CODE = 75
+# TorchServe's default max_response_size (ConfigManager.getMaxResponseSize), in bytes.
+DEFAULT_MAX_RESPONSE_SIZE = 6553500
+# Bytes kept below max_response_size: the frontend checks each field of the worker's reply
+# against it; the margin covers framing that another TorchServe version may count in.
+RESPONSE_SIZE_HEADROOM = 1024
 
 
 def device_for(system_properties: Mapping[str, Any]):
@@ -86,6 +94,9 @@ def initialize(handler, context) -> None:
             server_timeout_s=response_timeout(model_config),
             server_timeout_name="responseTimeout",
         )
+        handler._max_response_size, source = max_response_size()
+        log.info("answers over %d bytes are refused alone (max_response_size, %s)",
+                 handler._max_response_size - RESPONSE_SIZE_HEADROOM, source)
     except Exception as exc:
         log.error("%s", startup_failure_line(_model_name(context), exc))
         raise
@@ -152,11 +163,75 @@ def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:
     if getattr(handler, "_unhealthy_after_last_batch", False):
         _end_worker_if_still_unhealthy(handler, context)
     responses, report = handler.respond(requests)
+    responses, report = refuse_oversized(responses, report, getattr(handler, "_max_response_size", None))
     report_metrics(context, report)
     handler._unhealthy_after_last_batch = handler.unhealthy_reason is not None
     if handler._unhealthy_after_last_batch:
         log.error("this worker is unhealthy (%s): it ends itself when the next batch arrives", handler.unhealthy_reason)
     return _write(responses, context, one_request)
+
+
+def max_response_size(environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """TorchServe's ``max_response_size`` and where it was read. The frontend does not pass it
+    to its workers, so it is read where the frontend read it: its config file (``TS_CONFIG_FILE``,
+    else the ``-f`` argument of the frontend, the parent that starts this worker), overridden by
+    ``TS_MAX_RESPONSE_SIZE`` when that file sets ``enable_envvars_config=true`` (the worker
+    inherits the frontend's environment); else TorchServe's default."""
+    config = environ.get("TS_CONFIG_FILE") or _frontend_config_file()
+    properties = {}
+    if config:
+        try:
+            from ts.model_server import load_properties  # TorchServe's own reader of that file
+
+            properties = load_properties(config)
+        except Exception as exc:  # noqa: BLE001 - unreadable: the default, said in the log
+            log.warning("could not read TorchServe's config %s (%s): assuming its default max_response_size", config, exc)
+    candidates = [("TS_MAX_RESPONSE_SIZE", environ.get("TS_MAX_RESPONSE_SIZE"))] \
+        if properties.get("enable_envvars_config", "").lower() == "true" else []
+    candidates.append((f"from {config}", properties.get("max_response_size")))
+    for source, value in candidates:
+        try:
+            if value is not None and int(value) > 0:
+                return int(value), source
+        except ValueError:
+            log.warning("max_response_size %r (%s) is not a number of bytes", value, source)
+    return DEFAULT_MAX_RESPONSE_SIZE, "TorchServe's default"
+
+
+def _frontend_config_file() -> Optional[str]:
+    """The ``-f <config.properties>`` the TorchServe frontend (this worker's parent) was started
+    with, as an absolute path; None elsewhere (no /proc, no such argument)."""
+    try:
+        proc = Path(f"/proc/{os.getppid()}")
+        args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        if "org.pytorch.serve.ModelServer" not in args or "-f" not in args[:-1]:
+            return None
+        return str(proc.joinpath("cwd").resolve() / args[args.index("-f") + 1])
+    except OSError:
+        return None
+
+
+def refuse_oversized(responses: list, report, limit: Optional[int]) -> tuple[list, Any]:
+    """Each response whose body is over ``limit`` minus the headroom replaced by a 500
+    :class:`ResponseTooLarge` naming its size, the limit and where to raise it (the frontend
+    would end the worker, failing the whole batch), and counted as an error in ``report``."""
+    if not limit:
+        return responses, report
+    allowed = limit - RESPONSE_SIZE_HEADROOM
+    over = [idx for idx, response in enumerate(responses) if len(response.payload) > allowed]
+    if not over:
+        return responses, report
+    responses, outcomes = list(responses), list(report.outcomes)
+    for idx in over:
+        size = len(responses[idx].payload)
+        error = ResponseTooLarge(f"the answer is {size:,} bytes, over the {allowed:,} bytes this server sends (its "
+                                 f"max_response_size, {limit:,}, less {RESPONSE_SIZE_HEADROOM} for framing): raise "
+                                 f"max_response_size in TorchServe's config.properties")
+        answer = error_answer(error)
+        responses[idx] = dataclasses.replace(responses[idx], status=answer.status, body=answer.encoded.value,
+                                             content_type=JSON, headers=answer.headers, payload=answer.encoded.payload)
+        outcomes[idx] = Failure(error)
+    return responses, dataclasses.replace(report, outcomes=outcomes)
 
 
 def body_of(row: Mapping[str, Any]) -> Any:
@@ -266,18 +341,14 @@ def _write(responses: list, context, one_request: bool) -> list:
     for idx in range(requests):
         context.set_response_content_type(idx, JSON if one_request else responses[idx].content_type)
     for idx, response in failures:
-        context.set_response_status(response.status, _phrase(response.status), idx)
+        context.set_response_status(response.status, phrase_of(response.status), idx)
+        for name, value in response.headers.items():  # e.g. a 503's Retry-After
+            context.set_response_header(idx, name, value)
     if one_request:  # the envelope writes the one JSON answer from the values
         return [response.body for response in responses]
     # Bytes, encoded on the pool: TorchServe's worker sends bytes as they are (anything else it
     # encodes again, with json.dumps(indent=2), on its one main thread).
     return [response.payload for response in responses]
-
-
-def _phrase(status: int) -> str:
-    from http import HTTPStatus
-
-    return HTTPStatus(status).phrase
 
 
 def _end_worker_if_still_unhealthy(handler, context) -> None:
