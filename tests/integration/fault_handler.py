@@ -7,6 +7,9 @@
   longer (a busy model, for deadlines: the requests behind it wait);
 - ``"fault": "device_assert"``: inference raises a CUDA device-side assert, and every later call
   in this worker raises it too (a CUDA context left broken, as an out-of-range index leaves it);
+- ``"fault": "status_499"``: preprocessing raises a RequestError whose status HTTP does not name;
+- ``"fault": "message_not_a_string"``: preprocessing raises ``BadRequest(exc)``;
+- ``"answer_bytes": n``: the answer is a text of n bytes (past max_response_size, for instance);
 - out of memory on every micro-batch larger than 2 (as a too-small GPU would).
 
 The model answers a structure, ``(y, y.sum(dim=1))``, scattered by the default ``split``.
@@ -16,7 +19,7 @@ import threading
 
 import torch
 
-from handlers import BadRequest, MicroBatchHandler
+from handlers import BadRequest, MicroBatchHandler, RequestError
 
 POISON = 13.0
 HANG = -7.0
@@ -28,11 +31,23 @@ DEVICE_ASSERT_MESSAGE = ("CUDA error: device-side assert triggered\nCUDA kernel 
 _device_broken = []  # once set, this worker's (simulated) CUDA context is unusable
 
 
+class ClientClosedRequest(RequestError):
+    status = 499  # nginx's; not in http.HTTPStatus
+    kind = "ClientClosedRequest"
+
+
 class FaultyHandler(MicroBatchHandler):
     def preprocess_one(self, request):
         payload = request.json()
         if not isinstance(payload, dict) or "x" not in payload:
             raise BadRequest('expected {"id": ..., "x": [4 numbers], "fault": ...}')
+        if payload.get("fault") == "status_499":
+            raise ClientClosedRequest("the client went away")
+        if payload.get("fault") == "message_not_a_string":
+            try:
+                int("x")
+            except ValueError as exc:
+                raise BadRequest(exc) from None
         if payload.get("fault") == "slow":
             threading.Event().wait(3 * self.settings.deadline_s)  # slow, not forever
         x = torch.tensor(payload["x"], dtype=torch.float32)
@@ -44,7 +59,7 @@ class FaultyHandler(MicroBatchHandler):
             x = torch.full_like(x, DEVICE_ASSERT)
         if payload.get("fault") == "slow_model":
             x = torch.full_like(x, SLOW_MODEL)
-        return {"id": payload.get("id"), "x": x}
+        return {"id": payload.get("id"), "x": x, "answer_bytes": payload.get("answer_bytes", 0)}
 
     def collate(self, items):
         return super().collate([item["x"] for item in items])
@@ -66,4 +81,6 @@ class FaultyHandler(MicroBatchHandler):
 
     def postprocess_one(self, output, item):
         y, total = output
+        if item["answer_bytes"]:
+            return "a" * item["answer_bytes"]
         return {"id": item["id"], "y": y.tolist(), "sum": total.item()}
