@@ -53,7 +53,7 @@ class Deadline(float):
     it is: ``by_client`` (its ``x-request-timeout-seconds``) or not (the server's own
     ``request_budget_s``, of ``budget_s`` seconds)."""
 
-    def __new__(cls, at: float, by_client: bool, budget_s: float = 0.0):
+    def __new__(cls, at: float, by_client: bool = True, budget_s: float = 0.0):  # defaults: copy and pickle
         deadline = super().__new__(cls, at)
         deadline.by_client, deadline.budget_s = by_client, budget_s
         return deadline
