@@ -6,7 +6,7 @@ import pytest
 
 from .helpers import concurrently, post_json, worker_pids
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # the session builds and starts TorchServe
 
 MAX_RESPONSE_SIZE = 16 * 1024 * 1024  # config.properties
 
