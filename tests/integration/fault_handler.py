@@ -31,10 +31,6 @@ DEVICE_ASSERT_MESSAGE = ("CUDA error: device-side assert triggered\nCUDA kernel 
 _device_broken = []  # once set, this worker's (simulated) CUDA context is unusable
 
 
-class ClientClosedRequest(RequestError):
-    status = 499  # nginx's; not in http.HTTPStatus
-    kind = "ClientClosedRequest"
-
 
 class FaultyHandler(MicroBatchHandler):
     def preprocess_one(self, request):
@@ -42,7 +38,9 @@ class FaultyHandler(MicroBatchHandler):
         if not isinstance(payload, dict) or "x" not in payload:
             raise BadRequest('expected {"id": ..., "x": [4 numbers], "fault": ...}')
         if payload.get("fault") == "status_499":
-            raise ClientClosedRequest("the client went away")
+            error = RequestError("the client went away")  # one class per handler file: set on the instance
+            error.status, error.kind = 499, "ClientClosedRequest"  # nginx's 499, not in http.HTTPStatus
+            raise error
         if payload.get("fault") == "message_not_a_string":
             try:
                 int("x")
