@@ -15,14 +15,16 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
+from handlers.core.derived_inputs import derived_inputs
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
 from handlers.core.responses import JSON, Encoded, encoded
-from handlers.core.self_test import load_samples, run_self_test
+from handlers.core.self_test import first_difference, load_samples, run_self_test, tolerance
+from handlers.engine.audit import DEFAULT_SHARE, Audit
 from handlers.engine.batch_engine import BatchEngine, BatchReport
 from handlers.engine.errors import BadRequest, UnsupportedMediaType
 from handlers.engine.model_call import ModelCall
-from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter
+from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, declared_special
 from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings, usable_cores
 
 log = logging.getLogger(__name__)
@@ -126,14 +128,17 @@ class MicroBatchHandler:
     # among the inference_workers' micro-batches, see shared_threads). With several workers on one
     # machine, cores / workers keeps them from oversubscribing the cores.
     # batch_dims: how the output is batched, by output path (see handlers.engine.scatter): a tensor's
-    # batch dimension, "items" or "shared". invariance_rtol/atol: how close a sample's answer
+    # batch dimension, "items", "shared", {"index_column": c} (rows naming their request in column
+    # c) or {"counts": "<path>"} (values cut by per-request counts). invariance_rtol/atol: how close a sample's answer
     # beside other requests must be to its answer alone, in the start-up self-test.
+    # audit_share: the most of the model's time spent re-running a served request alone, on idle
+    # model time, to compare with its batched answer (handlers.engine.audit); 0 turns it off.
     # request_budget_s: seconds from a request's arrival after which its answer is no longer
     # awaited (0: only the client's x-request-timeout-seconds, if it sends one); a request the
     # model has not reached by then gets a 408 at once and costs no model time.
     options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0,
                                "batch_dims": {}, "invariance_rtol": 1e-3, "invariance_atol": 1e-4,
-                               "request_budget_s": 0.0}
+                               "request_budget_s": 0.0, "audit_share": DEFAULT_SHARE}
 
     def __init__(self):
         self.initialized = False
@@ -173,9 +178,13 @@ class MicroBatchHandler:
         for path, dim in options["batch_dims"].items():
             if not isinstance(path, str) or not path.startswith("output") or not (
                 dim in (ITEMS, SHARED) or isinstance(dim, int) and not isinstance(dim, bool)
+                or declared_special(dim) is not None
             ):
                 raise ConfigError(f"handler.batch_dims maps an output path ('output', 'output[0]', "
-                                  f"\"output['logits']\") to a dimension, 'items' or 'shared', got {path!r}: {dim!r}")
+                                  f"\"output['logits']\") to a dimension, 'items', 'shared', {{'index_column': c}} "
+                                  f"or {{'counts': \"output['counts']\"}}, got {path!r}: {dim!r}")
+        if not 0 <= options["audit_share"] <= 0.5:
+            raise ConfigError(f"handler.audit_share must be between 0 (off) and 0.5, got {options['audit_share']!r}")
         for key in ("invariance_rtol", "invariance_atol", "request_budget_s"):
             if options[key] < 0:
                 raise ConfigError(f"handler.{key} must be >= 0, got {options[key]!r}")
@@ -231,7 +240,10 @@ class MicroBatchHandler:
             # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
             level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
             log.log(level, "%s %s", type(self).__name__, self.self_test.summary())
-        model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device)
+        # A split of the user's own may still hand its output to the scatter (super().split).
+        model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device,
+                               derive=derived_inputs, answers_alone=lambda: self._scatter.answers_alone,
+                               audit=self._audit())
         self._engine = BatchEngine(
             self._preprocess_request, model_call, self._postprocess_one_encoded, self.settings,
             inference_on_cpu=self.device.type == "cpu",
@@ -353,6 +365,21 @@ class MicroBatchHandler:
         return output.tolist() if isinstance(output, torch.Tensor) else output
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _audit(self) -> Optional[Audit]:
+        """Now and then a request of a micro-batch runs again alone and is compared (see
+        :mod:`handlers.engine.audit`); a disagreement refutes the layout for good."""
+        share = self.config["audit_share"]
+        if not share:
+            return None
+        rtol, atol = tolerance(self)
+
+        def refute(reason: str) -> None:
+            log.error("%s: some answers given in micro-batches may have held the wrong data", reason)
+            self._scatter.answer_alone(reason, for_one=self._scatter.layout)
+
+        return Audit(lambda item: self._split_on_host(self._forward([item]), 1)[0],
+                     lambda alone, batched: first_difference(alone, batched, rtol, atol), refute, share)
 
     def _preprocess_request(self, request: Request) -> Any:
         if request.body is NO_BODY:  # no hook can read it: say what the client should send

@@ -125,6 +125,7 @@ class BatchEngine:
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
         self._stuck_model_calls: set = set()
         self._health_lock = threading.Lock()
+        self._batches_in_flight = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -139,6 +140,8 @@ class BatchEngine:
         deadline = Deadline(self.settings.deadline_s)
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
         plan: list = []
+        with self._health_lock:
+            self._batches_in_flight += 1
         try:
             reason = self.unhealthy_reason
             if reason is not None:
@@ -156,7 +159,21 @@ class BatchEngine:
             self._sizing.observe(len(requests), times.seconds["preprocess"], list(times.calls))
         except BaseException:  # noqa: BLE001 - sizing is advice (a strategy of the user's); the answers stand
             log.exception("the micro-batch sizing strategy failed to learn from a batch")
+        self._audit_when_idle()
         return self._report(outcomes, plan, times, requests)
+
+    def _audit_when_idle(self) -> None:
+        """The last batch in flight is answered: the model may run the audit's lone call (it
+        queues behind any micro-batch that arrives meanwhile, at most one call's delay)."""
+        with self._health_lock:
+            self._batches_in_flight -= 1
+            idle = self._batches_in_flight == 0
+        audit = self._model_call.audit
+        if idle and audit is not None and audit.due and self.unhealthy_reason is None:
+            try:
+                self._model.submit(self._model_call.run_audit)
+            except RuntimeError:  # the engine is closing
+                pass
 
     @property
     def safe_micro_batch_size(self) -> Optional[int]:
