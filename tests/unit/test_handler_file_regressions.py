@@ -120,3 +120,40 @@ def test_a_module_beside_the_handler_imports_on_a_ray_replica(tmp_path, monkeypa
     finally:
         replica.__del__()
         sys.modules.pop("helper_offset", None)
+
+
+# -- The loader itself ----------------------------------------------------------------------------
+
+
+def test_one_file_has_one_module_name_and_two_handler_files_two(tmp_path):
+    from handlers.core.handler_file import module_name_of
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = str(tmp_path / "a" / "handler.py"), str(tmp_path / "b" / "handler.py")
+    assert module_name_of(first) == module_name_of(first) != module_name_of(second)
+    assert module_name_of(first).startswith("handler_")
+
+
+def test_a_missing_file_or_class_is_a_config_error_naming_it(tmp_path, path_kept):
+    from handlers.core.handler_file import load_handler_class
+    from handlers.engine.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="nowhere.py does not exist"):
+        load_handler_class(str(tmp_path / "nowhere.py"))
+    (tmp_path / "two.py").write_text("class A:\n    pass\n\n\nclass B:\n    pass\n")
+    with pytest.raises(ConfigError, match="two.py must define exactly one class .* found A, B"):
+        load_handler_class(str(tmp_path / "two.py"))
+    (tmp_path / "none.py").write_text("from json import JSONDecoder\n")
+    with pytest.raises(ConfigError, match="found none"):
+        load_handler_class(str(tmp_path / "none.py"))
+
+
+def test_a_file_that_fails_leaves_no_module_behind(tmp_path, path_kept):
+    from handlers.core.handler_file import load_python_file, module_name_of
+
+    (tmp_path / "broken.py").write_text("raise RuntimeError('at import')\n")
+    with pytest.raises(RuntimeError, match="at import"):
+        load_python_file(str(tmp_path / "broken.py"))
+    assert module_name_of(str(tmp_path / "broken.py")) not in sys.modules
+    assert sys.path[0] == str(tmp_path)  # the model folder stays importable, as in a worker
