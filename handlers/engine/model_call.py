@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 from handlers.engine.clocks import Deadline, StageTimes
 from handlers.engine.errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
                       inference_error)
+from handlers.engine.health import WorkerHealth
 from handlers.engine.outcome import Failure, Outcome, Success, attempt
 from handlers.engine.scatter import LayoutAmbiguous, LayoutUnknown
 
@@ -53,7 +54,8 @@ class ModelCall:
         split: ``(output, count) -> [output, ...]``; None when ``forward`` already returns one
             output per item. It may raise :class:`LayoutUnknown` to have the model probed.
         breaks_device: ``exc -> bool``: the error left the accelerator unusable (sticky CUDA
-            errors); the model call is then unhealthy for good.
+            errors); the model call reports it to ``health`` and refuses every call after.
+        health: the worker's :class:`WorkerHealth` (a new one when None).
 
     Example::
 
@@ -61,12 +63,13 @@ class ModelCall:
         outcomes = call.run([(0, 1.0), (1, 2.0)], Deadline(5), StageTimes())
     """
 
-    def __init__(self, forward: Forward, split: Optional[Split] = None, breaks_device: Callable = never):
+    def __init__(self, forward: Forward, split: Optional[Split] = None, breaks_device: Callable = never,
+                 health: Optional[WorkerHealth] = None):
         self._forward = forward
         self._split = split
         self._breaks_device = breaks_device
         self._lock = threading.Lock()
-        self._broken: Optional[str] = None
+        self.health = health or WorkerHealth()
         self._safe_size: Optional[int] = None
         self._smallest_oom: Optional[int] = None
         self._sizes_that_fit: set = set()
@@ -103,6 +106,10 @@ class ModelCall:
     def unhealthy_reason(self) -> Optional[str]:
         """Why this model cannot be called any more (the accelerator is broken), or None."""
         return self._broken
+
+    @property
+    def _broken(self) -> Optional[str]:
+        return self.health.accelerator
 
     # -- isolation ------------------------------------------------------------------------------
 
@@ -199,10 +206,8 @@ class ModelCall:
 
     def _classify(self, exc: BaseException) -> RequestError:
         if self._breaks_device(exc):
-            with self._lock:
-                if self._broken is None:
-                    self._broken = f"the accelerator is in an unrecoverable state ({type(exc).__name__}: " \
-                                   f"{_first_line(exc)})"
+            self.health.accelerator_broken(f"the accelerator is in an unrecoverable state ({type(exc).__name__}: "
+                                           f"{_first_line(exc)})")
             log.critical("%s: this worker cannot serve any more and reports itself unhealthy", self._broken)
             error = InferenceFailed(f"the accelerator failed on this micro-batch and cannot be used any more "
                                     f"({type(exc).__name__}: {_first_line(exc)}); this worker is being replaced")
