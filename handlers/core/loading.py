@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from handlers.core.handler_file import load_python_file
+from handlers.core.handler_file import load_handler_class, load_python_file  # noqa: F401 - load_handler_class's old home
 from handlers.engine.settings import ConfigError, ModelFiles
 
 
