@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
+from handlers.core.accelerator_errors import breaks_device
 from handlers.core.derived_inputs import derived_inputs
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
@@ -58,24 +59,6 @@ def _abandoned(request: Any):
 
 def _to_cpu(leaf: Any) -> Any:
     return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
-
-
-# Messages of CUDA errors that leave the context unusable for the rest of the process: every
-# later call fails too, so the worker must be replaced (torch >= 2.8 raises AcceleratorError).
-BROKEN_DEVICE_MESSAGES = ("device-side assert", "illegal memory access", "unspecified launch failure",
-                          "misaligned address", "illegal instruction", "an illegal", "uncorrectable ecc",
-                          "cuda error: unknown error", "launch timed out")
-
-
-def breaks_device(exc: BaseException) -> bool:
-    """True for an accelerator error after which the device cannot be used in this process."""
-    text = str(exc).lower()
-    if "out of memory" in text:
-        return False
-    if type(exc).__name__ == "AcceleratorError":
-        return True
-    return isinstance(exc, RuntimeError) and ("cuda error" in text or "cudnn_status_execution_failed" in text) and any(
-        message in text for message in BROKEN_DEVICE_MESSAGES)
 
 
 def shared_threads(threads: int, inference_workers: int) -> int:

@@ -33,6 +33,7 @@ from handlers.engine.audit import Audit
 from handlers.engine.clocks import Deadline, StageTimes
 from handlers.engine.errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
                       inference_error)
+from handlers.engine.health import WorkerHealth
 from handlers.engine.outcome import Failure, Outcome, Success, attempt
 from handlers.engine.scatter import AnswerAlone, LayoutAmbiguous, LayoutUnknown
 
@@ -58,7 +59,8 @@ class ModelCall:
         split: ``(output, count) -> [output, ...]``; None when ``forward`` already returns one
             output per item. It may raise :class:`LayoutUnknown` to have the model probed.
         breaks_device: ``exc -> bool``: the error left the accelerator unusable (sticky CUDA
-            errors); the model call is then unhealthy for good.
+            errors); the model call reports it to ``health`` and refuses every call after.
+        health: the worker's :class:`WorkerHealth` (a new one when None).
         derive: ``items -> [items, ...]``: inputs derived from a micro-batch's (same count, other
             data) for a probe; none when the items cannot be varied (the evidence is then thin).
         answers_alone: ``() -> bool``: the split can no longer cut a micro-batch of several;
@@ -73,8 +75,8 @@ class ModelCall:
     """
 
     def __init__(self, forward: Forward, split: Optional[Split] = None, breaks_device: Callable = never,
-                 derive: Callable[[list], list] = lambda items: [], answers_alone: Callable[[], bool] = lambda: False,
-                 audit: Optional[Audit] = None):
+                 health: Optional[WorkerHealth] = None, derive: Callable[[list], list] = lambda items: [],
+                 answers_alone: Callable[[], bool] = lambda: False, audit: Optional[Audit] = None):
         self._forward = forward
         self.audit = audit
         self._split = split
@@ -83,7 +85,7 @@ class ModelCall:
         self._answers_alone = answers_alone
         self.answered_alone = 0  # requests that got a model call of their own (no layout to cut by)
         self._lock = threading.Lock()
-        self._broken: Optional[str] = None
+        self.health = health or WorkerHealth()
         self._safe_size: Optional[int] = None
         self._smallest_oom: Optional[int] = None
         self._sizes_that_fit: set = set()
@@ -120,6 +122,10 @@ class ModelCall:
     def unhealthy_reason(self) -> Optional[str]:
         """Why this model cannot be called any more (the accelerator is broken), or None."""
         return self._broken
+
+    @property
+    def _broken(self) -> Optional[str]:
+        return self.health.accelerator
 
     # -- isolation ------------------------------------------------------------------------------
 
@@ -260,10 +266,8 @@ class ModelCall:
 
     def _classify(self, exc: BaseException) -> RequestError:
         if self._breaks_device(exc):
-            with self._lock:
-                if self._broken is None:
-                    self._broken = f"the accelerator is in an unrecoverable state ({type(exc).__name__}: " \
-                                   f"{_first_line(exc)})"
+            self.health.accelerator_broken(f"the accelerator is in an unrecoverable state ({type(exc).__name__}: "
+                                           f"{_first_line(exc)})")
             log.critical("%s: this worker cannot serve any more and reports itself unhealthy", self._broken)
             error = InferenceFailed(f"the accelerator failed on this micro-batch and cannot be used any more "
                                     f"({type(exc).__name__}: {_first_line(exc)}); this worker is being replaced")

@@ -229,7 +229,7 @@ def replica_class(max_concurrent_batches: int) -> type:
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
                      max_request_bytes: int, api_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
-            from handlers.core.loading import load_handler_class
+            from handlers.core.handler_file import load_handler_class
             from handlers.engine.batch_queue import BatchQueue
             from handlers.servers.ray_cluster import keep_replica_grpc_on_loopback
 
