@@ -14,6 +14,7 @@ batch deadline; the calling thread gets exactly one outcome per request, in requ
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import wait as settle
