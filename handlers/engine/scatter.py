@@ -670,11 +670,13 @@ def _index_column(leaf_maps: list, path: str) -> Optional[int]:
         return None
     for column in range(min(int(leaf.shape[1]) for _, leaf in leaves)):
         try:
-            if all(all(v == int(v) and 0 <= v < n for v in leaf[:, column].tolist()) for n, leaf in leaves) and \
-                    any(int(leaf.shape[0]) for _, leaf in leaves):
-                return column
+            named = [(n, leaf[:, column].tolist()) for n, leaf in leaves]
         except (TypeError, ValueError):
             return None
+        in_range = all(all(v == int(v) and 0 <= v < n for v in values) for n, values in named)
+        # A column of zeros (an empty feature) is no index: some output must name two requests.
+        if in_range and any(len(set(values)) >= 2 for _, values in named):
+            return column
     return None
 
 

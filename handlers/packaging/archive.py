@@ -383,6 +383,9 @@ def _imported_from(name: str, module: Any, folders: set) -> bool:
     return any(os.path.realpath(os.path.dirname(part)) in folders for part in getattr(top, "__path__", None) or ())
 
 
+SELF_TEST_NOT_RUN = "self-test NOT run"
+
+
 def self_test(spec: ArchiveSpec) -> str:
     """Start the config's handler on the CPU as a worker would (its files as the archive holds
     them, imported as the worker imports them, its model config: the weights are loaded) and run
@@ -392,7 +395,7 @@ def self_test(spec: ArchiveSpec) -> str:
     missing = [p for p in (spec.serialized_file, *spec.extra_files, *(p for p, _ in spec.samples))
                if p is not None and not p.exists()]
     if missing:
-        return f"not run: {missing[0]} is not built yet (python -m handlers.archive builds it)"
+        return f"{SELF_TEST_NOT_RUN}: {missing[0]} is not built yet (python -m handlers.archive builds it)"
     with staged_model_dir(spec) as staged:
         handler_class = load_handler_class(str(Path(staged) / spec.handler.name))
         if not hasattr(handler_class, "read_config"):
@@ -418,7 +421,7 @@ def self_test(spec: ArchiveSpec) -> str:
         finally:
             handler.close()
         if not spec.samples:
-            return "model started on the CPU; self-test not run: no samples (samples: in the config)"
+            return f"{SELF_TEST_NOT_RUN}: no samples (samples: in the config); the model did start on the CPU"
         return handler.self_test.summary()
 
 
