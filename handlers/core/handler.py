@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -23,9 +24,9 @@ from handlers.core.responses import JSON, Encoded, encoded
 from handlers.core.self_test import first_difference, load_samples, run_self_test, tolerance
 from handlers.engine.audit import DEFAULT_SHARE, Audit
 from handlers.engine.batch_engine import BatchEngine, BatchReport
-from handlers.engine.errors import BadRequest, UnsupportedMediaType
+from handlers.engine.errors import BadRequest, InternalError, UnsupportedMediaType
 from handlers.engine.model_call import ModelCall
-from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, declared_special
+from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, children_of, declared_special, leaves_of, map_arrays
 from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings, usable_cores
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class MicroBatchHandler:
         self.model_dir = "."
         self._engine: Optional[BatchEngine] = None
         self._model_thread = threading.local()  # each model thread's own CUDA stream
+        self._output_buffers = OutputBuffers()
         self._scatter = Scatter()
         self.input_dtype = torch.float32  # floating inputs are cast to the model's precision
         self.self_test: Any = None  # the start-up self-test's report, when samples ran
@@ -384,9 +386,19 @@ class MicroBatchHandler:
 
     def _forward(self, items: list) -> Any:
         """collate → infer for one micro-batch, on the model thread that runs it."""
+        versions = tensor_versions(items)
         # inference_mode is thread-local: enter it on the model thread that runs this.
         with torch.inference_mode(), self._own_stream():
-            return self.infer(self.collate(items))
+            output = self.infer(self.collate(items))
+        if versions and tensor_versions(items) != versions:
+            # A retry, a probe or an audit sends the same items again: changed, they would get
+            # another answer, in a 200.
+            raise InputChangedInPlace("collate or infer changed a request's preprocessed tensor in place; a retry "
+                                      "or a lone call would see the changed input: work on a copy (x = x.clone())")
+        if self._output_buffers.note(output):
+            with torch.inference_mode():
+                output = map_arrays(output, _copy_tensor)
+        return output
 
     def _split_on_host(self, output: Any, count: int) -> list:
         """``split`` on the model thread; outputs a custom split leaves on the GPU are made safe
@@ -412,11 +424,64 @@ class MicroBatchHandler:
             yield stream
 
 
+class InputChangedInPlace(InternalError):
+    """500: the model step changed its input in place; no retry can cure it."""
+
+    retry_may_cure = False
+
+
+def tensor_versions(node: Any) -> tuple:
+    """The version counters of the tensors in ``node`` (they move on every in-place change)."""
+    if isinstance(node, torch.Tensor):
+        return (node._version,)
+    structure = children_of(node)
+    if structure is None:
+        return ()
+    return tuple(version for _, child in structure[1] for version in tensor_versions(child))
+
+
+def _copy_tensor(leaf: Any) -> Any:
+    return leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
+
+
+class OutputBuffers:
+    """Finds a model that returns the same memory on every call (a buffer it keeps and writes
+    into, so that each call overwrites the parts of the last one while the pool still reads them).
+    A new output whose storage is that of the previous one while the previous one is still alive
+    is the same buffer: live memory is never handed out twice. Until a second call tells, and
+    from then on if it is a buffer, outputs are copied (:meth:`note` says when)."""
+
+    def __init__(self):
+        self._previous: list = []  # (storage address, weak reference to the tensor holding it)
+        self.reused: Optional[bool] = None  # unknown until a second call
+
+    def note(self, output: Any) -> bool:
+        """Record a model call's output; True when it must be copied before it is used."""
+        if self.reused is not None:
+            return self.reused
+        seen = []
+        for leaf in leaves_of(output).values():
+            if isinstance(leaf, torch.Tensor) and leaf.numel():
+                address = leaf.untyped_storage().data_ptr()
+                seen += [(address, weakref.ref(owner)) for owner in (leaf, leaf._base) if owner is not None]
+        if not seen:
+            return False
+        if self._previous:
+            alive = {address for address, ref in self._previous if ref() is not None}
+            self.reused = any(address in alive for address, _ in seen)
+            if self.reused:
+                log.warning("the model returns the same memory on every call (a buffer it keeps): its outputs are "
+                            "copied from now on, so that a call cannot overwrite the answers of the one before")
+            self._previous = []
+            return self.reused
+        self._previous = seen
+        return True
+
+
 def _hand_over(parts: list, stream, reader) -> None:
     """GPU tensors made on the model thread's ``stream`` are read on ``reader`` (the pool threads'
     default stream): their memory is not reused until ``reader``'s work is done (record_stream),
     and ``stream``'s kernels are finished before the pool sees them."""
-    from handlers.engine.scatter import map_arrays
 
     def record(leaf):
         if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
