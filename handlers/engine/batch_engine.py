@@ -68,6 +68,7 @@ class BatchReport:
     micro_batch_sizes: list
     model_calls: int = 0
     stage_seconds: dict = field(default_factory=dict)
+    answered_alone: int = 0  # requests that got a model call of their own (no layout to cut by)
 
 
 class BatchEngine:
@@ -234,6 +235,7 @@ class BatchEngine:
             micro_batch_sizes=[len(r) for r in plan],
             model_calls=times.model_calls,
             stage_seconds=dict(times.seconds),
+            answered_alone=times.answered_alone,
         )
 
     def _plan(self, requests: Sequence[Any], positions: list) -> list:

@@ -214,6 +214,7 @@ class ModelCall:
         """One model call per item; each output whole, or that item's own Failure."""
         with self._lock:
             self.answered_alone += len(items)
+        times.add_alone(len(items))
         results = []
         for item in items:
             outcome = self._call([(None, item)], times)

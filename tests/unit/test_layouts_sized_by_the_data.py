@@ -259,3 +259,16 @@ def test_a_scatter_refuted_once_stays_refuted():
     with pytest.raises(Exception, match="a contradiction"):
         scatter.split(output, 2)
     assert scatter.split(torch.zeros(1, 3), 1)[0].shape == (1, 3)  # a lone call: its whole output
+
+
+def test_requests_answered_alone_are_counted_in_the_batch_metrics():
+    from handlers.testing import run_batch, start_handler
+
+    handler = start_handler(DetectorHandler, handler_config={"micro_batch_size": 4})
+    try:
+        _, context = run_batch(handler, VARIED[:4])
+        _, declared_context = run_batch(handler, VARIED[4:])
+    finally:
+        handler.close()
+    assert context.metrics.named("RequestsAnsweredAlone")[0].value == 4
+    assert declared_context.metrics.named("RequestsAnsweredAlone")[0].value == 4
