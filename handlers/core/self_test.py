@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from handlers.core.derived_inputs import derived_inputs
+from handlers.core.derived_inputs import derived_inputs, shorter_input
 from handlers.core.request import Request, decoded_body
 from handlers.engine.errors import SplitFailed, is_out_of_memory
 from handlers.engine.scatter import children_of, child_path, cut, is_array, learn_layout, learned_any, ROOT
@@ -62,7 +62,8 @@ class SelfTestReport:
     layout_learned: Any  # how the layout was known ("learned (derived inputs included)", "declared"), or falsy
     distinct: int = 2  # different sample requests: batch invariance shows only beside a different one
     alone_reason: Optional[str] = None  # why requests are answered one per model call, if they are
-    one_shape: bool = False  # every sample's input has the same shapes: padding was not exercised
+    one_shape: bool = False  # every sample's input has the same shape and no shorter one could be derived
+    padding: Optional[str] = None  # the derived input that made a micro-batch pad, when one did
 
     def summary(self) -> str:
         if self.alone_reason is not None:
@@ -75,6 +76,8 @@ class SelfTestReport:
                           "batch invariance NOT tested: it needs at least 2 different samples")
         padding = ("; every sample's input has the same shape, so padding to a longer batch-mate was NOT "
                    "exercised (add samples of different lengths)" if self.one_shape and self.distinct >= 2 else "")
+        if self.padding:
+            padding = f"; padding exercised with {self.padding}"
         return (f"self-test: {self.samples} sample(s) alone and together at micro-batch sizes "
                 f"{', '.join(map(str, self.sizes))}: {layout}{invariance}{padding}; {self.model_calls} model calls "
                 f"in {self.seconds:.2f} s")
@@ -170,8 +173,37 @@ def run_self_test(handler, samples: list, default_split: bool = True) -> SelfTes
                 )
     distinct = len({_identity(sample.request) for sample in samples})
     one_shape = len({_shapes(item) for item in items}) == 1
+    padding = None
+    if one_shape and alone_reason is None and len(samples) >= 2:
+        padding = _check_padding(handler, samples, items, rtol, atol)
+        calls += 2 if padding else 0
     return SelfTestReport(len(samples), calls, (1, *together), time.perf_counter() - started, learned, distinct,
-                          alone_reason, one_shape)
+                          alone_reason, one_shape and not padding, padding)
+
+
+def _check_padding(handler, samples: list, items: list, rtol: float, atol: float) -> Optional[str]:
+    """Samples all of one length never make a micro-batch pad: a shorter input derived from the
+    first (its sequences cut to half) is answered alone and beside the others, and the two must
+    agree. Returns what was exercised, None when no such input can be made or run.
+
+    Raises:
+        SelfTestFailed: the shorter input answers differently beside longer ones (padding leaks)."""
+    shorter = shorter_input(items[0])
+    if shorter is None:
+        return None
+    alone = _derived_output(handler, [shorter])
+    beside = _derived_output(handler, [shorter, *items[1:]])
+    if alone is None or beside is None:
+        return None  # the model takes only inputs of that length: nothing pads
+    name = f"a shorter input derived from sample {samples[0].name} (its sequences cut to half)"
+    difference = first_difference(_answer(handler, samples[0], _split(handler, alone, 1)[0], shorter),
+                                  _answer(handler, samples[0], _split(handler, beside, len(items))[0], shorter),
+                                  rtol, atol, ANSWER)
+    if difference:
+        raise SelfTestFailed(f"self-test: {name} answers differently beside longer samples: {difference} (tolerance "
+                             f"rtol {rtol:g}, atol {atol:g}). The model mixes the requests of a batch: padding that "
+                             f"leaks into the result (mask it: attention_mask, lengths)")
+    return name
 
 
 def _derived_output(handler, items: list) -> Any:
