@@ -405,6 +405,8 @@ def label(case: Case, outcome: Outcome) -> None:
         event(f"{name}: a good request refused")
     if outcome.answered and not (outcome.wrong or outcome.refused):
         event(f"{name}: every good request answered 200")
+    if case.layout.order != "by_request" and any(len(batch) > 1 for batch in case.batches):
+        event(f"{name}: rows not in request order")
     if case.has_coincidence():
         event(f"{name}: a micro-batch whose total count equals its size")
     tally = os.environ.get("DATA_SIZED_TALLY")
