@@ -55,7 +55,8 @@ from handlers.core.self_test import Sample
 from handlers.engine.settings import ConfigError
 from handlers.testing import LocalServer, run_batch
 
-pytestmark = pytest.mark.timeout(3600)
+# A hang fails the test: a minute or so in CI, the soak's thousands of examples an hour.
+pytestmark = pytest.mark.timeout(600 if settings().max_examples <= 100 else 3600)
 
 # -- layouts -----------------------------------------------------------------------------------
 
@@ -291,6 +292,10 @@ CSR_COINCIDENCE = Case(Layout("csr", "dict"), COINCIDENCE, 2, samples=ONE_EACH)
 CONCAT_COINCIDENCE = Case(Layout("concat"), COINCIDENCE, 2, samples=ONE_EACH)
 # Without samples, the live probe learns the same from a first micro-batch of one item each.
 PROBED_COINCIDENCE = Case(Layout("flat"), (((0.0, 1), (1.0, 1), (3.0, 2), (4.0, 0)),), 2)
+# Found by the safety property on b3b33ac (shrunk; no samples, every count 1): rows written in
+# reverse request order, the live probe at size 1 learns "dimension 0 is the batch", and the two
+# requests get each other's row in a 200. A data-sized output need not even be ordered by request.
+REVERSED_ONE_EACH = Case(Layout("flat", order="reversed"), (((0.0, 1), (1.0, 1)),), 2)
 # With a declaration, the same coincidence must be cut by it.
 DECLARED_FLAT_COINCIDENCE = dataclasses.replace(FLAT_COINCIDENCE, declared=True)
 DECLARED_NMS_COINCIDENCE = dataclasses.replace(NMS_COINCIDENCE, declared=True)
@@ -457,6 +462,7 @@ if os.environ.get("DATA_SIZED_NO_EXPLICIT") == "1":
 @example(case=CSR_COINCIDENCE)
 @example(case=CONCAT_COINCIDENCE)
 @example(case=PROBED_COINCIDENCE)
+@example(case=REVERSED_ONE_EACH)
 @example(case=DECLARED_FLAT_COINCIDENCE)
 @given(case=cases(declare="sometimes", faults="sometimes"))
 def test_a_data_sized_output_never_gives_a_request_another_requests_data(case):
@@ -471,6 +477,7 @@ def test_a_data_sized_output_never_gives_a_request_another_requests_data(case):
 @example(case=CSR_COINCIDENCE)
 @example(case=CONCAT_COINCIDENCE)
 @example(case=PROBED_COINCIDENCE)
+@example(case=REVERSED_ONE_EACH)
 @given(case=cases(declare="never", faults="sometimes"))
 def test_without_a_declaration_every_good_request_is_answered_alone(case):
     """Liveness without a declaration: what cannot be cut is answered with one model call per
