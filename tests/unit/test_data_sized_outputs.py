@@ -296,6 +296,10 @@ PROBED_COINCIDENCE = Case(Layout("flat"), (((0.0, 1), (1.0, 1), (3.0, 2), (4.0, 
 # reverse request order, the live probe at size 1 learns "dimension 0 is the batch", and the two
 # requests get each other's row in a 200. A data-sized output need not even be ordered by request.
 REVERSED_ONE_EACH = Case(Layout("flat", order="reversed"), (((0.0, 1), (1.0, 1)),), 2)
+# Found by the soak (shrunk; one micro-batch, no samples, rows by request): counts 0, 2, 1, 1 total
+# 4 at size 4 and the probe's first half (0, 2) totals 2 at size 2, so the probe itself learns
+# "dimension 0 is the batch" and cuts row by row.
+PROBE_FOOLED = Case(Layout("flat"), (((0.0, 0), (0.0, 2), (0.0, 1), (0.0, 1)),), 4)
 # With a declaration, the same coincidence must be cut by it.
 DECLARED_FLAT_COINCIDENCE = dataclasses.replace(FLAT_COINCIDENCE, declared=True)
 DECLARED_NMS_COINCIDENCE = dataclasses.replace(NMS_COINCIDENCE, declared=True)
@@ -463,6 +467,7 @@ if os.environ.get("DATA_SIZED_NO_EXPLICIT") == "1":
 @example(case=CONCAT_COINCIDENCE)
 @example(case=PROBED_COINCIDENCE)
 @example(case=REVERSED_ONE_EACH)
+@example(case=PROBE_FOOLED)
 @example(case=DECLARED_FLAT_COINCIDENCE)
 @given(case=cases(declare="sometimes", faults="sometimes"))
 def test_a_data_sized_output_never_gives_a_request_another_requests_data(case):
@@ -478,6 +483,7 @@ def test_a_data_sized_output_never_gives_a_request_another_requests_data(case):
 @example(case=CONCAT_COINCIDENCE)
 @example(case=PROBED_COINCIDENCE)
 @example(case=REVERSED_ONE_EACH)
+@example(case=PROBE_FOOLED)
 @given(case=cases(declare="never", faults="sometimes"))
 def test_without_a_declaration_every_good_request_is_answered_alone(case):
     """Liveness without a declaration: what cannot be cut is answered with one model call per
