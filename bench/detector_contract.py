@@ -249,6 +249,7 @@ def measure(server: str, label: str, url: str, headers: dict, calls: Callable[[]
 
 def refused(server: str, label: str, exc: BaseException, requests_count: int) -> dict:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = re.sub(r"^\S+\.yaml: ", "", reason)  # the config written for this run: its path says nothing
     print(f"{server}, {label}: cannot serve: {reason}", file=sys.stderr, flush=True)
     return {"server": server, "config": label, "requests": requests_count, "refused": f"{type(exc).__name__}: {reason}"}
 
@@ -275,14 +276,14 @@ def on_ray(label: str, work: Path, pngs: list, expected: list, args) -> dict:
 
 def table(rows: list, args, base: str) -> str:
     lines = [f"{args.requests} requests per row from {args.concurrency} clients, images with 0 to 5 boxes "
-             f"(seed {args.seed}), each answer checked against the model's on that image alone; code at {base}.",
+             f"(seed {args.seed}), each answer checked against the model's on that image alone; {base}.",
              "",
              "| server | config | wrong 200s | correct 200s | other answers | req/s | mean X-Batch-Size | "
              "model calls / request |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "refused" in row:
-            lines.append(f"| {row['server']} | {row['config']} | – | – | cannot serve: {row['refused'][:160]} "
+            lines.append(f"| {row['server']} | {row['config']} | – | – | cannot serve: {row['refused'][:240]} "
                          f"| – | – | – |")
             continue
         others = ", ".join(f"{kind}: {count}" for kind, count in row["other"].items()) or "none"
@@ -290,12 +291,31 @@ def table(rows: list, args, base: str) -> str:
         lines.append(f"| {row['server']} | {row['config']} | {row['wrong_200']} | {row['correct_200']} "
                      f"({row['correct_200'] / row['requests']:.0%}) | {others} | {row['req_per_s']} | "
                      f"{row['mean_x_batch_size']} | {calls} |")
+    for row in rows:
+        for wrong in row.get("wrong_examples", [])[:1]:
+            lines.append(f"\n{row['server']}, {row['config']}: request {wrong['request']} should have got "
+                         f"{boxes_of(wrong['expected'])}, got {boxes_of(wrong['got'])}")
     return "\n".join(lines)
 
 
+def boxes_of(answer) -> str:
+    """An answer's boxes, short: ``[x0, y0, x1, y1] label`` each."""
+    if not (isinstance(answer, dict) and isinstance(answer.get("boxes"), list)):
+        return repr(answer)[:120]
+    if not answer["boxes"]:
+        return "no boxes"
+    return f"{len(answer['boxes'])} box(es): " + ", ".join(f"{b.get('box')} {b.get('label')}" for b in answer["boxes"])
+
+
 def code_version() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
+    """The commit measured, and the last one that changed the framework (``handlers/``)."""
+    def short(*args) -> str:
+        result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return result.stdout.strip() or "unknown"
+
+    dirty = " (with uncommitted changes)" if short("status", "--porcelain", "--", "handlers") != "unknown" else ""
+    return (f"commit {short('rev-parse', '--short', 'HEAD')}, handlers/ as at "
+            f"{short('log', '-1', '--format=%h', '--', 'handlers')}{dirty}")
 
 
 def main(argv=None) -> int:
