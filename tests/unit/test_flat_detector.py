@@ -148,7 +148,8 @@ def test_with_the_declaration_micro_batches_are_called_together_and_each_request
         responses, calls = answered_in_batches(server, pngs)
     breaches = contract_breaches(responses, expected)
     assert not breaches, f"{len(breaches)} of {REQUESTS} requests without their own boxes, e.g. {breaches[:3]}"
-    assert calls <= REQUESTS // 2, f"{calls} model calls for {REQUESTS} requests: micro-batches were not called together"
+    assert calls <= REQUESTS // 2, (f"{calls} model calls for {REQUESTS} requests: micro-batches were not "
+                                     f"called together")
 
 
 @pytest.mark.parametrize("declared", [False, True], ids=["no declaration", "declared"])
