@@ -513,7 +513,7 @@ class Scatter:
     """
 
     def __init__(self, declared: Optional[Mapping[str, Any]] = None):
-        self.declared = dict(declared or {})
+        self.declared = with_counts_declared(declared or {})
         self._lock = threading.Lock()
         self._layout: Optional[Layout] = None
         self.source: Optional[str] = None  # where the layout in use came from, for messages
@@ -624,6 +624,17 @@ class Scatter:
         with self._lock:
             if self.alone_reason is None:
                 self._layout, self.source = layout, source
+
+
+def with_counts_declared(declared: Mapping[str, Any]) -> dict:
+    """``declared``, with the counts a ``{'counts': path}`` declaration names cut along dimension 0
+    (one count per request), unless declared otherwise."""
+    full = dict(declared)
+    for wanted in declared.values():
+        special = declared_special(wanted)
+        if isinstance(special, Segments):
+            full.setdefault(special.counts, 0)
+    return full
 
 
 def _problem(message: str) -> str:
