@@ -16,7 +16,6 @@ import torch
 
 from handlers import MicroBatchHandler, Request
 from handlers.core.self_test import Sample, SelfTestFailed
-from handlers.engine.scatter import Scatter, suggest_declarations
 from handlers.testing import LocalServer
 
 JSON = {"Content-Type": "application/json"}
@@ -160,6 +159,8 @@ def test_values_and_counts_undeclared_are_answered_alone_and_the_counts_declarat
 
 
 def test_suggestions_fit_every_output_seen():
+    from handlers.engine.scatter import suggest_declarations
+
     flat = lambda n, k: torch.cat([torch.arange(n).repeat_interleave(k).float().unsqueeze(1),  # noqa: E731
                                    torch.rand(n * k, 6)], dim=1)
     assert suggest_declarations([(2, flat(2, 3)), (3, flat(3, 1))]) == ['"output": {\'index_column\': 0}']
@@ -253,6 +254,8 @@ def test_a_poison_request_answered_alone_fails_alone():
 
 
 def test_a_scatter_refuted_once_stays_refuted():
+    from handlers.engine.scatter import Scatter
+
     scatter = Scatter()
     scatter.answer_alone("a contradiction")
     output = torch.zeros(2, 3)
