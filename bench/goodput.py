@@ -73,24 +73,32 @@ def main(argv=None) -> int:
 
 
 @contextlib.contextmanager
-def on_torchserve(workdir: Path, model_config: dict):
-    """:data:`CONFIG` archived with ``model_config``'s updates and served by a TorchServe of its own
+def on_torchserve(workdir: Path, model_config: dict, config: Path = CONFIG):
+    """``config`` archived with ``model_config``'s updates and served by a TorchServe of its own
     in ``workdir`` (made here): yields the model's URL and the auth header."""
+    with torchserve_serving(workdir, model_config, config) as (instance, name):
+        yield f"{instance.inference_url}/predictions/{name}", instance.auth()
+
+
+@contextlib.contextmanager
+def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG):
+    """As :func:`on_torchserve`, yielding the :class:`TorchServe` instance and the model's name
+    (for its metrics, its logs)."""
     store = workdir / "model_store"
     store.mkdir(parents=True)
-    archive_config(CONFIG, store, model_config or None)
+    name = archive_config(config, store, model_config or None).stem
     instance = TorchServe(workdir / "server", store, ROOT / "config.properties", ports=Ports.free())
     instance.start()
     try:
-        instance.wait_ready(["image_classifier"])
-        yield f"{instance.inference_url}/predictions/image_classifier", instance.auth()
+        instance.wait_ready([name])
+        yield instance, name
     finally:
         instance.stop()
 
 
 @contextlib.contextmanager
-def on_ray_serve():
-    """:data:`CONFIG` served by Ray Serve on a private local cluster (every core): yields the URL."""
+def on_ray_serve(config: Path = CONFIG):
+    """``config`` served by Ray Serve on a private local cluster (every core): yields the URL."""
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
     from handlers.servers.ray_serve import serve_configs
 
@@ -98,7 +106,7 @@ def on_ray_serve():
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
         start_local_cluster(temp_dir, port, num_cpus=(os.cpu_count() or 2) + 1)
         try:
-            [name] = serve_configs([CONFIG])
+            [name] = serve_configs([config])
             yield f"http://127.0.0.1:{port}/predictions/{name}"
         finally:
             stop_local_cluster(temp_dir)

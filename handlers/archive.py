@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from handlers.packaging.archive import (ArchiveConfigError, ArchiveSpec, archive, archive_config, build_artefacts,
-                                        ineffective_settings, load_spec, self_test)
+                                        ineffective_settings, load_spec, self_test, SELF_TEST_NOT_RUN)
 
 __all__ = ["ArchiveConfigError", "ArchiveSpec", "archive", "archive_config", "load_spec", "main"]
 
@@ -39,7 +39,10 @@ def main(argv: Optional[list] = None) -> int:
                         help="where every config's paths start (default: each config's root: key, else its folder)")
     parser.add_argument("--rebuild", action="store_true", help="run build commands even if artefacts exist")
     parser.add_argument("--check", action="store_true",
-                        help="only check the configs, and run each model's self-test on its samples where its files are built")
+                        help="only check the configs and run each model's self-test on its samples; exits 3 when a "
+                             "self-test could not run (files not built yet, no samples)")
+    parser.add_argument("--configs-only", action="store_true",
+                        help="with --check: check the configs without starting the models (no self-test)")
     args = parser.parse_args(argv)
     default_folder = (args.root or Path(".")) / "archiver_configs"
     configs = args.configs or sorted(default_folder.glob("*.yaml"))
@@ -58,15 +61,26 @@ def main(argv: Optional[list] = None) -> int:
         for note in ineffective_settings(spec):
             print(f"warning: {spec.source}: {note}", file=sys.stderr)
     if args.check:
+        not_run = []
         for spec in specs:
+            if args.configs_only:
+                continue
             try:
-                print(f"{spec.model_name}: {self_test(spec)}", flush=True)
+                summary = self_test(spec)
             except ArchiveConfigError as exc:
                 _print_errors(exc)
                 failed = True
+                continue
+            print(f"{spec.model_name}: {summary}", flush=True)
+            if summary.startswith(SELF_TEST_NOT_RUN):
+                not_run.append(spec.model_name)
         if failed:
             return 2
-        print(f"{len(specs)} config(s) OK: {', '.join(s.model_name for s in specs)}")
+        names = ", ".join(s.model_name for s in specs)
+        if not_run:  # a green check must mean the models were started and tested
+            print(f"{len(specs)} config(s) valid, but the self-test did NOT run for {', '.join(not_run)} (see above)")
+            return 3
+        print(f"{len(specs)} config(s) OK{' (configs only, no self-test)' if args.configs_only else ''}: {names}")
         return 0
     for number, spec in enumerate(specs, 1):
         started = time.monotonic()

@@ -305,7 +305,8 @@ def start_archived_handler(mar_path, workdir, **system_properties):
 
     import yaml
 
-    from handlers.core.loading import load_handler_class
+    from handlers.core.handler_file import load_handler_class
+    from handlers.engine.settings import ConfigError
 
     workdir = Path(workdir)
     with zipfile.ZipFile(mar_path) as archive:
@@ -315,7 +316,7 @@ def start_archived_handler(mar_path, workdir, **system_properties):
     model_config = yaml.safe_load((workdir / config_file).read_text()) if config_file else {}
     try:
         handler_class = load_handler_class(str(workdir / manifest["model"]["handler"]))
-    except RuntimeError as exc:
+    except ConfigError as exc:
         raise AssertionError(str(exc)) from None
     context = FakeContext(
         model_yaml_config=model_config,

@@ -10,19 +10,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
+from handlers.core.accelerator_errors import breaks_device
+from handlers.core.derived_inputs import derived_inputs
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
 from handlers.core.responses import JSON, Encoded, encoded, error_answer
-from handlers.core.self_test import load_samples, run_self_test
+from handlers.core.self_test import first_difference, load_samples, run_self_test, tolerance
+from handlers.engine.audit import DEFAULT_SHARE, Audit
 from handlers.engine.batch_engine import BatchEngine, BatchReport
-from handlers.engine.errors import BadRequest, UnsupportedMediaType
+from handlers.engine.errors import BadRequest, InternalError, UnsupportedMediaType
 from handlers.engine.model_call import ModelCall
-from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter
+from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, children_of, declared_special, leaves_of, map_arrays
 from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings, usable_cores
 
 log = logging.getLogger(__name__)
@@ -50,30 +54,13 @@ class Response:
 
 
 def _abandoned(request: Any):
-    """The 408 for a request nobody waits for any more (see :meth:`Request.abandoned`)."""
+    """The 408 (client gave up) or 503 (the server's own budget passed) for a request nobody waits
+    for any more (see :meth:`Request.abandoned`)."""
     return request.abandoned() if isinstance(request, Request) else None
 
 
 def _to_cpu(leaf: Any) -> Any:
     return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
-
-
-# Messages of CUDA errors that leave the context unusable for the rest of the process: every
-# later call fails too, so the worker must be replaced (torch >= 2.8 raises AcceleratorError).
-BROKEN_DEVICE_MESSAGES = ("device-side assert", "illegal memory access", "unspecified launch failure",
-                          "misaligned address", "illegal instruction", "an illegal", "uncorrectable ecc",
-                          "cuda error: unknown error", "launch timed out")
-
-
-def breaks_device(exc: BaseException) -> bool:
-    """True for an accelerator error after which the device cannot be used in this process."""
-    text = str(exc).lower()
-    if "out of memory" in text:
-        return False
-    if type(exc).__name__ == "AcceleratorError":
-        return True
-    return isinstance(exc, RuntimeError) and ("cuda error" in text or "cudnn_status_execution_failed" in text) and any(
-        message in text for message in BROKEN_DEVICE_MESSAGES)
 
 
 def shared_threads(threads: int, inference_workers: int) -> int:
@@ -126,14 +113,17 @@ class MicroBatchHandler:
     # among the inference_workers' micro-batches, see shared_threads). With several workers on one
     # machine, cores / workers keeps them from oversubscribing the cores.
     # batch_dims: how the output is batched, by output path (see handlers.engine.scatter): a tensor's
-    # batch dimension, "items" or "shared". invariance_rtol/atol: how close a sample's answer
+    # batch dimension, "items", "shared", {"index_column": c} (rows naming their request in column
+    # c) or {"counts": "<path>"} (values cut by per-request counts). invariance_rtol/atol: how close a sample's answer
     # beside other requests must be to its answer alone, in the start-up self-test.
+    # audit_share: the most of the model's time spent re-running a served request alone, on idle
+    # model time, to compare with its batched answer (handlers.engine.audit); 0 turns it off.
     # request_budget_s: seconds from a request's arrival after which its answer is no longer
     # awaited (0: only the client's x-request-timeout-seconds, if it sends one); a request the
-    # model has not reached by then gets a 408 at once and costs no model time.
+    # model has not reached by then gets a 503 with Retry-After at once and costs no model time.
     options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0,
                                "batch_dims": {}, "invariance_rtol": 1e-3, "invariance_atol": 1e-4,
-                               "request_budget_s": 0.0}
+                               "request_budget_s": 0.0, "audit_share": DEFAULT_SHARE}
 
     def __init__(self):
         self.initialized = False
@@ -146,6 +136,7 @@ class MicroBatchHandler:
         self.model_dir = "."
         self._engine: Optional[BatchEngine] = None
         self._model_thread = threading.local()  # each model thread's own CUDA stream
+        self._output_buffers = OutputBuffers()
         self._scatter = Scatter()
         self.input_dtype = torch.float32  # floating inputs are cast to the model's precision
         self.self_test: Any = None  # the start-up self-test's report, when samples ran
@@ -173,9 +164,13 @@ class MicroBatchHandler:
         for path, dim in options["batch_dims"].items():
             if not isinstance(path, str) or not path.startswith("output") or not (
                 dim in (ITEMS, SHARED) or isinstance(dim, int) and not isinstance(dim, bool)
+                or declared_special(dim) is not None
             ):
                 raise ConfigError(f"handler.batch_dims maps an output path ('output', 'output[0]', "
-                                  f"\"output['logits']\") to a dimension, 'items' or 'shared', got {path!r}: {dim!r}")
+                                  f"\"output['logits']\") to a dimension, 'items', 'shared', {{'index_column': c}} "
+                                  f"or {{'counts': \"output['counts']\"}}, got {path!r}: {dim!r}")
+        if not 0 <= options["audit_share"] <= 0.5:
+            raise ConfigError(f"handler.audit_share must be between 0 (off) and 0.5, got {options['audit_share']!r}")
         for key in ("invariance_rtol", "invariance_atol", "request_budget_s"):
             if options[key] < 0:
                 raise ConfigError(f"handler.{key} must be >= 0, got {options[key]!r}")
@@ -231,7 +226,10 @@ class MicroBatchHandler:
             # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
             level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
             log.log(level, "%s %s", type(self).__name__, self.self_test.summary())
-        model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device)
+        # A split of the user's own may still hand its output to the scatter (super().split).
+        model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device,
+                               derive=derived_inputs, answers_alone=lambda: self._scatter.answers_alone,
+                               audit=self._audit())
         self._engine = BatchEngine(
             self._preprocess_request, model_call, self._postprocess_one_encoded, self.settings,
             inference_on_cpu=self.device.type == "cpu",
@@ -358,6 +356,21 @@ class MicroBatchHandler:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _audit(self) -> Optional[Audit]:
+        """Now and then a request of a micro-batch runs again alone and is compared (see
+        :mod:`handlers.engine.audit`); a disagreement refutes the layout for good."""
+        share = self.config["audit_share"]
+        if not share:
+            return None
+        rtol, atol = tolerance(self)
+
+        def refute(reason: str) -> None:
+            log.error("%s: some answers given in micro-batches may have held the wrong data", reason)
+            self._scatter.answer_alone(reason, for_one=self._scatter.layout)
+
+        return Audit(lambda item: self._split_on_host(self._forward([item]), 1)[0],
+                     lambda alone, batched: first_difference(alone, batched, rtol, atol), refute, share)
+
     def _preprocess_request(self, request: Request) -> Any:
         if request.body is NO_BODY:  # no hook can read it: say what the client should send
             raise UnsupportedMediaType(NO_BODY_MESSAGE)
@@ -378,9 +391,19 @@ class MicroBatchHandler:
 
     def _forward(self, items: list) -> Any:
         """collate → infer for one micro-batch, on the model thread that runs it."""
+        versions = tensor_versions(items)
         # inference_mode is thread-local: enter it on the model thread that runs this.
         with torch.inference_mode(), self._own_stream():
-            return self.infer(self.collate(items))
+            output = self.infer(self.collate(items))
+        if versions and tensor_versions(items) != versions:
+            # A retry, a probe or an audit sends the same items again: changed, they would get
+            # another answer, in a 200.
+            raise InputChangedInPlace("collate or infer changed a request's preprocessed tensor in place; a retry "
+                                      "or a lone call would see the changed input: work on a copy (x = x.clone())")
+        if self._output_buffers.note(output):
+            with torch.inference_mode():
+                output = map_arrays(output, _copy_tensor)
+        return output
 
     def _split_on_host(self, output: Any, count: int) -> list:
         """``split`` on the model thread; outputs a custom split leaves on the GPU are made safe
@@ -406,11 +429,64 @@ class MicroBatchHandler:
             yield stream
 
 
+class InputChangedInPlace(InternalError):
+    """500: the model step changed its input in place; no retry can cure it."""
+
+    retry_may_cure = False
+
+
+def tensor_versions(node: Any) -> tuple:
+    """The version counters of the tensors in ``node`` (they move on every in-place change)."""
+    if isinstance(node, torch.Tensor):
+        return (node._version,)
+    structure = children_of(node)
+    if structure is None:
+        return ()
+    return tuple(version for _, child in structure[1] for version in tensor_versions(child))
+
+
+def _copy_tensor(leaf: Any) -> Any:
+    return leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
+
+
+class OutputBuffers:
+    """Finds a model that returns the same memory on every call (a buffer it keeps and writes
+    into, so that each call overwrites the parts of the last one while the pool still reads them).
+    A new output whose storage is that of the previous one while the previous one is still alive
+    is the same buffer: live memory is never handed out twice. Until a second call tells, and
+    from then on if it is a buffer, outputs are copied (:meth:`note` says when)."""
+
+    def __init__(self):
+        self._previous: list = []  # (storage address, weak reference to the tensor holding it)
+        self.reused: Optional[bool] = None  # unknown until a second call
+
+    def note(self, output: Any) -> bool:
+        """Record a model call's output; True when it must be copied before it is used."""
+        if self.reused is not None:
+            return self.reused
+        seen = []
+        for leaf in leaves_of(output).values():
+            if isinstance(leaf, torch.Tensor) and leaf.numel():
+                address = leaf.untyped_storage().data_ptr()
+                seen += [(address, weakref.ref(owner)) for owner in (leaf, leaf._base) if owner is not None]
+        if not seen:
+            return False
+        if self._previous:
+            alive = {address for address, ref in self._previous if ref() is not None}
+            self.reused = any(address in alive for address, _ in seen)
+            if self.reused:
+                log.warning("the model returns the same memory on every call (a buffer it keeps): its outputs are "
+                            "copied from now on, so that a call cannot overwrite the answers of the one before")
+            self._previous = []
+            return self.reused
+        self._previous = seen
+        return True
+
+
 def _hand_over(parts: list, stream, reader) -> None:
     """GPU tensors made on the model thread's ``stream`` are read on ``reader`` (the pool threads'
     default stream): their memory is not reused until ``reader``'s work is done (record_stream),
     and ``stream``'s kernels are finished before the pool sees them."""
-    from handlers.engine.scatter import map_arrays
 
     def record(leaf):
         if isinstance(leaf, torch.Tensor) and leaf.is_cuda:

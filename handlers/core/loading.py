@@ -3,17 +3,16 @@ one ``nn.Module`` class + ``--serialized-file`` state_dict) or a TorchScript fil
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import os
 import pickle
-import sys
 import warnings
 from typing import Any
 
 import torch
 
+from handlers.core.handler_file import load_handler_class, load_python_file  # noqa: F401 - load_handler_class's old home
 from handlers.engine.settings import ConfigError, ModelFiles
 
 
@@ -73,37 +72,10 @@ def _load_exported(path: str) -> Any:
         ) from None
 
 
-def classes_defined_in(path: str) -> list:
-    """The classes a Python file defines itself (not those it imports), imported under a unique
-    module name."""
-    import uuid
-
-    spec = importlib.util.spec_from_file_location(f"handler_{uuid.uuid4().hex}", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import the handler file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-
-
-def load_handler_class(path: str) -> type:
-    """The one class a handler file defines (TorchServe's rule: one class per handler file)."""
-    classes = classes_defined_in(path)
-    if len(classes) != 1:
-        raise RuntimeError(f"{os.path.basename(path)} must define exactly one class, found {[c.__name__ for c in classes]}")
-    return classes[0]
-
-
 def build_module(path: str) -> torch.nn.Module:
     """Instantiate the one public ``nn.Module`` subclass defined in the Python file at ``path``
     (helpers named with a leading underscore may sit beside it)."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import the model file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
+    module = load_python_file(path)
     classes = [
         cls
         for _, cls in inspect.getmembers(module, inspect.isclass)

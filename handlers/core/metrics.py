@@ -20,11 +20,14 @@ class BatchMetric:
 
 def batch_metrics(report) -> list:
     """Batch size (as a ``BatchSize`` label: the counts per label are the histogram), model
-    calls, summed time per stage and errors per status code."""
+    calls, requests answered alone (a model call each: no layout to cut their micro-batch's
+    output by; only when there were some), summed time per stage and errors per status code."""
     metrics = [
         BatchMetric("BatchesServed", 1, labels={"BatchSize": str(len(report.outcomes))}),
         BatchMetric("ModelCalls", report.model_calls),
     ]
+    if getattr(report, "answered_alone", 0):
+        metrics.append(BatchMetric("RequestsAnsweredAlone", report.answered_alone))
     metrics += [
         BatchMetric("StageTimeMs", round(seconds * 1000.0, 3), "ms", {"Stage": stage})
         for stage, seconds in report.stage_seconds.items()

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from handlers.core.derived_inputs import derived_inputs, shorter_input
 from handlers.core.request import Request, decoded_body
 from handlers.engine.errors import SplitFailed, is_out_of_memory
-from handlers.engine.scatter import children_of, child_path, cut, is_array, learn_layout, ROOT
+from handlers.engine.scatter import children_of, child_path, cut, is_array, learn_layout, learned_any, ROOT
 from handlers.engine.settings import ConfigError
 
 SAMPLES_DIR = "microbatch_samples"
@@ -58,15 +59,27 @@ class SelfTestReport:
     model_calls: int
     sizes: tuple
     seconds: float
-    layout_learned: bool
+    layout_learned: Any  # how the layout was known ("learned (derived inputs included)", "declared"), or falsy
     distinct: int = 2  # different sample requests: batch invariance shows only beside a different one
+    alone_reason: Optional[str] = None  # why requests are answered one per model call, if they are
+    one_shape: bool = False  # every sample's input has the same shape and no shorter one could be derived
+    padding: Optional[str] = None  # the derived input that made a micro-batch pad, when one did
 
     def summary(self) -> str:
-        layout = "batch layout learned, " if self.layout_learned else ""
-        invariance = ("answers batch-invariant" if self.distinct >= 2 else
-                      "batch invariance NOT tested: it needs at least 2 different samples")
+        if self.alone_reason is not None:
+            layout = (f"NO batch layout can be trusted ({self.alone_reason}): requests are answered one per model "
+                      f"call (correct, slower; declare handler.batch_dims to batch them)")
+            invariance = ""
+        else:
+            layout = f"batch layout {self.layout_learned}, " if self.layout_learned else ""
+            invariance = ("answers batch-invariant" if self.distinct >= 2 else
+                          "batch invariance NOT tested: it needs at least 2 different samples")
+        padding = ("; every sample's input has the same shape, so padding to a longer batch-mate was NOT "
+                   "exercised (add samples of different lengths)" if self.one_shape and self.distinct >= 2 else "")
+        if self.padding:
+            padding = f"; padding exercised with {self.padding}"
         return (f"self-test: {self.samples} sample(s) alone and together at micro-batch sizes "
-                f"{', '.join(map(str, self.sizes))}: {layout}{invariance}; {self.model_calls} model calls "
+                f"{', '.join(map(str, self.sizes))}: {layout}{invariance}{padding}; {self.model_calls} model calls "
                 f"in {self.seconds:.2f} s")
 
 
@@ -127,8 +140,15 @@ def run_self_test(handler, samples: list, default_split: bool = True) -> SelfTes
     scatter = getattr(handler, "_scatter", None)
     learned = scatter is not None and default_split
     if learned:
+        # Other data at the largest size that fitted, so that a size set by the data breaks step.
+        largest = max(groups)
+        derived = [output for variant in derived_inputs([items[p] for p in groups[largest]])
+                   if (output := _derived_output(handler, variant)) is not None]
+        calls += len(derived)
+        observations = [(1, alone[0]), *together.items(), *((largest, output) for output in derived)]
         try:
-            scatter.learn({1: alone[0], **together}, "samples")
+            layout = scatter.learn(observations, "samples", varied=bool(derived))
+            learned = layout is not None and ("learned (derived inputs included)" if learned_any(layout) else "declared")
         except SplitFailed as exc:
             raise SelfTestFailed(f"self-test: {exc.message}") from None
     rtol, atol = tolerance(handler)
@@ -136,7 +156,10 @@ def run_self_test(handler, samples: list, default_split: bool = True) -> SelfTes
     # depends on the longest batch-mate) and postprocess_one trim it back.
     alone_answers = {p: _answer(handler, samples[p], _split(handler, output, 1)[0], items[p])
                      for p, output in alone.items()}
+    alone_reason = scatter.alone_reason if scatter is not None and default_split else None
     for n, positions in groups.items():
+        if alone_reason is not None:
+            break  # nothing is cut: each request's answer is its own call's
         parts = _split(handler, together[n], n)
         for slot, (p, part) in enumerate(zip(positions, parts)):
             difference = first_difference(alone_answers[p], _answer(handler, samples[p], part, items[p]), rtol, atol,
@@ -149,7 +172,56 @@ def run_self_test(handler, samples: list, default_split: bool = True) -> SelfTes
                     f"model.eval()), padding that leaks into the result, or a statistic over the batch"
                 )
     distinct = len({_identity(sample.request) for sample in samples})
-    return SelfTestReport(len(samples), calls, (1, *together), time.perf_counter() - started, learned, distinct)
+    one_shape = len({_shapes(item) for item in items}) == 1
+    padding = None
+    if one_shape and alone_reason is None and len(samples) >= 2:
+        padding = _check_padding(handler, samples, items, rtol, atol)
+        calls += 2 if padding else 0
+    return SelfTestReport(len(samples), calls, (1, *together), time.perf_counter() - started, learned, distinct,
+                          alone_reason, one_shape and not padding, padding)
+
+
+def _check_padding(handler, samples: list, items: list, rtol: float, atol: float) -> Optional[str]:
+    """Samples all of one length never make a micro-batch pad: a shorter input derived from the
+    first (its sequences cut to half) is answered alone and beside the others, and the two must
+    agree. Returns what was exercised, None when no such input can be made or run.
+
+    Raises:
+        SelfTestFailed: the shorter input answers differently beside longer ones (padding leaks)."""
+    shorter = shorter_input(items[0])
+    if shorter is None:
+        return None
+    alone = _derived_output(handler, [shorter])
+    beside = _derived_output(handler, [shorter, *items[1:]])
+    if alone is None or beside is None:
+        return None  # the model takes only inputs of that length: nothing pads
+    name = f"a shorter input derived from sample {samples[0].name} (its sequences cut to half)"
+    difference = first_difference(_answer(handler, samples[0], _split(handler, alone, 1)[0], shorter),
+                                  _answer(handler, samples[0], _split(handler, beside, len(items))[0], shorter),
+                                  rtol, atol, ANSWER)
+    if difference:
+        raise SelfTestFailed(f"self-test: {name} answers differently beside longer samples: {difference} (tolerance "
+                             f"rtol {rtol:g}, atol {atol:g}). The model mixes the requests of a batch: padding that "
+                             f"leaks into the result (mask it: attention_mask, lengths)")
+    return name
+
+
+def _derived_output(handler, items: list) -> Any:
+    """The model's output on derived inputs; None when it refuses them (no evidence, no failure)."""
+    try:
+        return handler._forward(items)
+    except Exception:  # noqa: BLE001 - blank or noise may be outside what the model takes
+        return None
+
+
+def _shapes(item: Any) -> tuple:
+    """The shapes of the arrays in an item, in order (what padding would have to even out)."""
+    if is_array(item):
+        return (tuple(item.shape),)
+    structure = children_of(item)
+    if structure is None:
+        return (type(item).__name__, len(item) if isinstance(item, (str, bytes)) else None)
+    return tuple(shape for _, child in structure[1] for shape in _shapes(child))
 
 
 def tolerance(handler) -> tuple:

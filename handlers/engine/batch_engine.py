@@ -68,6 +68,7 @@ class BatchReport:
     micro_batch_sizes: list
     model_calls: int = 0
     stage_seconds: dict = field(default_factory=dict)
+    answered_alone: int = 0  # requests that got a model call of their own (no layout to cut by)
 
 
 class BatchEngine:
@@ -118,13 +119,16 @@ class BatchEngine:
         self._sizing = make_sizing(
             settings.micro_batch_strategy, settings.micro_batch_size, settings.pool_size, shared_cores=inference_on_cpu
         )
+        # The model call, the pool and this engine report to one owner of "replace this worker".
+        self._health = self._model_call.health
         # Created once: threads are reused across batches, never started per request. Up to
         # MAX_STUCK_PER_THREAD × pool_size threads (at least MIN_STUCK) held by hung stages are
         # replaced; past that the engine is unhealthy.
-        self._pool = StagePool(settings.pool_size, max_stuck=max(MIN_STUCK, MAX_STUCK_PER_THREAD * settings.pool_size))
+        self._pool = StagePool(settings.pool_size, max_stuck=max(MIN_STUCK, MAX_STUCK_PER_THREAD * settings.pool_size),
+                               health=self._health)
         self._model = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="microbatch-model")
-        self._stuck_model_calls: set = set()
-        self._health_lock = threading.Lock()
+        self._flight_lock = threading.Lock()
+        self._batches_in_flight = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -139,6 +143,14 @@ class BatchEngine:
         deadline = Deadline(self.settings.deadline_s)
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
         plan: list = []
+        with self._flight_lock:
+            self._batches_in_flight += 1
+        try:
+            return self._run(requests, times, deadline, outcomes, plan)
+        finally:
+            self._audit_when_idle()
+
+    def _run(self, requests, times, deadline, outcomes, plan) -> BatchReport:
         try:
             reason = self.unhealthy_reason
             if reason is not None:
@@ -158,6 +170,19 @@ class BatchEngine:
             log.exception("the micro-batch sizing strategy failed to learn from a batch")
         return self._report(outcomes, plan, times, requests)
 
+    def _audit_when_idle(self) -> None:
+        """The last batch in flight is answered: the model may run the audit's lone call (it
+        queues behind any micro-batch that arrives meanwhile, at most one call's delay)."""
+        with self._flight_lock:
+            self._batches_in_flight -= 1
+            idle = self._batches_in_flight == 0
+        audit = self._model_call.audit
+        try:
+            if idle and audit is not None and audit.due and self.unhealthy_reason is None:
+                self._model.submit(self._model_call.run_audit)
+        except Exception:  # noqa: BLE001 - the engine is closing, or the audit is broken: the answers stand
+            log.debug("could not queue the audit", exc_info=True)
+
     @property
     def safe_micro_batch_size(self) -> Optional[int]:
         """The largest micro-batch known to fit in memory, once the model ran out of it (else None)."""
@@ -167,16 +192,9 @@ class BatchEngine:
     def unhealthy_reason(self) -> Optional[str]:
         """Why this engine cannot serve (a model call hung past its deadline and still running,
         every pool thread held by hung stages, or an accelerator left broken by a model call); None
-        when it can. A server should replace a worker whose engine stays unhealthy."""
-        broken = self._model_call.unhealthy_reason
-        if broken is not None:
-            return broken
-        with self._health_lock:
-            if self._stuck_model_calls:
-                return "the model is stuck in a call that outlived its batch's deadline"
-        if self._pool.saturated:
-            return f"every stage thread is held by a hung stage ({', '.join(self._pool.stuck_threads)})"
-        return None
+        when it can. A server should replace a worker whose engine stays unhealthy (the
+        :class:`~handlers.engine.health.WorkerHealth` the model call and the pool report to decides)."""
+        return self._health.reason
 
     @property
     def healthy(self) -> bool:
@@ -217,6 +235,7 @@ class BatchEngine:
             micro_batch_sizes=[len(r) for r in plan],
             model_calls=times.model_calls,
             stage_seconds=dict(times.seconds),
+            answered_alone=times.answered_alone,
         )
 
     def _plan(self, requests: Sequence[Any], positions: list) -> list:
@@ -387,17 +406,9 @@ class BatchEngine:
 
     def _note_stuck_model_call(self, job: Future) -> None:
         """A model call outlived its batch: the engine is unhealthy until it returns."""
-        with self._health_lock:
-            if job in self._stuck_model_calls:
-                return
-            self._stuck_model_calls.add(job)
-        log.error("a model call is still running past its batch's deadline: this worker answers 503 "
-                  "until it returns, and should be replaced")
-        job.add_done_callback(self._forget_stuck_model_call)
-
-    def _forget_stuck_model_call(self, job: Future) -> None:
-        with self._health_lock:
-            self._stuck_model_calls.discard(job)
+        if self._health.model_call_stuck(job):
+            log.error("a model call is still running past its batch's deadline: this worker answers 503 "
+                      "until it returns, and should be replaced")
 
     def _model_threads(self) -> list:
         return list(getattr(self._model, "_threads", ()))
@@ -425,7 +436,7 @@ class BatchEngine:
 def log_errors(outcomes: Sequence[Outcome], requests: Sequence[Any] = ()) -> None:
     """Log each error of a batch once, naming its requests by id (``request.id`` where the
     server gave one, else the position): a 5xx at ERROR with the traceback that caused it (a bug
-    of the handler or the model: its log is where it gets fixed), a 4xx at DEBUG (the client's)."""
+    of the handler or the model: its log is where it gets fixed), a 4xx, and a 503 (the server refusing), at DEBUG."""
     errors: dict = {}
     for position, outcome in enumerate(outcomes):
         if outcome is not None and not outcome.ok:
@@ -433,7 +444,8 @@ def log_errors(outcomes: Sequence[Outcome], requests: Sequence[Any] = ()) -> Non
             name = getattr(request, "id", None) or f"#{position}"
             errors.setdefault(id(outcome.error), (outcome.error, []))[1].append(name)
     for error, names in errors.values():
-        level = logging.ERROR if error.status >= 500 else logging.DEBUG
+        # A 503 is the server refusing (its budget passed, a broken worker already logged why): no bug.
+        level = logging.ERROR if error.status >= 500 and error.status != 503 else logging.DEBUG
         if not log.isEnabledFor(level):
             continue
         traceback = f"\n{error.traceback_text}" if error.traceback_text else ""

@@ -34,6 +34,7 @@ class StageTimes:
         self._lock = threading.Lock()
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
         self.calls: list = []  # (micro-batch size, seconds) of each model call
+        self.answered_alone = 0  # requests given a model call of their own (no layout to cut by)
 
     @property
     def model_calls(self) -> int:
@@ -42,6 +43,10 @@ class StageTimes:
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.seconds[stage] += seconds
+
+    def add_alone(self, count: int) -> None:
+        with self._lock:
+            self.answered_alone += count
 
     def add_call(self, size: int, seconds: float) -> None:
         with self._lock:

@@ -13,7 +13,11 @@ around it, owned here so that the engine only schedules:
   and the model call reports itself unhealthy at once, so that the server replaces the worker;
 - **a batch layout to learn**: when the split asks for evidence (:class:`LayoutUnknown`), the
   model is called once more at another size (the first half; a lone request twice over) and the
-  layout learned from both sizes, with a third size when two leave it ambiguous.
+  layout learned from both sizes, with a third size when two leave it ambiguous; and on inputs
+  derived from the micro-batch's own (``derive``: blank, noise) at its size, so that a size set
+  by the data is not taken for the batch;
+- **answering alone**: where no layout can be trusted (:class:`AnswerAlone`), each request gets
+  a model call of its own, whose whole output is its answer; each such call fails alone too.
 
 Plain Python: the model's steps come in as functions; it imports neither torch nor a server.
 """
@@ -25,11 +29,13 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from handlers.engine.audit import Audit
 from handlers.engine.clocks import Deadline, StageTimes
 from handlers.engine.errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
                       inference_error)
+from handlers.engine.health import WorkerHealth
 from handlers.engine.outcome import Failure, Outcome, Success, attempt
-from handlers.engine.scatter import LayoutAmbiguous, LayoutUnknown
+from handlers.engine.scatter import AnswerAlone, LayoutAmbiguous, LayoutUnknown
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,14 @@ class ModelCall:
         split: ``(output, count) -> [output, ...]``; None when ``forward`` already returns one
             output per item. It may raise :class:`LayoutUnknown` to have the model probed.
         breaks_device: ``exc -> bool``: the error left the accelerator unusable (sticky CUDA
-            errors); the model call is then unhealthy for good.
+            errors); the model call reports it to ``health`` and refuses every call after.
+        health: the worker's :class:`WorkerHealth` (a new one when None).
+        derive: ``items -> [items, ...]``: inputs derived from a micro-batch's (same count, other
+            data) for a probe; none when the items cannot be varied (the evidence is then thin).
+        answers_alone: ``() -> bool``: the split can no longer cut a micro-batch of several;
+            each request is then sent alone, without a wasted call on them all first.
+        audit: offered a request of each micro-batch of several now and then, to run alone on
+            idle model time (:meth:`run_audit`) and compare.
 
     Example::
 
@@ -61,12 +74,18 @@ class ModelCall:
         outcomes = call.run([(0, 1.0), (1, 2.0)], Deadline(5), StageTimes())
     """
 
-    def __init__(self, forward: Forward, split: Optional[Split] = None, breaks_device: Callable = never):
+    def __init__(self, forward: Forward, split: Optional[Split] = None, breaks_device: Callable = never,
+                 health: Optional[WorkerHealth] = None, derive: Callable[[list], list] = lambda items: [],
+                 answers_alone: Callable[[], bool] = lambda: False, audit: Optional[Audit] = None):
         self._forward = forward
+        self.audit = audit
         self._split = split
         self._breaks_device = breaks_device
+        self._derive = derive
+        self._answers_alone = answers_alone
+        self.answered_alone = 0  # requests that got a model call of their own (no layout to cut by)
         self._lock = threading.Lock()
-        self._broken: Optional[str] = None
+        self.health = health or WorkerHealth()
         self._safe_size: Optional[int] = None
         self._smallest_oom: Optional[int] = None
         self._sizes_that_fit: set = set()
@@ -104,6 +123,10 @@ class ModelCall:
         """Why this model cannot be called any more (the accelerator is broken), or None."""
         return self._broken
 
+    @property
+    def _broken(self) -> Optional[str]:
+        return self.health.accelerator
+
     # -- isolation ------------------------------------------------------------------------------
 
     def _isolate(self, ready: list, deadline: Deadline, times: StageTimes, outcome: Optional[Outcome],
@@ -113,7 +136,9 @@ class ModelCall:
             outcome = self._call(ready, times)
         if outcome.ok:
             self._remember_fit(len(ready))
-            return [(position, Success(output)) for (position, _), output in zip(ready, outcome.value)]
+            # Answered alone, each request has its own outcome (a Failure of its own lone call).
+            return [(position, output if isinstance(output, Failure) else Success(output))
+                    for (position, _), output in zip(ready, outcome.value)]
         error = outcome.error
         if len(ready) == 1 or not self._splitting_may_cure(error):
             return [(position, outcome) for position, _ in ready]
@@ -152,57 +177,98 @@ class ModelCall:
         try:
             return attempt(self._outputs, self._classify, items, times)
         finally:
-            times.add_call(len(items), time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            times.add_call(len(items), seconds)
+            if self.audit is not None:
+                self.audit.spent(seconds, len(items))
+
+    def run_audit(self) -> None:
+        """On a model thread with nothing else to do: the audit's candidate alone (see :class:`Audit`)."""
+        if self.audit is not None and self._broken is None and not self._answers_alone():
+            self.audit.run()
 
     def _outputs(self, items: list, times: StageTimes) -> list:
+        if len(items) > 1 and self._answers_alone():
+            return self._each_alone(items, times)
         output = self._forward(items)
         if self._split is None:
             outputs = list(output)
         else:
             try:
-                outputs = list(self._split(output, len(items)))
-            except LayoutUnknown as unknown:
-                outputs = self._probe_then_split(items, output, unknown, times)
+                try:
+                    outputs = list(self._split(output, len(items)))
+                except LayoutUnknown as unknown:
+                    outputs = self._probe_then_split(items, output, unknown, times)
+            except AnswerAlone:
+                del output  # the micro-batch's output is of no use: free it before the lone calls
+                return self._each_alone(items, times)
         if len(outputs) != len(items):
             # A contract bug in the model step; a real check, not an assert (python -O drops those).
             raise SplitFailed(f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}: "
                               f"split(output, count) must return one output per item")
+        if self.audit is not None and len(items) > 1:
+            self.audit.offer(items, outputs)
         return outputs
 
+    def _each_alone(self, items: list, times: StageTimes) -> list:
+        """One model call per item; each output whole, or that item's own Failure."""
+        with self._lock:
+            self.answered_alone += len(items)
+        times.add_alone(len(items))
+        results = []
+        for item in items:
+            outcome = self._call([(None, item)], times)
+            results.append(outcome.value[0] if outcome.ok else outcome)
+        return results
+
     def _probe_then_split(self, items: list, output: Any, unknown: LayoutUnknown, times: StageTimes) -> list:
-        """The output's layout is unknown: call the model at other sizes too (the first half, then
-        one request, then one more than the micro-batch; a lone request twice, then three times
-        over) until the layout is learned from the sizes seen, then split."""
+        """The output's layout is unknown: call the model on inputs derived from these (blank,
+        noise) at this size, and at other sizes (the first half, then one request, then one more
+        than the micro-batch; a lone request twice, then three times over) until the layout is
+        learned from what was seen, then split (or answer each request alone)."""
         count = len(items)
         if count >= 2:
             probes = [items[: count // 2], items[:1], items[:1] * (count + 1)]
         else:
             probes = [items * 2, items * 3]
-        observations = {count: output}
+        observations = [(count, output)]
+        varied = False
+        for variant in self._derive(items):
+            derived = self._probe(variant, times)
+            if derived is not None:
+                observations.append((count, derived))
+                varied = True
         for probe in probes:
-            if len(probe) in observations:
+            if len(probe) in {n for n, _ in observations}:
                 continue
-            started = time.perf_counter()
+            seen = self._probe(probe, times, must_run=True)
+            observations.append((len(probe), seen))
             try:
-                observations[len(probe)] = self._forward(probe)
-            finally:
-                times.add_call(len(probe), time.perf_counter() - started)
-            try:
-                unknown.learn(observations)
+                unknown.learn(observations, varied)
                 break
             except LayoutAmbiguous:
                 if probe is probes[-1]:
                     raise
-        log.info("learned the batch layout of the model's output from micro-batches of %s",
-                 ", ".join(map(str, sorted(observations))))
+        log.info("probed the batch layout of the model's output at micro-batches of %s%s",
+                 ", ".join(str(n) for n, _ in observations), " (derived inputs included)" if varied else "")
         return list(self._split(output, count))
+
+    def _probe(self, items: list, times: StageTimes, must_run: bool = False) -> Any:
+        """The model's output on ``items``; a derived input it refuses (``must_run`` False) is no evidence: None."""
+        started = time.perf_counter()
+        try:
+            return self._forward(items)
+        except Exception:  # noqa: BLE001 - blank or noise may be outside what the model takes
+            if must_run:
+                raise
+            return None
+        finally:
+            times.add_call(len(items), time.perf_counter() - started)
 
     def _classify(self, exc: BaseException) -> RequestError:
         if self._breaks_device(exc):
-            with self._lock:
-                if self._broken is None:
-                    self._broken = f"the accelerator is in an unrecoverable state ({type(exc).__name__}: " \
-                                   f"{_first_line(exc)})"
+            self.health.accelerator_broken(f"the accelerator is in an unrecoverable state ({type(exc).__name__}: "
+                                           f"{_first_line(exc)})")
             log.critical("%s: this worker cannot serve any more and reports itself unhealthy", self._broken)
             error = InferenceFailed(f"the accelerator failed on this micro-batch and cannot be used any more "
                                     f"({type(exc).__name__}: {_first_line(exc)}); this worker is being replaced")

@@ -4,8 +4,9 @@ stage hangs, without growing threads without bound.
 A stage still running past its batch's deadline holds its thread (Python threads cannot be
 killed). The engine reports such a thread with :meth:`StagePool.mark_stuck`; the pool then starts
 a replacement, so that ``size`` threads keep taking work, and the stuck one ends when its stage
-returns. At most ``max_stuck`` threads are held so at once: past that no replacement is started
-and :attr:`StagePool.saturated` tells the engine that the worker should be replaced.
+returns. At most ``max_stuck`` threads are held so at once: past that no replacement is started,
+and while stuck threads leave fewer than ``size`` taking work the pool reports it to the worker's
+:class:`~handlers.engine.health.WorkerHealth` (the worker should be replaced).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Optional, Sequence
+
+from handlers.engine.health import WorkerHealth
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,15 @@ class StagePool:
         size: threads that take work.
         max_stuck: threads that may be held by hung stages at once, each replaced.
         name: thread name prefix.
+        health: told when the pool is saturated, and when it is no longer.
     """
 
-    def __init__(self, size: int, max_stuck: int, name: str = "microbatch-pool"):
+    def __init__(self, size: int, max_stuck: int, name: str = "microbatch-pool",
+                 health: Optional[WorkerHealth] = None):
         self.size = size
         self.max_stuck = max_stuck
         self._name = name
+        self._health = health
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: set = set()  # every live thread of the pool
@@ -68,6 +74,7 @@ class StagePool:
                 return False
             self._stuck.add(thread)
             if len(self._replaced) >= self.max_stuck:
+                self._report_saturation()
                 log.error(
                     "%d stage threads are stuck past their deadline; no more replacements (the worker "
                     "should be restarted)", len(self._stuck),
@@ -75,6 +82,7 @@ class StagePool:
                 return False
             self._replaced.add(thread)
             self._start_thread(first)
+            self._report_saturation()
         log.warning("a stage is stuck past its deadline on %s: started a replacement thread", thread.name)
         return first is not None
 
@@ -82,7 +90,7 @@ class StagePool:
     def saturated(self) -> bool:
         """True when stuck threads leave fewer than ``size`` threads taking work."""
         with self._lock:
-            return bool(self._stuck) and len(self._threads) - len(self._stuck) < self.size
+            return self._saturated()
 
     @property
     def stuck_threads(self) -> list:
@@ -114,6 +122,20 @@ class StagePool:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _saturated(self) -> bool:  # with the lock held
+        return bool(self._stuck) and len(self._threads) - len(self._stuck) < self.size
+
+    def _report_saturation(self) -> None:
+        """Tell the health owner what the pool's state is now; with the lock held, so that
+        reports arrive in the order of the changes."""
+        if self._health is None:
+            return
+        if self._saturated():
+            names = ", ".join(sorted(t.name for t in self._stuck))
+            self._health.pool_saturated(f"every stage thread is held by a hung stage ({names})")
+        else:
+            self._health.pool_saturated(None)
+
     def _start_thread(self, first: Optional[Callable[[], Any]] = None) -> None:
         self._started += 1
         thread = threading.Thread(target=self._work, args=(first,), name=f"{self._name}-{self._started}", daemon=True)
@@ -142,7 +164,9 @@ class StagePool:
                 else:
                     future.set_result(result)
                 with self._lock:
-                    self._stuck.discard(me)
+                    if me in self._stuck:  # freed: the pool may take work again
+                        self._stuck.discard(me)
+                        self._report_saturation()
                     if me in self._replaced:
                         self._replaced.discard(me)
                         return  # its replacement serves in its place
@@ -151,6 +175,7 @@ class StagePool:
                 self._threads.discard(me)
                 self._stuck.discard(me)
                 self._replaced.discard(me)
+                self._report_saturation()
 
 
 class CallChunk:

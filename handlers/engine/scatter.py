@@ -25,25 +25,50 @@ and is refused, unless declared ``"shared"``.
 
 A lone request is probed too (with itself twice over), so that its answer has the same shape
 alone as beside others.
+
+**A batch dimension must not depend on the data.** Samples with one box each cannot tell a box
+count from the batch size: both follow it. So a layout is learned only from calls that include
+inputs derived from the real ones (blank and noise of the same shapes, see
+:func:`handlers.core.self_test.derived_inputs`), at the same micro-batch size: a size set by the
+data then breaks step and the dimension is not taken. Where no such input can be made the
+evidence is thin and the layout is not trusted. At run time an output that contradicts the layout
+in use (learned or declared) **refutes it for good**: no later coincidence is cut into a 200.
+
+Where no layout is known, trusted and unrefuted, the requests are **answered alone**: one model
+call each, whose whole output is the request's own (:class:`AnswerAlone`); correct, and slower,
+with one warning line naming the part and the declaration that would restore batching.
+
+Two declarations cover outputs sized by the data (detectors): ``{'index_column': c}`` for one
+flat tensor whose rows name their request in column ``c`` (batched_nms style, ONNX
+NonMaxSuppression's ``(K, 3)`` triples), each request getting its rows with that column set to 0
+as if alone; and ``{'counts': "output['counts']"}`` for values cut into consecutive segments by
+a per-request counts tensor.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import threading
 from collections import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from handlers.engine.errors import SplitFailed
 
+log = logging.getLogger(__name__)
+
 HOW_TO_FIX = ("declare it in the handler's settings, e.g. handler.batch_dims: {'output': 0} (a tensor's batch "
-              "dimension, 'items' for a list with one entry per request, 'shared' for a value common to all), "
-              "ship samples with the archive (samples: in the archiver config), or override split(output, count)")
+              "dimension, 'items' for a list with one entry per request, 'shared' for a value common to all, "
+              "{'index_column': 0} for rows that name their request in a column, {'counts': \"output['counts']\"} "
+              "for values cut by per-request counts), ship samples with the archive (samples: in the archiver "
+              "config), or override split(output, count)")
 ROOT = "output"
 ITEMS = "items"
 SHARED = "shared"
+INDEX_COLUMN = "index_column"
+COUNTS = "counts"
 
 
 # -- layouts -----------------------------------------------------------------------------------
@@ -67,6 +92,22 @@ class Shared:
 
 
 @dataclass(frozen=True)
+class IndexColumn:
+    """Rows of one tensor for the whole micro-batch (dimension 0), each naming its request's
+    position in column ``column`` (declared only: a size set by the data is never learned)."""
+
+    column: int
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Values along dimension 0 cut into consecutive segments, one per request, by the counts
+    at the output path ``counts`` (declared only)."""
+
+    counts: str
+
+
+@dataclass(frozen=True)
 class Fields:
     """A structure: ``kind`` is mapping, tuple, dataclass or list (fixed length); each child has
     its own layout."""
@@ -76,11 +117,26 @@ class Fields:
     children: tuple
 
 
-Layout = Any  # Batched | Items | Shared | Fields
+Layout = Any  # Batched | Items | Shared | IndexColumn | Segments | Fields
+
+
+def declared_special(wanted: Any) -> Optional[Layout]:
+    """The layout of a ``{'index_column': c}`` or ``{'counts': path}`` declaration; None for others."""
+    if isinstance(wanted, Mapping) and len(wanted) == 1:
+        (key, value), = wanted.items()
+        if key == INDEX_COLUMN and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return IndexColumn(value)
+        if key == COUNTS and isinstance(value, str) and value.startswith(ROOT):
+            return Segments(value)
+    return None
 
 
 class LayoutMismatch(SplitFailed):
     """An output does not fit the layout in use (its structure or a batched size changed)."""
+
+
+class DeclarationContradicted(SplitFailed):
+    """A declared part of the layout does not fit what the model returned."""
 
 
 class LayoutAmbiguous(SplitFailed):
@@ -95,6 +151,11 @@ class LayoutUnknown(Exception):
         super().__init__(f"the batch layout of this output is unknown (micro-batch of {count})")
         self.count = count
         self.learn = learn
+
+
+class AnswerAlone(Exception):
+    """No layout can be trusted for this output: call the model once per request, whose whole
+    output is that request's own. Not an error a request ever sees."""
 
 
 def is_array(value: Any) -> bool:
@@ -149,18 +210,19 @@ def _could_hold_batch(value: Any) -> bool:
 # -- learning ------------------------------------------------------------------------------------
 
 
-def learn_layout(observations: Mapping[int, Any], declared: Mapping[str, Any] = {}) -> Layout:
+def learn_layout(observations: "Mapping[int, Any] | Sequence[tuple]", declared: Mapping[str, Any] = {}) -> Layout:
     """The layout of an output from calls at two or more distinct micro-batch sizes
-    (``{size: output}``), with ``declared`` parts taken as given (and checked).
+    (``{size: output}``, or ``[(size, output), ...]`` where a size may come more than once:
+    calls on other data at the same size), with ``declared`` parts taken as given (and checked).
 
     Raises:
         SplitFailed: the evidence is ambiguous or the output cannot be cut per request; the
             message names the path, the sizes seen and how to fix it.
     """
-    sizes = sorted(observations)
-    if len(sizes) < 2:
+    seen = sorted(observations.items() if isinstance(observations, Mapping) else observations, key=lambda o: o[0])
+    if len({n for n, _ in seen}) < 2:
         raise ValueError("learning a batch layout needs outputs at two or more micro-batch sizes")
-    return _learn([(n, observations[n]) for n in sizes], declared, ROOT)
+    return _learn(seen, declared, ROOT)
 
 
 def _learn(seen: list, declared: Mapping[str, Any], path: str) -> Layout:
@@ -169,6 +231,11 @@ def _learn(seen: list, declared: Mapping[str, Any], path: str) -> Layout:
     wanted = declared.get(path)
     if wanted == SHARED:
         return Shared()
+    special = declared_special(wanted)
+    if special is not None:
+        if not all(is_array(node) and (isinstance(special, Segments) or len(node.shape) >= 2) for node in nodes):
+            _refuse(path, f"is declared {wanted!r} but is not a tensor of rows ({describe_leaves(nodes[0], path)[0]})", DeclarationContradicted)
+        return special
     if all(is_array(node) for node in nodes):
         return _learn_array(path, sizes, [tuple(node.shape) for node in nodes], wanted)
     structures = [children_of(node) for node in nodes]
@@ -181,13 +248,13 @@ def _learn(seen: list, declared: Mapping[str, Any], path: str) -> Layout:
             lengths = [len(node) for node in nodes]
             if wanted == ITEMS or (wanted is None and lengths == sizes):
                 if lengths != sizes:
-                    _refuse(path, f"is declared 'items' but has {_counts(lengths)} entries at micro-batch sizes {_sizes(sizes)}")
+                    _refuse(path, f"is declared 'items' but has {_counts(lengths)} entries at micro-batch sizes {_sizes(sizes)}", DeclarationContradicted)
                 return Items()
             if len(set(lengths)) > 1:
                 _refuse(path, f"is a list of {_counts(lengths)} entries at micro-batch sizes {_sizes(sizes)}: neither one "
                               f"entry per request nor a fixed number")
         if wanted is not None:
-            _refuse(path, f"is a {kind}: declare the batch dimension of its parts, not of the {kind}")
+            _refuse(path, f"is a {kind}: declare the batch dimension of its parts, not of the {kind}", DeclarationContradicted)
         keys = [tuple(key for key, _ in s[1]) for s in structures]
         if len(set(keys)) > 1:
             _refuse(path, f"changes its fields with the micro-batch size ({_sizes(sizes)})")
@@ -213,11 +280,11 @@ def _learn_array(path: str, sizes: list, shapes: list, wanted: Any) -> Layout:
     following = [d for d in range(rank) if all(shape[d] == n for shape, n in zip(shapes, sizes))]
     if wanted is not None:
         if not isinstance(wanted, int) or isinstance(wanted, bool) or not -rank <= wanted < rank:
-            _refuse(path, f"is declared with batch dimension {wanted!r}, but it is a tensor of {rank} dimensions")
+            _refuse(path, f"is declared with batch dimension {wanted!r}, but it is a tensor of {rank} dimensions", DeclarationContradicted)
         dim = wanted % rank
         if dim not in following:
             _refuse(path, f"is declared with batch dimension {wanted}, but its sizes there do not follow the "
-                          f"micro-batch size: {_shapes(shapes, sizes)}")
+                          f"micro-batch size: {_shapes(shapes, sizes)}", DeclarationContradicted)
         return Batched(dim)
     if len(following) == 1:
         return Batched(following[0])
@@ -237,6 +304,9 @@ def declared_layout(output: Any, declared: Mapping[str, Any], path: str = ROOT) 
         return Shared()
     if wanted == ITEMS:
         return Items() if isinstance(output, list) else None
+    special = declared_special(wanted)
+    if special is not None:
+        return special if is_array(output) else None
     if is_array(output):
         rank = len(output.shape)
         if isinstance(wanted, int) and not isinstance(wanted, bool) and -rank <= wanted < rank:
@@ -287,12 +357,17 @@ def _shapes(shapes: list, sizes: list) -> str:
 
 
 def cut(layout: Layout, output: Any, count: int, to_host: Callable[[Any], Any] = lambda leaf: leaf,
-        path: str = ROOT) -> list:
+        path: str = ROOT, root: Any = None) -> list:
     """``output`` of a micro-batch of ``count`` → ``count`` outputs, by ``layout``.
 
     Raises:
         LayoutMismatch: the output does not fit the layout; nothing was handed out.
     """
+    root = output if root is None else root
+    if isinstance(layout, IndexColumn):
+        return _cut_by_index_column(layout.column, output, count, to_host, path)
+    if isinstance(layout, Segments):
+        return _cut_by_counts(layout.counts, output, count, to_host, path, root)
     if isinstance(layout, Batched):
         if not is_array(output) or len(output.shape) <= layout.dim or output.shape[layout.dim] != count:
             shape = list(output.shape) if is_array(output) else type(output).__name__
@@ -316,9 +391,78 @@ def cut(layout: Layout, output: Any, count: int, to_host: Callable[[Any], Any] =
     structure = children_of(output)
     if structure is None or structure[0] != layout.kind or tuple(k for k, _ in structure[1]) != layout.keys:
         raise LayoutMismatch(f"{path} is not the {layout.kind} of fields {list(layout.keys)} learned")
-    columns = [cut(child_layout, child, count, to_host, child_path(path, output, key))
+    columns = [cut(child_layout, child, count, to_host, child_path(path, output, key), root)
                for child_layout, (key, child) in zip(layout.children, structure[1])]
     return [rebuild(output, layout.kind, layout.keys, [column[i] for column in columns]) for i in range(count)]
+
+
+def _whole_numbers(values: list, path: str, what: str) -> list:
+    """``values`` as ints, or LayoutMismatch naming the first that is not a whole number."""
+    numbers = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
+            raise LayoutMismatch(f"{path} holds {value!r} as {what}, not a whole number")
+        numbers.append(int(value))
+    return numbers
+
+
+def _cut_by_index_column(column: int, output: Any, count: int, to_host: Callable, path: str) -> list:
+    """Each request's rows of a flat output (in order), its index column set to 0 as if alone."""
+    if not is_array(output) or len(output.shape) < 2 or output.shape[1] <= column:
+        shape = list(output.shape) if is_array(output) else type(output).__name__
+        raise LayoutMismatch(f"{path} is {shape}, not rows with a request index in column {column} as declared")
+    leaf = to_host(output)
+    owners = _whole_numbers(leaf[:, column].tolist(), path, f"the request index (column {column})")
+    stray = [owner for owner in owners if not 0 <= owner < count]
+    if stray:
+        raise LayoutMismatch(f"{path} names request {stray[0]} in column {column}, outside a micro-batch of {count}")
+    rows: list = [[] for _ in range(count)]
+    for row, owner in enumerate(owners):
+        rows[owner].append(row)
+    parts = []
+    for mine in rows:
+        part = leaf[mine] if mine else leaf[0:0]  # a copy (advanced indexing): the column is written below
+        if mine:
+            part[:, column] = 0
+        parts.append(part)
+    return parts
+
+
+def _cut_by_counts(counts_path: str, output: Any, count: int, to_host: Callable, path: str, root: Any) -> list:
+    """Consecutive segments of ``output`` along dimension 0, one per request, by its count."""
+    counts = leaf_at(root, counts_path)
+    if not is_array(output) or not is_array(counts) or len(counts.shape) != 1 or counts.shape[0] != count:
+        found = list(counts.shape) if is_array(counts) else type(counts).__name__
+        raise LayoutMismatch(f"{path} is cut by the counts at {counts_path}, which is {found}, not one count for "
+                             f"each of {count} requests")
+    sizes = _whole_numbers(to_host(counts).tolist(), counts_path, "a count")
+    if any(size < 0 for size in sizes) or not len(output.shape) or sum(sizes) != output.shape[0]:
+        total = output.shape[0] if len(output.shape) else "no"
+        raise LayoutMismatch(f"{path} has {total} rows, but the counts at {counts_path} add up to {sum(sizes)}")
+    leaf, parts, start = to_host(output), [], 0
+    for size in sizes:
+        parts.append(leaf[start:start + size])
+        start += size
+    return parts
+
+
+def leaves_of(node: Any, path: str = ROOT) -> dict:
+    """``{path: leaf}`` of every tensor (or other leaf) in an output, paths as messages print them."""
+    structure = None if is_array(node) else children_of(node)
+    if structure is None:
+        return {path: node}
+    found: dict = {}
+    for key, child in structure[1]:
+        found.update(leaves_of(child, child_path(path, node, key)))
+    return found
+
+
+def leaf_at(root: Any, path: str) -> Any:
+    """The leaf of ``root`` at ``path``; LayoutMismatch when there is none."""
+    leaves = leaves_of(root)
+    if path not in leaves:
+        raise LayoutMismatch(f"the output has no part {path} (its parts: {', '.join(list(leaves)[:8])})")
+    return leaves[path]
 
 
 def rebuild(node: Any, kind: str, keys: tuple, values: list) -> Any:
@@ -356,8 +500,11 @@ def map_arrays(node: Any, to_host: Callable) -> Any:
 
 class Scatter:
     """The default ``split``: cuts each output by the layout known from evidence (a declaration,
-    samples, or a probe), and asks for a probe (:class:`LayoutUnknown`) when there is none.
-    Thread-safe: several model threads may share it.
+    or samples and probes that include derived inputs), asks for a probe (:class:`LayoutUnknown`)
+    when there is none yet, and asks for each request to be answered alone (:class:`AnswerAlone`)
+    once no layout can be trusted: the evidence was thin or contradicted, or the output has no
+    part that follows the micro-batch size. Refutation is for good. Thread-safe: several model
+    threads may share it.
 
     Example::
 
@@ -366,40 +513,194 @@ class Scatter:
     """
 
     def __init__(self, declared: Optional[Mapping[str, Any]] = None):
-        self.declared = dict(declared or {})
+        self.declared = with_counts_declared(declared or {})
         self._lock = threading.Lock()
         self._layout: Optional[Layout] = None
         self.source: Optional[str] = None  # where the layout in use came from, for messages
+        self.alone_reason: Optional[str] = None  # why requests are answered alone, once they are
+        self._for_one: Optional[Layout] = None  # cuts a lone output once answering alone (see answer_alone)
 
     @property
     def layout(self) -> Optional[Layout]:
         return self._layout
 
+    @property
+    def answers_alone(self) -> bool:
+        """True once no layout can be trusted: every request gets a model call of its own."""
+        return self.alone_reason is not None
+
     def split(self, output: Any, count: int, to_host: Callable[[Any], Any] = lambda leaf: leaf) -> list:
+        if self.alone_reason is not None:
+            return self._whole(output, count, to_host)
         layout = self._layout
         if layout is not None:
             try:
                 return cut(layout, output, count, to_host)
-            except LayoutMismatch:
-                pass  # this output is shaped otherwise: find its layout as for a first one
+            except LayoutMismatch as exc:
+                self.answer_alone(f"the {self.source}'s layout is contradicted: {exc.message}", [(count, output)])
+                return self._whole(output, count, to_host)
         if self.declared:
             layout = declared_layout(output, self.declared)
             if layout is not None:
-                parts = cut(layout, output, count, to_host)
+                try:
+                    parts = cut(layout, output, count, to_host)
+                except LayoutMismatch as exc:
+                    self.answer_alone(f"the declared layout (handler.batch_dims) is contradicted: {exc.message}",
+                                      [(count, output)])
+                    return self._whole(output, count, to_host)
                 self._use(layout, "declaration")
                 return parts
         if not may_hold_a_batch(output, count):
             leaves = "; ".join(describe_leaves(output))
-            raise SplitFailed(f"the model output of a micro-batch of {count} cannot be split per request: no part of "
-                              f"it has the micro-batch size ({leaves}). To say how it is batched, {HOW_TO_FIX}")
-        raise LayoutUnknown(count, lambda observations: self.learn(observations, "probe"))
+            self.answer_alone(f"no part of the output of a micro-batch of {count} has its size ({leaves})",
+                              [(count, output)])
+            return self._whole(output, count, to_host)
+        raise LayoutUnknown(count, lambda observations, varied=True: self.learn(observations, "probe", varied,
+                                                                                 strict=False))
 
-    def learn(self, observations: Mapping[int, Any], source: str) -> Layout:
-        """Learn the layout from outputs at two or more sizes; raises SplitFailed when ambiguous."""
-        layout = learn_layout(observations, self.declared)
+    def learn(self, observations: "Mapping[int, Any] | Sequence[tuple]", source: str,
+              varied: bool = True, strict: bool = True) -> Optional[Layout]:
+        """Learn the layout from outputs at two or more sizes. ``varied``: the calls included
+        inputs derived from the real ones at the same size (blank, noise), so that a size set by
+        the data shows; without them the evidence is thin and the layout is not trusted.
+
+        Returns the layout, or None when requests are to be answered alone from now on.
+        Raises LayoutAmbiguous while fewer than 3 sizes were seen (another size may tell), and
+        DeclarationContradicted when ``strict`` (at start-up: a declaration to fix now)."""
+        seen = list(observations.items() if isinstance(observations, Mapping) else observations)
+        try:
+            layout = learn_layout(seen, self.declared)
+        except LayoutAmbiguous as exc:
+            if len({n for n, _ in seen}) < 3:
+                raise
+            self.answer_alone(_problem(exc.message), seen)
+            return None
+        except DeclarationContradicted as exc:
+            if strict:
+                raise
+            self.answer_alone(_problem(exc.message), seen)
+            return None
+        except SplitFailed as exc:
+            self.answer_alone(_problem(exc.message), seen)
+            return None
+        if not varied and learned_any(layout, self.declared):
+            self.answer_alone("the evidence is thin: no input derived from the " + source + " (blank, noise) could "
+                              "be run, so a size set by the data cannot be told from the micro-batch size", seen,
+                              for_one=layout)
+            return None
         self._use(layout, source)
         return layout
 
+    def answer_alone(self, reason: str, observations: Sequence[tuple] = (), for_one: Optional[Layout] = None) -> None:
+        """From now on every request gets a model call of its own; logged once, with the
+        declaration that would restore batching where the outputs seen suggest one.
+
+        ``for_one``: a layout no output contradicted (it was not proven, or the model's answers
+        change with their batch-mates), which still cuts a lone call's output where it fits, so
+        that ``postprocess_one`` gets the part it always got; else it gets the whole output."""
+        with self._lock:
+            if self.alone_reason is not None:
+                return
+            self.alone_reason = reason
+            self._for_one = for_one
+            self._layout, self.source = None, None
+        hints = suggest_declarations(observations)
+        hint = (f"if that is how it is batched, declare handler.batch_dims: {{{', '.join(hints)}}}" if hints else
+                f"to batch them, {HOW_TO_FIX}")
+        log.warning("the model output cannot be cut per request by evidence (%s): requests are answered one per "
+                    "model call from now on (correct, slower); %s", reason, hint)
+
+    def _whole(self, output: Any, count: int, to_host: Callable) -> list:
+        if count != 1:
+            raise AnswerAlone(self.alone_reason)
+        if self._for_one is not None:
+            try:
+                return cut(self._for_one, output, 1, to_host)
+            except LayoutMismatch:
+                pass
+        return [map_arrays(output, to_host)]
+
     def _use(self, layout: Layout, source: str) -> None:
         with self._lock:
-            self._layout, self.source = layout, source
+            if self.alone_reason is None:
+                self._layout, self.source = layout, source
+
+
+def with_counts_declared(declared: Mapping[str, Any]) -> dict:
+    """``declared``, with the counts a ``{'counts': path}`` declaration names cut along dimension 0
+    (one count per request), unless declared otherwise."""
+    full = dict(declared)
+    for wanted in declared.values():
+        special = declared_special(wanted)
+        if isinstance(special, Segments):
+            full.setdefault(special.counts, 0)
+    return full
+
+
+def _problem(message: str) -> str:
+    """The finding of a refusal message, without its how-to-fix tail."""
+    return message.split(". To say how it is batched")[0].replace("the model output cannot be split per request: ", "")
+
+
+def learned_any(layout: Layout, declared: Mapping[str, Any] = {}) -> bool:
+    """Whether ``layout`` cuts anything by a size (a tensor's dimension, a list's entries):
+    what thin evidence cannot vouch for. (Learning runs only where some part is undeclared.)"""
+    if isinstance(layout, Fields):
+        return any(learned_any(child, declared) for child in layout.children)
+    return isinstance(layout, (Batched, Items))
+
+
+def suggest_declarations(observations: Sequence[tuple]) -> list:
+    """Declarations (``"'path': ..."``) that fit every output seen (``[(size, output)]``): a batch
+    dimension that follows the size in all of them, a column that names a request in range in
+    every row, or counts that add up to a part's rows. Advice for a message, never used to cut."""
+    leaf_maps = [(n, leaves_of(output)) for n, output in observations]
+    if not leaf_maps:
+        return []
+    paths = [p for p in leaf_maps[0][1] if all(p in leaves and is_array(leaves[p]) for _, leaves in leaf_maps)]
+    hints = []
+    for path in paths:
+        shapes = [(n, tuple(leaves[path].shape)) for n, leaves in leaf_maps]
+        counted = [c for c in paths if c != path and _adds_up(leaf_maps, path, c)]
+        if counted:
+            hints.append(f"\"{path}\": {{'counts': \"{counted[0]}\"}}")
+            continue
+        following = [d for d in range(len(shapes[0][1])) if all(len(s) > d and s[d] == n for n, s in shapes)]
+        column = _index_column(leaf_maps, path)
+        if column is not None and (not following or following == [0]):
+            hints.append(f"\"{path}\": {{'index_column': {column}}}")
+        elif len(following) == 1:
+            hints.append(f"\"{path}\": {following[0]}")
+    return hints
+
+
+def _index_column(leaf_maps: list, path: str) -> Optional[int]:
+    """The first column whose values name a request in range (0..size-1) in every output seen."""
+    leaves = [(n, leaves[path]) for n, leaves in leaf_maps]
+    if not all(len(leaf.shape) == 2 for _, leaf in leaves):
+        return None
+    for column in range(min(int(leaf.shape[1]) for _, leaf in leaves)):
+        try:
+            named = [(n, leaf[:, column].tolist()) for n, leaf in leaves]
+        except (TypeError, ValueError):
+            return None
+        in_range = all(all(v == int(v) and 0 <= v < n for v in values) for n, values in named)
+        # A column of zeros (an empty feature) is no index: some output must name two requests.
+        if in_range and any(len(set(values)) >= 2 for _, values in named):
+            return column
+    return None
+
+
+def _adds_up(leaf_maps: list, values_path: str, counts_path: str) -> bool:
+    """Whether the 1-D part at ``counts_path`` has one whole count per request adding up to the
+    rows at ``values_path`` in every output seen (and those rows are not simply the size)."""
+    try:
+        for n, leaves in leaf_maps:
+            counts, values = leaves[counts_path], leaves[values_path]
+            numbers = counts.tolist()
+            if len(counts.shape) != 1 or len(numbers) != n or not len(values.shape) or \
+                    any(v != int(v) or v < 0 for v in numbers) or sum(numbers) != values.shape[0]:
+                return False
+    except (TypeError, ValueError):
+        return False
+    return any(leaves[values_path].shape[0] != n for n, leaves in leaf_maps)

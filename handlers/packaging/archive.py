@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
+from handlers.core.handler_file import classes_defined_in, load_handler_class, load_python_file
 from handlers.engine.settings import ConfigError, ModelFiles, did_you_mean
 from handlers.packaging.server_sections import check_model_config, check_ray_section, read_settings, response_timeout
 from handlers.packaging.torchserve_entry import entry_file_name, entry_source
@@ -306,12 +307,10 @@ def _handler_class(spec: ArchiveSpec, fail):
     more than one class fails: TorchServe refuses it ("Expected only one class in custom service
     code") and the worker crash-loops. None for a file with no class (a module-level ``handle``
     function, which TorchServe also accepts) or a class that is not ours."""
-    from handlers.core.loading import classes_defined_in  # imports torch: only when a config is checked
-
     handler_file = spec.handler
     with staged_model_dir(spec) as staged:
         try:
-            classes = classes_defined_in(str(Path(staged) / handler_file.name))
+            classes = classes_defined_in(load_python_file(str(Path(staged) / handler_file.name)))
         except Exception as exc:  # noqa: BLE001 - any import error of a user's file, in one line
             fail("handler", f"{handler_file.name} cannot be imported as the archive will hold it "
                             f"({type(exc).__name__}: {exc}); a module it imports must be in extra_files "
@@ -384,18 +383,19 @@ def _imported_from(name: str, module: Any, folders: set) -> bool:
     return any(os.path.realpath(os.path.dirname(part)) in folders for part in getattr(top, "__path__", None) or ())
 
 
+SELF_TEST_NOT_RUN = "self-test NOT run"
+
+
 def self_test(spec: ArchiveSpec) -> str:
     """Start the config's handler on the CPU as a worker would (its files as the archive holds
     them, imported as the worker imports them, its model config: the weights are loaded) and run
     its start-up self-test on the samples. Returns the self-test's summary (or why it did not
     run); raises ArchiveConfigError naming the failure in one line (the weights file, when they do
     not fit the model)."""
-    from handlers.core.loading import load_handler_class
-
     missing = [p for p in (spec.serialized_file, *spec.extra_files, *(p for p, _ in spec.samples))
                if p is not None and not p.exists()]
     if missing:
-        return f"not run: {missing[0]} is not built yet (python -m handlers.archive builds it)"
+        return f"{SELF_TEST_NOT_RUN}: {missing[0]} is not built yet (python -m handlers.archive builds it)"
     with staged_model_dir(spec) as staged:
         handler_class = load_handler_class(str(Path(staged) / spec.handler.name))
         if not hasattr(handler_class, "read_config"):
@@ -421,7 +421,7 @@ def self_test(spec: ArchiveSpec) -> str:
         finally:
             handler.close()
         if not spec.samples:
-            return "model started on the CPU; self-test not run: no samples (samples: in the config)"
+            return f"{SELF_TEST_NOT_RUN}: no samples (samples: in the config); the model did start on the CPU"
         return handler.self_test.summary()
 
 

@@ -10,16 +10,18 @@ one class the module itself defines (``list_classes_from_module``: exactly one c
 ``__module__`` is the module's). The entry module gives it the same: the user's ``handle``, or a
 subclass of the user's class with the user's class name; for a file that cannot be loaded, one
 class whose ``initialize`` logs the line (with the model name TorchServe registered) and raises
-the loading error. Only the standard library and ``handlers.engine.errors`` are imported here: the
+the loading error. The user's file is loaded by ``handlers.core.handler_file``, as on every other
+path. Only the standard library and torch-free modules of this package are imported here: the
 missing module may be torch itself.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
+
+from handlers.core.handler_file import classes_defined_in, load_python_file
+from handlers.engine.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +54,20 @@ def entry_points(entry_module: str, entry_file: str, handler_file: str) -> dict:
     file that cannot be loaded (or has no single class), ``{"HandlerCannotStart": class}``."""
     path = os.path.join(os.path.dirname(os.path.abspath(entry_file)), handler_file)
     try:
-        module = _load(path)
+        module = load_python_file(path)
         if hasattr(module, "handle"):  # TorchServe prefers a handle function, as here
             return {"handle": module.handle}
-        classes = [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
+        classes = classes_defined_in(module)
         if len(classes) != 1:
             names = ", ".join(sorted(c.__name__ for c in classes)) or "none"
-            raise ValueError(f"{handler_file} must define exactly one class (TorchServe's rule) or a handle "
-                             f"function; it defines {names}")
+            raise ConfigError(f"{handler_file} must define exactly one class (TorchServe's rule) or a handle "
+                              f"function; it defines {names}")
     except Exception as exc:  # noqa: BLE001 - reported by the worker in one line, then raised
         return {"HandlerCannotStart": _cannot_start(entry_module, exc)}
     [user_class] = classes
     # Defined in the entry module (TorchServe's rule), named as the user's class (in logs).
     served = type(user_class.__name__, (user_class,), {"__module__": entry_module, "__doc__": user_class.__doc__})
     return {user_class.__name__: served}
-
-
-def _load(path: str):
-    """Import the file at ``path`` under its own name, as ``import`` would from its folder."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None or not os.path.isfile(path):
-        raise ModuleNotFoundError(f"the archive has no handler file {os.path.basename(path)}", name=name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # as import does: the file's own classes find their module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        if sys.modules.get(name) is module:
-            del sys.modules[name]
-        raise
-    return module
 
 
 def _cannot_start(entry_module: str, error: Exception) -> type:

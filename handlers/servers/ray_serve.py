@@ -229,7 +229,7 @@ def replica_class(max_concurrent_batches: int) -> type:
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
                      max_request_bytes: int, api_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
-            from handlers.core.loading import load_handler_class
+            from handlers.core.handler_file import load_handler_class
             from handlers.engine.batch_queue import BatchQueue
             from handlers.servers.ray_cluster import keep_replica_grpc_on_loopback
 
@@ -474,7 +474,7 @@ def _device() -> str:
 class _RayMetrics:
     """The batch metrics (``handlers.core.metrics``) as Ray metrics, exported on each node's metrics
     port with the application, deployment and replica as tags: ``microbatch_batch_size``
-    (histogram), ``microbatch_model_calls``, ``microbatch_stage_ms{stage}``,
+    (histogram), ``microbatch_model_calls``, ``microbatch_requests_answered_alone``, ``microbatch_stage_ms{stage}``,
     ``microbatch_request_errors{status_code}``."""
 
     BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -485,6 +485,8 @@ class _RayMetrics:
         self.batch_size = Histogram("microbatch_batch_size", description="requests per batch",
                                     boundaries=self.BATCH_SIZES)
         self.model_calls = Counter("microbatch_model_calls", description="model calls (retries included)")
+        self.answered_alone = Counter("microbatch_requests_answered_alone",
+                                      description="requests given a model call of their own (no batch layout to cut by)")
         self.stage_ms = Counter("microbatch_stage_ms", description="summed milliseconds per stage", tag_keys=("stage",))
         self.errors = Counter("microbatch_request_errors", description="error answers per status",
                               tag_keys=("status_code",))
@@ -496,6 +498,8 @@ class _RayMetrics:
                     self.batch_size.observe(int(metric.labels["BatchSize"]))
                 elif metric.name == "ModelCalls":
                     self.model_calls.inc(metric.value)
+                elif metric.name == "RequestsAnsweredAlone":
+                    self.answered_alone.inc(metric.value)
                 elif metric.name == "StageTimeMs" and metric.value > 0:
                     self.stage_ms.inc(metric.value, tags={"stage": metric.labels["Stage"]})
                 elif metric.name == "RequestErrors":

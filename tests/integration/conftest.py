@@ -2,6 +2,7 @@
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,7 +73,27 @@ def readme_archive(model_store, readme_handler_config):
 
 
 @pytest.fixture(scope="session")
-def torchserve(model_store, fault_archive, readme_archive, tmp_path_factory):
+def flat_detector_declared(model_store, tmp_path_factory):
+    """The flat detector (examples/flat_detector) with its boxes' batch index declared
+    (``handler.batch_dims: {output: {index_column: 0}}``), archived beside the examples as
+    ``flat_detector_declared`` when the config passes the check and the self-test. Otherwise
+    ``refused`` says why (the code before issue 29's fix has no such declaration) and the
+    session's other models are served as usual. ``config``: its archiver config, for Ray Serve."""
+    from bench.detector_contract import DECLARED_NAME, declared_config
+    from handlers.packaging.archive import ArchiveConfigError, archive, load_spec, self_test
+
+    config = declared_config(tmp_path_factory.mktemp("flat_detector_declared"))
+    try:
+        spec = load_spec(config)
+        self_test(spec)
+        archive(spec, model_store)
+    except ArchiveConfigError as exc:
+        return SimpleNamespace(name=DECLARED_NAME, config=config, refused=str(exc))
+    return SimpleNamespace(name=DECLARED_NAME, config=config, refused=None)
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store, fault_archive, readme_archive, flat_detector_declared, tmp_path_factory):
     server = TorchServe(
         tmp_path_factory.mktemp("torchserve"), model_store, ROOT / "config.properties", ports=Ports.free()
     )

@@ -23,6 +23,8 @@ from scripts.torchserve_instance import free_port
 from ..corpus.bad_inputs import corpus
 from ..good_inputs import good_request
 from .helpers import background_load, concurrently
+from .test_flat_detector import (assert_called_together, assert_each_request_got_its_own_boxes,
+                                 assert_one_call_per_request, contract_run)
 
 # Starting Ray and five replicas on a 2-core machine takes a few minutes: it counts in the first test.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -34,7 +36,7 @@ MODELS = ("quickstart", "tabular", "digits", "text_embedding", "image_classifier
 
 
 @pytest.fixture(scope="module")
-def ray_serve(model_store, readme_handler_config):
+def ray_serve(model_store, readme_handler_config, flat_detector_declared):
     """One private Ray cluster for this module, serving every example config at
     /predictions/<model>, as ``python -m handlers.ray_serve`` does; stopped at the end. (It needs
     the model store only for the built artefacts.)"""
@@ -45,8 +47,8 @@ def ray_serve(model_store, readme_handler_config):
     for attempt in range(3):  # a free port can be taken by another process before Ray binds it
         port = free_port()
         try:
-            # Logical CPUs: the replicas reserve 7 (two examples 2 each, the rest 1), beside the
-            # test's own deployments; they share the machine's cores.
+            # Logical CPUs: the replicas reserve 9 (two examples 2 each, the rest 1), beside the
+            # test's own deployments (one at a time); they share the machine's cores.
             start_local_cluster(temp_dir, port, num_cpus=12)
             break
         except Exception:  # noqa: BLE001 - retried with another port, re-raised on the last try
@@ -54,7 +56,10 @@ def ray_serve(model_store, readme_handler_config):
             if attempt == 2:
                 raise
     try:
-        configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in MODELS] + [readme_handler_config]
+        configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in (*MODELS, "flat_detector")]
+        configs.append(readme_handler_config)
+        if not flat_detector_declared.refused:  # refused before issue 29's fix: its test says so
+            configs.append(flat_detector_declared.config)
         started = time.monotonic()
         serve_configs(configs)
         print(f"\nRay Serve: {len(configs)} applications deployed in {time.monotonic() - started:.1f} s")
@@ -410,3 +415,23 @@ def test_requests_whose_client_stops_waiting_while_the_model_is_busy_are_shed_wi
                     assert body["type"] == "ServiceUnavailable" and body["message"].startswith("overloaded:")
     finally:
         serve.delete("busy_model")
+
+
+def test_without_a_declaration_each_request_gets_its_own_boxes_on_ray_serve(ray_serve):
+    """Issue 29 on Ray Serve (test_flat_detector.py has the TorchServe side)."""
+    from bench.detector_contract import ray_calls
+
+    tally, calls = contract_run(f"{ray_serve}/predictions/flat_detector", {}, ray_calls("flat_detector"), settle_s=6.0)
+    assert_each_request_got_its_own_boxes(tally)
+    assert_one_call_per_request(calls)
+
+
+def test_with_the_declaration_micro_batches_are_called_together_on_ray_serve(ray_serve, flat_detector_declared):
+    from bench.detector_contract import ray_calls
+
+    if flat_detector_declared.refused:
+        pytest.fail(f"the declared config was refused: {flat_detector_declared.refused}")
+    name = flat_detector_declared.name
+    tally, calls = contract_run(f"{ray_serve}/predictions/{name}", {}, ray_calls(name), settle_s=6.0)
+    assert_each_request_got_its_own_boxes(tally)
+    assert_called_together(calls)

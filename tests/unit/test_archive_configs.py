@@ -57,7 +57,7 @@ def test_a_bad_config_is_refused_naming_the_file_and_the_key(tmp_path, overrides
 
 
 def test_check_mode_accepts_every_shipped_config(capsys):
-    assert main(["--check", "--root", str(ROOT)]) == 0
+    assert main(["--check", "--configs-only", "--root", str(ROOT)]) == 0
     assert "config(s) OK" in capsys.readouterr().out
 
 
@@ -102,7 +102,7 @@ def test_settings_that_cannot_take_effect_are_warned_about_by_the_check(tmp_path
     """Regression: batchSize 16 with micro_batch_size 32, or float16 on a CPU, were accepted silently."""
     config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())["model_config"]
     path = write_config(tmp_path, model_config={**config, "handler": handler})
-    assert main(["--check", "--root", str(ROOT), str(path)]) == 0
+    assert main(["--check", "--configs-only", "--root", str(ROOT), str(path)]) == 0
     assert words in capsys.readouterr().err
 
 
@@ -161,7 +161,7 @@ def test_a_bad_root_or_a_misspelled_top_level_key_is_refused(tmp_path, overrides
 def test_every_shipped_config_checks_from_any_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     configs = sorted(str(p) for p in (ROOT / "archiver_configs").glob("*.yaml"))
-    assert main(["--check", *configs]) == 0
+    assert main(["--check", "--configs-only", *configs]) == 0
     assert f"{len(configs)} config(s) OK" in capsys.readouterr().out
 
 

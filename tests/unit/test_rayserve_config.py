@@ -102,7 +102,7 @@ def test_the_local_node_holds_what_the_configs_replicas_reserve(tmp_path):
              SimpleNamespace(ray_serve={"autoscaling_config": {"min_replicas": 3}, "ray_actor_options": {"num_cpus": 0.5}})]
     assert reserved_cpus(specs) == 1 + 4 + 1.5
     shipped = [load_spec(path) for path in sorted((ROOT / "archiver_configs").glob("*.yaml"))]
-    assert reserved_cpus(shipped) == 7  # image_classifier and text_embedding reserve 2
+    assert reserved_cpus(shipped) == 8  # image_classifier and text_embedding reserve 2, the other four 1
 
 
 def test_a_request_without_the_inference_key_is_refused_and_one_with_it_passes():

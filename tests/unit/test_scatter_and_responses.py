@@ -99,18 +99,26 @@ def test_an_output_that_cannot_be_attributed_is_a_clear_500_naming_split_and_sha
     assert raised.value.status == 500
 
 
-def test_a_handler_whose_output_cannot_be_split_answers_500s_not_a_mix_of_answers():
+def test_a_handler_whose_output_cannot_be_split_answers_each_request_alone_not_a_mix_of_answers():
+    """Was: 500 SplitFailed for the whole micro-batch (issue 29: refuse only what even a lone
+    call cannot attribute). Each request now gets a model call of its own, and its whole output."""
+
     class ScalarTail(AffineHandler):
         def infer(self, batch):
             return super().infer(batch), 3.0  # a value for the whole micro-batch
 
+        def postprocess_one(self, output, item):
+            logits, tail = output
+            return {"y": logits.tolist(), "tail": tail}
+
     handler = start_handler(ScalarTail, handler_config={"micro_batch_size": 2, "pool_size": 2})
     try:
         responses, context = run_batch(handler, [[1, 1, 1, 1], [2, 2, 2, 2]])
+        alone = [run_batch(handler, [row])[0][0] for row in ([1, 1, 1, 1], [2, 2, 2, 2])]
     finally:
         handler.close()
-    assert context.statuses() == [500, 500]
-    assert all(r["type"] == "SplitFailed" and "output[1] is a float" in r["message"] for r in responses)
+    assert context.statuses() == [200, 200]
+    assert responses == alone == [{"y": [[3.0] * 4], "tail": 3.0}, {"y": [[5.0] * 4], "tail": 3.0}]
 
 
 def test_numpy_leaves_are_cut_along_their_first_dimension():

@@ -59,7 +59,8 @@ def test_samples_teach_the_sequence_first_layout_even_when_steps_equal_the_micro
     assert [r.status for r in responses] == [200] * 4
     for row, response in zip(ROWS + ROWS[:1], responses):
         assert response.body == [[v + t for v in affine(row)] for t in range(2)]
-    assert calls_before == 3 + 2  # three samples alone, together at 2 and 3 (2 is the micro-batch size)
+    # three samples alone, together at 2 and 3 (2 is the micro-batch size), blank and noise at 3
+    assert calls_before == 3 + 2 + 2
 
 
 def test_a_model_that_mixes_the_batch_is_refused_at_start_naming_the_sample_and_the_field():
@@ -142,7 +143,7 @@ def test_the_archive_check_reports_the_self_test_of_a_good_model(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert "quickstart: self-test: 3 sample(s) alone and together" in result.stdout
-    assert "batch layout learned, answers batch-invariant" in result.stdout
+    assert "batch layout learned (derived inputs included), answers batch-invariant" in result.stdout
 
 
 def test_the_archive_carries_the_samples_and_the_worker_refuses_a_mixing_model(tmp_path):
