@@ -436,7 +436,8 @@ class BatchEngine:
 def log_errors(outcomes: Sequence[Outcome], requests: Sequence[Any] = ()) -> None:
     """Log each error of a batch once, naming its requests by id (``request.id`` where the
     server gave one, else the position): a 5xx at ERROR with the traceback that caused it (a bug
-    of the handler or the model: its log is where it gets fixed), a 4xx, and a 503 (the server refusing), at DEBUG."""
+    of the handler or the model: its log is where it gets fixed), a 4xx (the client's) and a 503
+    (the server refusing) at DEBUG."""
     errors: dict = {}
     for position, outcome in enumerate(outcomes):
         if outcome is not None and not outcome.ok:
