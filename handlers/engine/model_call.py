@@ -173,23 +173,27 @@ class ModelCall:
         items = [item for _, item in ready]
         if self._broken is not None:
             return Failure(_unavailable(self._broken))
+        if len(items) > 1 and self._answers_alone():
+            return Success(self._each_alone(items, times))
         started = time.perf_counter()
         try:
-            return attempt(self._outputs, self._classify, items, times)
+            outcome = attempt(self._outputs, self._classify, items, times)
         finally:
             seconds = time.perf_counter() - started
             times.add_call(len(items), seconds)
             if self.audit is not None:
                 self.audit.spent(seconds, len(items))
+        if outcome.ok and outcome.value is _ANSWER_ALONE:  # found on this call: its output is of no use
+            return Success(self._each_alone(items, times))
+        return outcome
 
     def run_audit(self) -> None:
         """On a model thread with nothing else to do: the audit's candidate alone (see :class:`Audit`)."""
         if self.audit is not None and self._broken is None and not self._answers_alone():
             self.audit.run()
 
-    def _outputs(self, items: list, times: StageTimes) -> list:
-        if len(items) > 1 and self._answers_alone():
-            return self._each_alone(items, times)
+    def _outputs(self, items: list, times: StageTimes) -> Any:
+        """One output per item, or :data:`_ANSWER_ALONE` when the split cannot cut this output."""
         output = self._forward(items)
         if self._split is None:
             outputs = list(output)
@@ -200,8 +204,7 @@ class ModelCall:
                 except LayoutUnknown as unknown:
                     outputs = self._probe_then_split(items, output, unknown, times)
             except AnswerAlone:
-                del output  # the micro-batch's output is of no use: free it before the lone calls
-                return self._each_alone(items, times)
+                return _ANSWER_ALONE
         if len(outputs) != len(items):
             # A contract bug in the model step; a real check, not an assert (python -O drops those).
             raise SplitFailed(f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}: "
@@ -303,6 +306,9 @@ class ModelCall:
         if safe != self._safe_size:
             self._safe_size = safe
             log.warning("out of memory in inference: micro-batches are capped at %d from now on", safe)
+
+
+_ANSWER_ALONE = object()  # _outputs' word that each request must get a model call of its own
 
 
 def _unavailable(reason: str) -> RequestError:
