@@ -95,22 +95,24 @@ def _noise(value: Any, rng: np.random.Generator) -> Any:
 
 
 def shorter_input(item: Any) -> Any:
-    """A copy of ``item`` with every sequence in it (a 1-D tensor or array, a list of numbers)
-    cut to its first half: beside the original, it makes a micro-batch pad, which samples of one
-    length never do. None when the item holds no sequence of two or more."""
+    """A copy of ``item`` with every sequence in it (a tensor or array along its first dimension,
+    a list of numbers) cut to its first half: beside the original, it makes a micro-batch pad,
+    which samples of one length never do. None when the item holds nothing of two or more."""
     found = False
 
     def visit(node: Any) -> Any:
         nonlocal found
-        if isinstance(node, (torch.Tensor, np.ndarray)) and node.ndim == 1 and node.shape[0] >= 2:
+        if isinstance(node, (torch.Tensor, np.ndarray)):
+            if node.ndim < 1 or node.shape[0] < 2:
+                return node
             found = True
-            return node[: (node.shape[0] + 1) // 2].clone() if isinstance(node, torch.Tensor) else \
-                node[: (node.shape[0] + 1) // 2].copy()
+            half = node[: (node.shape[0] + 1) // 2]
+            return half.clone() if isinstance(node, torch.Tensor) else half.copy()
         if isinstance(node, list) and len(node) >= 2 and all(_is_number(v) for v in node):
             found = True
             return node[: (len(node) + 1) // 2]
         structure = children_of(node)
-        if structure is None or isinstance(node, (torch.Tensor, np.ndarray)):
+        if structure is None:
             return node
         kind, entries = structure
         return rebuild(node, kind, tuple(key for key, _ in entries), [visit(child) for _, child in entries])

@@ -175,26 +175,30 @@ def run_self_test(handler, samples: list, default_split: bool = True) -> SelfTes
     one_shape = len({_shapes(item) for item in items}) == 1
     padding = None
     if one_shape and alone_reason is None and len(samples) >= 2:
-        padding = _check_padding(handler, samples, items, rtol, atol)
-        calls += 2 if padding else 0
+        padding, padding_calls = _check_padding(handler, samples, items, rtol, atol)
+        calls += padding_calls
+    # Not exercised: no shorter input could be made (a model refusing one takes one length: no padding).
     return SelfTestReport(len(samples), calls, (1, *together), time.perf_counter() - started, learned, distinct,
-                          alone_reason, one_shape and not padding, padding)
+                          alone_reason, one_shape and padding is None, padding or None)
 
 
-def _check_padding(handler, samples: list, items: list, rtol: float, atol: float) -> Optional[str]:
+def _check_padding(handler, samples: list, items: list, rtol: float, atol: float) -> tuple:
     """Samples all of one length never make a micro-batch pad: a shorter input derived from the
     first (its sequences cut to half) is answered alone and beside the others, and the two must
-    agree. Returns what was exercised, None when no such input can be made or run.
+    agree. Returns ``(what was exercised, model calls)``: "" when the model takes no shorter
+    input (nothing can pad), None when no such input can be made.
 
     Raises:
         SelfTestFailed: the shorter input answers differently beside longer ones (padding leaks)."""
     shorter = shorter_input(items[0])
     if shorter is None:
-        return None
+        return None, 0
     alone = _derived_output(handler, [shorter])
+    if alone is None:
+        return "", 1  # the model takes only inputs of that length: nothing pads
     beside = _derived_output(handler, [shorter, *items[1:]])
-    if alone is None or beside is None:
-        return None  # the model takes only inputs of that length: nothing pads
+    if beside is None:
+        return "", 2
     name = f"a shorter input derived from sample {samples[0].name} (its sequences cut to half)"
     difference = first_difference(_answer(handler, samples[0], _split(handler, alone, 1)[0], shorter),
                                   _answer(handler, samples[0], _split(handler, beside, len(items))[0], shorter),
@@ -203,7 +207,7 @@ def _check_padding(handler, samples: list, items: list, rtol: float, atol: float
         raise SelfTestFailed(f"self-test: {name} answers differently beside longer samples: {difference} (tolerance "
                              f"rtol {rtol:g}, atol {atol:g}). The model mixes the requests of a batch: padding that "
                              f"leaks into the result (mask it: attention_mask, lengths)")
-    return name
+    return name, 2
 
 
 def _derived_output(handler, items: list) -> Any:
