@@ -275,19 +275,20 @@ def replica_class(max_concurrent_batches: int) -> type:
                 return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
             headers = dict(http_request.headers)
             deadline = self.handler.deadline_for(headers, arrived)
-            overloaded = self.admission.enter(deadline)  # before the body is read: a refusal costs nothing
+            body = await read_body(http_request, self.max_request_bytes)
+            if isinstance(body, PayloadTooLarge):
+                return _error_response(body)
+            # Counted once its body is in: a slow upload holds no place ahead of the others (30
+            # of them made an idle replica refuse every other request as "25 requests ahead").
+            overloaded = self.admission.enter(deadline)
             if overloaded:
                 return _error_response(overloaded)
             try:
-                return await self._answer(http_request, headers, deadline)
+                return await self._answer(body, headers, deadline)
             finally:
                 self.admission.leave()
 
-        async def _answer(self, http_request, headers: dict, deadline: Optional[float]) -> HTTPResponse:
-            body = await http_request.body()
-            if len(body) > self.max_request_bytes:
-                return _error_response(PayloadTooLarge(f"the body is {len(body):,} bytes; the limit is "
-                                                       f"{self.max_request_bytes:,}"))
+        async def _answer(self, body: bytes, headers: dict, deadline: Optional[float]) -> HTTPResponse:
             hung_up = threading.Event()
             if _media_type(headers) == MULTIPART:  # parsed in pure Python: off the event loop
                 request = await asyncio.to_thread(request_from_http, body, headers, deadline, hung_up)
@@ -369,6 +370,23 @@ def request_from_http(body: bytes, headers: dict, deadline: Optional[float] = No
         fields = _form_fields(body) if content_type == FORM else _multipart_fields(body, headers)
         body = next((fields[key] for key in ("body", "data") if key in fields), NO_BODY)
     return Request(body, headers, _request_id(headers), deadline=deadline, hung_up=hung_up)
+
+
+async def read_body(http_request, limit: int):
+    """The body of a starlette request, or the :class:`PayloadTooLarge` for one over ``limit``
+    bytes: refused from its Content-Length before anything is read, else read as it streams in
+    and given up as soon as it passes the limit (Content-Length absent, or lying), so that a
+    200 MB upload to a 1 MB limit is never held in memory."""
+    declared = http_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return PayloadTooLarge(f"the body is {int(declared):,} bytes (Content-Length); the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in http_request.stream():
+        size += len(chunk)
+        if size > limit:
+            return PayloadTooLarge(f"the body is over {limit:,} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _media_type(headers: Mapping[str, str]) -> str:
