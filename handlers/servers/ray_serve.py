@@ -309,9 +309,10 @@ def replica_class(max_concurrent_batches: int) -> type:
             loop = asyncio.get_running_loop()
             started = time.monotonic()
             responses, report = await loop.run_in_executor(self.executor, self.handler.respond, requests)
-            # The rate admission predicts with: requests the model ran (not those dropped unstarted,
-            # 408 or 503), over the batch's time.
-            self.admission.finished(sum(1 for r in responses if r.status not in (408, 503)), len(requests), started,
+            # The rate admission predicts with: requests the model answered, over the batch's time.
+            # Not the 4xx and 503s (dropped unstarted, refused by a parser): answered in
+            # microseconds, they read as throughput the model does not have.
+            self.admission.finished(sum(1 for r in responses if r.status < 400), len(requests), started,
                                     time.monotonic())
             self.metrics.record(report)
             return [(response, len(requests)) for response in responses]

@@ -97,3 +97,63 @@ def test_slow_uploads_do_not_count_for_admission_until_their_bodies_are_in():
     quick, answers = asyncio.run(scenario())
     assert quick.status_code == 200, quick.body
     assert all(answer.status_code == 200 for answer in answers)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_after_a_quiet_spell_admission_still_knows_the_rate_the_replica_can_answer():
+    """A quiet spell of lone requests taught 23.8 requests/s to a replica that answers 222: a
+    burst of 200 clients that wait 1 s then got 19 admitted where about 176 can be answered."""
+    clock = Clock()
+    admission = Admission(1, clock=clock)
+    for _ in range(160):
+        admission.enter(deadline=None)
+    for _ in range(10):  # under load: full batches of 16 back to back, 222 requests/s
+        admission.finished(answered=16, batch_size=16, started=clock.now, ended=clock.now + 16 / 222)
+        clock.now += 16 / 222
+        for _ in range(16):
+            admission.leave()
+    assert abs(admission.rate - 222) < 1e-6
+    for _ in range(10):  # then quiet: one request at a time, 42 ms each, seconds apart
+        clock.now += 5.0
+        admission.enter(deadline=None)
+        admission.finished(answered=1, batch_size=1, started=clock.now, ended=clock.now + 0.042)
+        clock.now += 0.042
+        admission.leave()
+    admitted = sum(admission.enter(deadline=clock.now + 1.0) is None for _ in range(200))
+    assert 160 <= admitted <= 180, admitted
+
+
+def test_a_lone_request_on_a_new_replica_still_teaches_a_rate_and_a_faster_one_raises_it():
+    clock = Clock()
+    admission = Admission(1, clock=clock)
+    admission.enter(deadline=None)
+    admission.finished(answered=1, batch_size=1, started=100.0, ended=100.1)
+    assert abs(admission.rate - 10.0) < 1e-9  # nothing better known
+    admission.finished(answered=1, batch_size=1, started=105.0, ended=105.05)
+    assert admission.rate > 10.0
+
+
+def test_refusals_and_client_errors_are_not_counted_as_throughput():
+    """A batch of fast 4xx/503 answers read as a model answering thousands of requests/s."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from handlers.core.handler import Response
+
+    door = replica()
+    statuses = [400, 413, 415, 408, 503] * 3
+    door.handler.respond = lambda requests: ([Response(status, {}) for status in statuses], None)
+    door.executor = ThreadPoolExecutor(1)
+    door.metrics = SimpleNamespace(record=lambda report: None)
+    try:
+        asyncio.run(door.answer_batch([object()] * len(statuses)))
+    finally:
+        door.executor.shutdown()
+    assert door.admission.rate is None
