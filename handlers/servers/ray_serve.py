@@ -29,7 +29,7 @@ from handlers.core.responses import JSON, error_answer
 from handlers.engine.admission import Admission
 from handlers.engine.errors import PayloadTooLarge, startup_failure_line
 from handlers.engine.settings import SECTION, ModelFiles
-from handlers.packaging.server_sections import DEPLOYMENT_KEYS
+from handlers.packaging.server_sections import DEPLOYMENT_KEYS, response_timeout
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,11 @@ def replica_class(max_concurrent_batches: int) -> type:
             try:
                 self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
                 self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
-                                   model_files=ModelFiles(**model_files), cpus=cpus or None)
+                                   model_files=ModelFiles(**model_files), cpus=cpus or None,
+                                   # The same deadline as on TorchServe, inside the config's
+                                   # responseTimeout (Ray has no such limit: it was 60 s whatever it said).
+                                   server_timeout_s=response_timeout(model_config),
+                                   server_timeout_name="responseTimeout")
             except Exception as exc:
                 # The same one line as a TorchServe worker's (the self-test's refusal included),
                 # with the traceback in the replica's log; Ray shows the line in the status.

@@ -157,3 +157,40 @@ def test_refusals_and_client_errors_are_not_counted_as_throughput():
     finally:
         door.executor.shutdown()
     assert door.admission.rate is None
+
+
+HANDLER_FILE = '''
+import torch
+
+from handlers import MicroBatchHandler
+
+
+class Doubling(MicroBatchHandler):
+    def load_model(self, model_dir, device):
+        return lambda batch: batch * 2
+'''
+
+
+def started_replica(monkeypatch, model_config):
+    """A replica of the deployment class, really started on a one-line model (Ray's parts faked)."""
+    from types import SimpleNamespace
+
+    from handlers.servers import ray_serve
+
+    monkeypatch.setattr(ray_serve, "_device", lambda: "cpu")
+    monkeypatch.setattr(ray_serve, "_assigned_cpus", lambda: None)
+    monkeypatch.setattr(ray_serve, "_RayMetrics", lambda: SimpleNamespace(record=lambda report: None))
+    return replica_class(1)({"handler.py": HANDLER_FILE.encode()}, "handler.py", model_config, {}, LIMIT)
+
+
+def test_ray_serve_takes_the_deadline_from_response_timeout_as_torchserve_does(monkeypatch):
+    """Ray Serve set 60 s whatever responseTimeout said; TorchServe 0.8 × responseTimeout."""
+    from handlers.engine.settings import read_handler_settings
+
+    model_config = {"batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 10}
+    made = started_replica(monkeypatch, model_config)
+    try:
+        torchserve_settings, _ = read_handler_settings(None, {}, 10.0, "responseTimeout")
+        assert made.handler.settings.deadline_s == torchserve_settings.deadline_s == 8.0
+    finally:
+        made.__del__()
