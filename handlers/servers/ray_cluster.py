@@ -311,7 +311,11 @@ def _signal(pid: int, number: int) -> None:
 
 
 def _uses(process: Path, root: str) -> bool:
-    if root.encode() in (process / "cmdline").read_bytes():
+    # The folder itself, not a prefix of it: /tmp/ray-ab must not pick /tmp/ray-abc's processes
+    # (another cluster's). A path in the command line ends at "/", an argument's end, or a delimiter.
+    import re
+
+    if re.search(re.escape(root.encode()) + rb"(?=[/\0\s\"',:;]|$)", (process / "cmdline").read_bytes()):
         return True
     for fd in (process / "fd").iterdir():
         try:

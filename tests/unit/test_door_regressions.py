@@ -218,3 +218,28 @@ def test_a_killed_replicas_model_copy_is_removed_by_the_next_replica(monkeypatch
     finally:
         made.__del__()
     assert not os.path.exists(made.model_dir)
+
+
+def test_stopping_a_local_cluster_does_not_pick_another_clusters_processes_whose_folder_shares_its_prefix(tmp_path):
+    """/tmp/ray-ab's stop matched /tmp/ray-abc's processes: the path was matched as a prefix."""
+    import os
+
+    from handlers.servers.ray_cluster import _uses
+
+    def process(cmdline: bytes, open_file: str = None):
+        folder = tmp_path / f"proc{len(list(tmp_path.iterdir()))}"
+        (folder / "fd").mkdir(parents=True)
+        (folder / "cmdline").write_bytes(cmdline)
+        if open_file:
+            os.symlink(open_file, folder / "fd" / "3")
+        return folder
+
+    ours, theirs = "/tmp/ray-ab", "/tmp/ray-abc"
+    assert not _uses(process(b"raylet\0--temp_dir=/tmp/ray-abc\0--port=1\0"), ours)
+    assert not _uses(process(b"python\0/tmp/ray-abc/session_1/runtime_resources/x.py\0"), ours)
+    assert not _uses(process(b"agent\0", open_file="/tmp/ray-abc/session_1/logs/agent.log"), ours)
+    assert _uses(process(b"raylet\0--temp_dir=/tmp/ray-ab\0--port=1\0"), ours)
+    assert _uses(process(b"raylet\0--temp_dir=/tmp/ray-abc\0"), theirs)
+    assert _uses(process(b"python\0/tmp/ray-ab/session_1/x.py\0"), ours)
+    assert _uses(process(b"gcs\0--config=a,/tmp/ray-ab,b"), ours)
+    assert _uses(process(b"agent\0", open_file="/tmp/ray-ab/session_1/logs/agent.log"), ours)
