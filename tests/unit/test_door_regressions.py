@@ -283,3 +283,28 @@ def test_the_routes_listing_every_model_needs_the_token_behind_haproxy(tmp_path,
     wrapper = node_environment("haproxy", str(tmp_path / "ray"))["RAY_SERVE_HAPROXY_BINARY_PATH"]
     subprocess.run([wrapper, "-f", str(config)], check=True, timeout=30)
     assert (tmp_path / "seen.cfg").read_text() == ray_config
+
+
+def test_serve_run_takes_the_key_from_a_file_or_the_environment_not_only_from_argv_where_ps_shows_it(
+        tmp_path, monkeypatch):
+    import warnings
+
+    import pytest
+
+    import handlers.ray_serve as command
+
+    monkeypatch.setattr(command, "build_app", lambda config, root, api_key: api_key)
+    monkeypatch.delenv("MICROBATCH_API_KEY", raising=False)
+    raw, written = tmp_path / "key", tmp_path / "ray_serve_key.json"
+    raw.write_text("s3cret\n")
+    key = command.write_key_file(written)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither warns
+        assert command.app({"config": "c.yaml", "api_key_file": str(raw)}) == "s3cret"
+        assert command.app({"config": "c.yaml", "api_key_file": str(written)}) == key
+        monkeypatch.setenv("MICROBATCH_API_KEY", "fr0m-env")
+        assert command.app({"config": "c.yaml"}) == "fr0m-env"
+    monkeypatch.delenv("MICROBATCH_API_KEY")
+    with pytest.warns(FutureWarning, match="ps"):
+        assert command.app({"config": "c.yaml", "api_key": "in-argv"}) == "in-argv"
+    assert command.app({"config": "c.yaml"}) is None
