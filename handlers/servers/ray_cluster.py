@@ -222,10 +222,34 @@ def keep_replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = on_loopback
 
 
+LOCAL_PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+# Above Ray's worker ports (--min-worker-port 10002 to --max-worker-port 19999 by default) and
+# the usual fixed service ports.
+LOWEST_PICKED_PORT = 20000
+
+
 def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (another process may take it before Ray binds it)."""
+    """A TCP port free on 127.0.0.1 now, outside the kernel's ephemeral range. Ports picked from
+    that range (bind to port 0) are bound by HAProxy only later, while Ray's processes open
+    connections whose local ports come from the same range: a start failed by chance when one
+    took it first. Outside it, only a process that asks for that port by number can. Where there
+    is no such range to read, or no port outside it, any free port (as before)."""
+    import random
     import socket
 
+    try:
+        with open(LOCAL_PORT_RANGE) as file:
+            low, high = (int(word) for word in file.read().split())
+        candidates = [*range(LOWEST_PICKED_PORT, low), *range(max(high + 1, LOWEST_PICKED_PORT), 65536)]
+    except (OSError, ValueError):
+        candidates = []
+    for port in random.sample(candidates, min(len(candidates), 50)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -308,3 +308,18 @@ def test_serve_run_takes_the_key_from_a_file_or_the_environment_not_only_from_ar
     with pytest.warns(FutureWarning, match="ps"):
         assert command.app({"config": "c.yaml", "api_key": "in-argv"}) == "in-argv"
     assert command.app({"config": "c.yaml"}) is None
+
+
+def test_the_clusters_own_ports_are_picked_outside_the_ephemeral_range_where_ray_could_take_them_first(
+        tmp_path, monkeypatch):
+    """HAProxy's metrics and stats ports, picked free from the ephemeral range and bound later,
+    raced Ray's own connections for it: a start failed by chance."""
+    from handlers.servers import ray_cluster
+
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    monkeypatch.setattr(ray_cluster, "LOCAL_PORT_RANGE", str(ranges), raising=False)
+    picked = {ray_cluster._free_port() for _ in range(20)}
+    assert all(20000 <= port < 32768 or 60999 < port <= 65535 for port in picked), sorted(picked)
+    ranges.write_text("1024\t65535\n")  # nothing outside it: any free port, as before
+    assert 1024 <= ray_cluster._free_port() <= 65535
