@@ -9,12 +9,13 @@ Usage::
 
 or, on a Ray cluster you run yourself (``ray start``), one application per config::
 
-    serve run handlers.ray_serve:app config=archiver_configs/quickstart.yaml --working-dir .
+    serve run handlers.ray_serve:app config=archiver_configs/quickstart.yaml --working-dir . [api_key_file=PATH]
 
 Token authorisation is on, as in this project's TorchServe configs: a new inference key is
 written to ``./ray_serve_key.json`` (``--key-file``; removed at stop) and every request needs
 ``Authorization: Bearer <key>``. ``--no-token-auth`` turns it off, for a gateway that
-authenticates in front (docs/ray_serve.md). Ray's own ``/-/healthz`` and ``/-/routes`` stay open.
+authenticates in front (docs/ray_serve.md). Ray's own ``/-/healthz`` stays open; ``/-/routes``
+(which names every model) needs the key too, behind HAProxy (Ray's Python proxy answers it itself).
 """
 
 from __future__ import annotations
@@ -37,10 +38,39 @@ from handlers.servers.ray_serve import ModelCannotStart, build_app, ray_missing,
 
 def app(args: dict):
     """Application builder for ``serve run handlers.ray_serve:app config=PATH [root=DIR]
-    [api_key=KEY]`` (with ``api_key``, requests need ``Authorization: Bearer KEY``)."""
+    [api_key_file=PATH]``: with an inference key, requests need ``Authorization: Bearer KEY``.
+    The key comes from ``api_key_file`` (the key alone, or the JSON key file this command writes),
+    else from the :data:`API_KEY_ENV` environment variable; ``api_key=KEY`` still works, with a
+    warning: the command line is shown by ``ps`` to every user of the machine."""
     if "config" not in args:
         raise ValueError("pass config=<archiver config>, e.g. config=archiver_configs/quickstart.yaml")
-    return build_app(args["config"], args.get("root"), args.get("api_key"))
+    return build_app(args["config"], args.get("root"), api_key_of(args))
+
+
+API_KEY_ENV = "MICROBATCH_API_KEY"
+
+
+def api_key_of(args: dict) -> Optional[str]:
+    """The inference key ``serve run`` was given (see :func:`app`); None: token authorisation off."""
+    import json
+    import warnings
+
+    if args.get("api_key_file"):
+        text = Path(args["api_key_file"]).read_text().strip()
+        try:
+            key = json.loads(text)["inference"]["key"]  # the key file python -m handlers.ray_serve writes
+        except (ValueError, KeyError, TypeError):
+            key = text
+        if not key:
+            raise ValueError(f"api_key_file={args['api_key_file']} holds no key")
+        return key
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    if args.get("api_key"):
+        warnings.warn(f"api_key=KEY puts the inference key in the command line, which ps shows to every user of "
+                      f"the machine: pass api_key_file=PATH or set {API_KEY_ENV} instead", FutureWarning, stacklevel=2)
+        return args["api_key"]
+    return None
 
 
 KEY_FILE = "ray_serve_key.json"
@@ -97,7 +127,8 @@ def main(argv: Optional[list] = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
             try:
-                proxy = start_local_cluster(temp_dir, args.port, num_cpus, "python" if args.python_proxy else None)
+                proxy = start_local_cluster(temp_dir, args.port, num_cpus, "python" if args.python_proxy else None,
+                                            api_key=api_key)
             except NoHAProxy as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1

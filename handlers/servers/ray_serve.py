@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -29,7 +30,7 @@ from handlers.core.responses import JSON, error_answer
 from handlers.engine.admission import Admission
 from handlers.engine.errors import PayloadTooLarge, startup_failure_line
 from handlers.engine.settings import SECTION, ModelFiles
-from handlers.packaging.server_sections import DEPLOYMENT_KEYS
+from handlers.packaging.server_sections import DEPLOYMENT_KEYS, response_timeout
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def replica_class(max_concurrent_batches: int) -> type:
 
             keep_replica_grpc_on_loopback()
 
-            self.model_dir = tempfile.mkdtemp(prefix="microbatch-ray-")
+            self.model_dir = new_model_dir()
             for name, content in files.items():
                 target = Path(self.model_dir) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +247,11 @@ def replica_class(max_concurrent_batches: int) -> type:
             try:
                 self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
                 self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
-                                   model_files=ModelFiles(**model_files), cpus=cpus or None)
+                                   model_files=ModelFiles(**model_files), cpus=cpus or None,
+                                   # The same deadline as on TorchServe, inside the config's
+                                   # responseTimeout (Ray has no such limit: it was 60 s whatever it said).
+                                   server_timeout_s=response_timeout(model_config),
+                                   server_timeout_name="responseTimeout")
             except Exception as exc:
                 # The same one line as a TorchServe worker's (the self-test's refusal included),
                 # with the traceback in the replica's log; Ray shows the line in the status.
@@ -275,19 +280,20 @@ def replica_class(max_concurrent_batches: int) -> type:
                 return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
             headers = dict(http_request.headers)
             deadline = self.handler.deadline_for(headers, arrived)
-            overloaded = self.admission.enter(deadline)  # before the body is read: a refusal costs nothing
+            body = await read_body(http_request, self.max_request_bytes)
+            if isinstance(body, PayloadTooLarge):
+                return _error_response(body)
+            # Counted once its body is in: a slow upload holds no place ahead of the others (30
+            # of them made an idle replica refuse every other request as "25 requests ahead").
+            overloaded = self.admission.enter(deadline)
             if overloaded:
                 return _error_response(overloaded)
             try:
-                return await self._answer(http_request, headers, deadline)
+                return await self._answer(body, headers, deadline)
             finally:
                 self.admission.leave()
 
-        async def _answer(self, http_request, headers: dict, deadline: Optional[float]) -> HTTPResponse:
-            body = await http_request.body()
-            if len(body) > self.max_request_bytes:
-                return _error_response(PayloadTooLarge(f"the body is {len(body):,} bytes; the limit is "
-                                                       f"{self.max_request_bytes:,}"))
+        async def _answer(self, body: bytes, headers: dict, deadline: Optional[float]) -> HTTPResponse:
             hung_up = threading.Event()
             if _media_type(headers) == MULTIPART:  # parsed in pure Python: off the event loop
                 request = await asyncio.to_thread(request_from_http, body, headers, deadline, hung_up)
@@ -308,9 +314,10 @@ def replica_class(max_concurrent_batches: int) -> type:
             loop = asyncio.get_running_loop()
             started = time.monotonic()
             responses, report = await loop.run_in_executor(self.executor, self.handler.respond, requests)
-            # The rate admission predicts with: requests the model ran (not those dropped unstarted,
-            # 408 or 503), over the batch's time.
-            self.admission.finished(sum(1 for r in responses if r.status not in (408, 503)), len(requests), started,
+            # The rate admission predicts with: requests the model answered, over the batch's time.
+            # Not the 4xx and 503s (dropped unstarted, refused by a parser): answered in
+            # microseconds, they read as throughput the model does not have.
+            self.admission.finished(sum(1 for r in responses if r.status < 400), len(requests), started,
                                     time.monotonic())
             self.metrics.record(report)
             return [(response, len(requests)) for response in responses]
@@ -343,6 +350,31 @@ def replica_class(max_concurrent_batches: int) -> type:
     return MicroBatchReplica
 
 
+MODEL_DIR_PREFIX = "microbatch-ray-"
+
+
+def new_model_dir() -> str:
+    """A temporary folder for a replica's model files, named by its pid. A replica that is
+    killed (SIGKILL, out of memory) never runs its clean-up: three kills left 96 MiB of model
+    copies behind. So each new one first removes the folders of replicas whose pid is gone."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(MODEL_DIR_PREFIX + "*"):
+        pid = folder.name[len(MODEL_DIR_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)  # another user's: not ours to remove, left
+    return tempfile.mkdtemp(prefix=f"{MODEL_DIR_PREFIX}{os.getpid()}-", dir=root)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        pass
+    return True
+
+
 def ray_missing() -> Optional[str]:
     """Why Ray Serve cannot be used from this Python, in one line; None when it can."""
     try:
@@ -369,6 +401,23 @@ def request_from_http(body: bytes, headers: dict, deadline: Optional[float] = No
         fields = _form_fields(body) if content_type == FORM else _multipart_fields(body, headers)
         body = next((fields[key] for key in ("body", "data") if key in fields), NO_BODY)
     return Request(body, headers, _request_id(headers), deadline=deadline, hung_up=hung_up)
+
+
+async def read_body(http_request, limit: int):
+    """The body of a starlette request, or the :class:`PayloadTooLarge` for one over ``limit``
+    bytes: refused from its Content-Length before anything is read, else read as it streams in
+    and given up as soon as it passes the limit (Content-Length absent, or lying), so that a
+    200 MB upload to a 1 MB limit is never held in memory."""
+    declared = http_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return PayloadTooLarge(f"the body is {int(declared):,} bytes (Content-Length); the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in http_request.stream():
+        size += len(chunk)
+        if size > limit:
+            return PayloadTooLarge(f"the body is over {limit:,} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _media_type(headers: Mapping[str, str]) -> str:
