@@ -53,12 +53,15 @@ def main(argv=None) -> int:
     results = []
     for name in args.only:
         started = time.perf_counter()
-        if name == "tests":
-            result = run_tests()
-        elif name == "e2e":
-            result = run_e2e(args.seconds, args.concurrency)
-        else:
-            result = in_child(name)
+        try:
+            if name == "tests":
+                result = run_tests()
+            elif name == "e2e":
+                result = run_e2e(args.seconds, args.concurrency)
+            else:
+                result = in_child(name)
+        except Exception as exc:  # noqa: BLE001 - one check's failure is reported, the others still run
+            result = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = round(time.perf_counter() - started, 1)
         results.append({"check": name, **result})
         print(f"{name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']} s) {result['detail']}", flush=True)

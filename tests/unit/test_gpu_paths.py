@@ -524,7 +524,7 @@ class PeakedConvNet(MicroBatchHandler):
                        torch.nn.ReLU()]
         model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, 10))
         with torch.no_grad():
-            model[-1].weight.mul_(40.0)
+            model[-1].weight.mul_(1000.0)
         return model
 
     def postprocess_one(self, output, item):
@@ -532,9 +532,14 @@ class PeakedConvNet(MicroBatchHandler):
 
 
 def gpu_samples(count=4, size=64):
+    """Distinct images: noise over one bright channel, a brighter one each time."""
     generator = torch.Generator().manual_seed(1)
-    return [Sample(f"photo{i}", Request(torch.rand(3, size, size, generator=generator).tolist(),
-                                        {"Content-Type": "application/json"})) for i in range(count)]
+    images = []
+    for i in range(count):
+        image = 0.2 * torch.rand(3, size, size, generator=generator)
+        image[i % 3] += 1.0 + 0.5 * i
+        images.append(Sample(f"photo{i}", Request(image.tolist(), {"Content-Type": "application/json"})))
+    return images
 
 
 @needs_gpu
@@ -559,8 +564,8 @@ class Scratch(MicroBatchHandler):
 
     def load_model(self, model_dir, device):
         def model(batch):
-            scratch = torch.empty(128 * 2 ** 20, device=batch.device)
-            return 2 * batch + 1 + 0 * scratch[0]
+            scratch = torch.zeros(128 * 2 ** 20, device=batch.device)
+            return 2 * batch + 1 + scratch[0]
         return model
 
 
