@@ -84,7 +84,9 @@ class MicroBatchHandler:
     ``preprocess_one(request) -> item``
         Decode and validate one :class:`Request` (default: a JSON array → float32 tensor).
         Raise :class:`BadRequest` (400), :class:`PayloadTooLarge` (413) or
-        :class:`UnsupportedMediaType` (415) to answer this request alone.
+        :class:`UnsupportedMediaType` (415) to answer this request alone. Tensors it puts on
+        ``self.device`` are queued on the pool thread's default stream: the model thread's stream
+        waits for that stream's work before ``collate`` reads them.
     ``collate(items) -> batch``
         Join one micro-batch and move it to ``self.device`` (default: ``torch.stack``).
     ``infer(batch) -> output``
@@ -206,6 +208,12 @@ class MicroBatchHandler:
         if threads:
             torch.set_num_threads(threads)  # process-wide: a worker is one process
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda" (Ray Serve): the one the process sees first
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            # This thread's current device: loading, the self-test and its streams on gpu_id, not
+            # on GPU 0 too (a CUDA context there costs every worker of the machine memory).
+            torch.cuda.set_device(self.device)
         if self.device.type != "cuda" and (self.config["precision"] != "float32" or self.config["channels_last"]):
             log.warning("handler.precision %s / channels_last %s take effect on a GPU only: this worker runs on %s "
                         "in float32", self.config["precision"], self.config["channels_last"], self.device)
@@ -226,6 +234,10 @@ class MicroBatchHandler:
             # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
             level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
             log.log(level, "%s %s", type(self).__name__, self.self_test.summary())
+        if self.device.type == "cuda":
+            # The self-test's activations stay in torch's cache, reserved for the worker's life.
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
         # A split of the user's own may still hand its output to the scatter (super().split).
         model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device,
                                derive=derived_inputs, answers_alone=lambda: self._scatter.answers_alone,
@@ -393,7 +405,9 @@ class MicroBatchHandler:
         """collate → infer for one micro-batch, on the model thread that runs it."""
         versions = tensor_versions(items)
         # inference_mode is thread-local: enter it on the model thread that runs this.
-        with torch.inference_mode(), self._own_stream():
+        with torch.inference_mode(), self._own_stream() as stream:
+            if stream is not None:
+                _take_over(items, stream, torch.cuda.default_stream(self.device))
             output = self.infer(self.collate(items))
         if versions and tensor_versions(items) != versions:
             # A retry, a probe or an audit sends the same items again: changed, they would get
@@ -424,6 +438,9 @@ class MicroBatchHandler:
             return
         stream = getattr(self._model_thread, "stream", None)
         if stream is None:
+            # Once per thread: the current device is per thread, and leaving the stream context
+            # switches back to it (device 0 by default: a CUDA context there for gpu_id 1+).
+            torch.cuda.set_device(self.device)
             stream = self._model_thread.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
             yield stream
@@ -481,6 +498,28 @@ class OutputBuffers:
             return self.reused
         self._previous = seen
         return True
+
+
+def _cuda_tensors(node: Any) -> list:
+    """The CUDA tensors in ``node``."""
+    if isinstance(node, torch.Tensor):
+        return [node] if node.is_cuda else []
+    structure = children_of(node)
+    if structure is None:
+        return []
+    return [tensor for _, child in structure[1] for tensor in _cuda_tensors(child)]
+
+
+def _take_over(items: list, stream, producer) -> None:
+    """GPU tensors a pool thread's ``preprocess_one`` made on ``producer`` (its default stream)
+    are read on the model thread's ``stream``: ``stream`` waits for ``producer``'s work so far,
+    and their memory is not reused until ``stream``'s work is done (record_stream)."""
+    tensors = _cuda_tensors(items)
+    if not tensors:
+        return  # host items: to_model's copies are queued on the model stream itself
+    stream.wait_stream(producer)
+    for tensor in tensors:
+        tensor.record_stream(stream)
 
 
 def _hand_over(parts: list, stream, reader) -> None:

@@ -6,16 +6,20 @@ around it, owned here so that the engine only schedules:
   layout is the same at any size; an accelerator left broken). Two halves failing alike do not
   stop it: a micro-batch may hold two poison requests, one in each half, and a request is never
   failed for a batch-mate's error;
-- **out of memory**: the micro-batch size is capped when the size caused it (every part fitted
-  after the split), and the cap is probed now and then and lifted when a full size fits again;
-  the failed attempt is freed before the halves run (its traceback kept as text, not frames);
+- **out of memory**: a call that ran out of memory while another model thread's call ran beside
+  it is first retried alone (the model calls made exclusive for it), so that one thread's
+  micro-batch does not cap or split the other's; the micro-batch size is capped when the size
+  caused it (every part fitted after the split), and the cap is probed now and then and lifted
+  when a full size fits again; the failed attempt is freed before the halves run (its traceback
+  kept as text, not frames);
 - **a broken accelerator** (a device-side assert leaves the CUDA context unusable): no retry,
   and the model call reports itself unhealthy at once, so that the server replaces the worker;
 - **a batch layout to learn**: when the split asks for evidence (:class:`LayoutUnknown`), the
   model is called once more at another size (the first half; a lone request twice over) and the
   layout learned from both sizes, with a third size when two leave it ambiguous; and on inputs
   derived from the micro-batch's own (``derive``: blank, noise) at its size, so that a size set
-  by the data is not taken for the batch;
+  by the data is not taken for the batch. A lone request whose probe runs out of memory is
+  answered by its own call, whole, as if answered alone (the layout stays unknown);
 - **answering alone**: where no layout can be trusted (:class:`AnswerAlone`), each request gets
   a model call of its own, whose whole output is its answer; each such call fails alone too.
 
@@ -24,6 +28,7 @@ Plain Python: the model's steps come in as functions; it imports neither torch n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -32,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 from handlers.engine.audit import Audit
 from handlers.engine.clocks import Deadline, StageTimes
 from handlers.engine.errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
-                      inference_error)
+                      inference_error, is_out_of_memory)
 from handlers.engine.health import WorkerHealth
 from handlers.engine.outcome import Failure, Outcome, Success, attempt
 from handlers.engine.scatter import AnswerAlone, LayoutAmbiguous, LayoutUnknown
@@ -42,6 +47,9 @@ log = logging.getLogger(__name__)
 # Once out of memory capped the micro-batch size, every this many batches one runs uncapped:
 # memory freed since (another model unloaded, fragmentation gone) lifts the cap.
 PROBE_CAPPED_SIZE_EVERY = 16
+# The longest a model call waits to run alone (for a retry after out of memory) or beside one that
+# runs alone; past it, it runs anyway: the wait must not outlast a stuck call on another thread.
+EXCLUSIVE_WAIT_S = 60.0
 
 Forward = Callable[[list], Any]  # items of one micro-batch -> the model's output for them
 Split = Callable[[Any, int], Sequence[Any]]  # (output, count) -> one output per item
@@ -90,6 +98,7 @@ class ModelCall:
         self._smallest_oom: Optional[int] = None
         self._sizes_that_fit: set = set()
         self._capped_batches = 0
+        self._gate = _Gate()
 
     # -- public -------------------------------------------------------------------------------
 
@@ -177,7 +186,13 @@ class ModelCall:
             return Success(self._each_alone(items, times))
         started = time.perf_counter()
         try:
+            self._gate.overlapped = False
             outcome = attempt(self._outputs, self._classify, items, times)
+            if not outcome.ok and isinstance(outcome.error, OutOfMemory) and self._gate.overlapped:
+                # Another thread's micro-batch ran beside it: the same one again, alone, before
+                # splitting it or capping the size for a memory use that was not its own.
+                with self._gate.exclusive():
+                    outcome = attempt(self._outputs, self._classify, items, times)
         finally:
             seconds = time.perf_counter() - started
             times.add_call(len(items), seconds)
@@ -190,11 +205,13 @@ class ModelCall:
     def run_audit(self) -> None:
         """On a model thread with nothing else to do: the audit's candidate alone (see :class:`Audit`)."""
         if self.audit is not None and self._broken is None and not self._answers_alone():
-            self.audit.run()
+            with self._gate.shared():
+                self.audit.run()
 
     def _outputs(self, items: list, times: StageTimes) -> Any:
         """One output per item, or :data:`_ANSWER_ALONE` when the split cannot cut this output."""
-        output = self._forward(items)
+        with self._gate.shared():
+            output = self._forward(items)
         if self._split is None:
             outputs = list(output)
         else:
@@ -244,7 +261,12 @@ class ModelCall:
         for probe in probes:
             if len(probe) in {n for n, _ in observations}:
                 continue
-            seen = self._probe(probe, times, must_run=True)
+            if count == 1 and unknown.alone is not None:
+                seen = self._probe_lone(probe, times)
+                if seen is None:  # out of memory: the request that fitted alone keeps its answer
+                    return self._lone_answer(output)
+            else:
+                seen = self._probe(probe, times, must_run=True)
             observations.append((len(probe), seen))
             try:
                 unknown.learn(observations, varied)
@@ -256,11 +278,35 @@ class ModelCall:
                  ", ".join(str(n) for n, _ in observations), " (derived inputs included)" if varied else "")
         return list(self._split(output, count))
 
+    def _probe_lone(self, probe: list, times: StageTimes) -> Any:
+        """A lone request's probe (itself repeated); None when it does not fit in memory, or is
+        known not to (the cap is below its size)."""
+        safe = self._safe_size
+        if safe is not None and len(probe) > safe:
+            return None
+        try:
+            return self._probe(probe, times, must_run=True)
+        except Exception as exc:  # noqa: BLE001 - any other error fails the call as before
+            if not is_out_of_memory(exc):
+                raise
+        log.info("the probe of a lone request's batch layout (a micro-batch of %d) ran out of memory: it is answered "
+                 "by its own call, whole, and the layout stays unknown", len(probe))
+        return None
+
+    def _lone_answer(self, output: Any) -> list:
+        """A lone request's output, cut by a layout learned meanwhile (on another model thread),
+        else whole, as it would be answered alone."""
+        try:
+            return list(self._split(output, 1))
+        except LayoutUnknown as unknown:
+            return unknown.alone()
+
     def _probe(self, items: list, times: StageTimes, must_run: bool = False) -> Any:
         """The model's output on ``items``; a derived input it refuses (``must_run`` False) is no evidence: None."""
         started = time.perf_counter()
         try:
-            return self._forward(items)
+            with self._gate.shared():
+                return self._forward(items)
         except Exception:  # noqa: BLE001 - blank or noise may be outside what the model takes
             if must_run:
                 raise
@@ -309,6 +355,67 @@ class ModelCall:
 
 
 _ANSWER_ALONE = object()  # _outputs' word that each request must get a model call of its own
+
+
+class _Gate:
+    """Model calls run side by side (``shared``), or one alone (``exclusive``: it waits for those
+    running, and new ones wait for it). ``overlapped``, per thread: a call of this thread ran
+    beside another since it was last reset."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._running: dict = {}  # thread id -> whether its call saw another beside it
+        self._alone = None  # the thread running alone, if one is
+        self._waiting = 0  # threads waiting to run alone: new calls let them go first
+        self._local = threading.local()
+
+    @property
+    def overlapped(self) -> bool:
+        return getattr(self._local, "overlapped", False)
+
+    @overlapped.setter
+    def overlapped(self, value: bool) -> None:
+        self._local.overlapped = value
+
+    @contextlib.contextmanager
+    def shared(self):
+        me = threading.get_ident()
+        if self._alone == me or me in self._running:  # inside its own exclusive (or shared) call
+            yield
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: self._alone is None and not self._waiting, EXCLUSIVE_WAIT_S)
+            if self._running:
+                for other in self._running:
+                    self._running[other] = True
+            self._running[me] = bool(self._running)
+        try:
+            yield
+        finally:
+            with self._changed:
+                if self._running.pop(me):
+                    self._local.overlapped = True
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        me = threading.get_ident()
+        with self._changed:
+            self._waiting += 1
+            try:
+                alone = self._changed.wait_for(lambda: self._alone is None and not self._running, EXCLUSIVE_WAIT_S)
+            finally:
+                self._waiting -= 1
+            if alone:
+                self._alone = me
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                if self._alone == me:
+                    self._alone = None
+                self._changed.notify_all()
 
 
 def _unavailable(reason: str) -> RequestError:

@@ -46,7 +46,7 @@ def error_of(exc: BaseException, classify: Callable[[BaseException], RequestErro
     the very memory that a retry on a smaller micro-batch needs."""
     error = classify(exc)
     if error.status >= 500:
-        error.traceback_text = "".join(traceback.format_exception(exc)).rstrip()
+        error.traceback_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
     for held in {id(exc): exc, id(error): error}.values():
         held.__traceback__ = None
         held.__cause__ = held.__context__ = None

@@ -145,12 +145,16 @@ class LayoutAmbiguous(SplitFailed):
 
 class LayoutUnknown(Exception):
     """No evidence yet for this output's layout: the caller probes the model at another size and
-    hands both outputs to :meth:`learn`. Not an error a request ever sees."""
+    hands both outputs to :meth:`learn`. Not an error a request ever sees. ``alone``, for a
+    micro-batch of one: its output as the request would get it answered alone, for when no probe
+    can run (out of memory at twice the size)."""
 
-    def __init__(self, count: int, learn: Callable[[Mapping[int, Any]], None]):
+    def __init__(self, count: int, learn: Callable[[Mapping[int, Any]], None],
+                 alone: Optional[Callable[[], list]] = None):
         super().__init__(f"the batch layout of this output is unknown (micro-batch of {count})")
         self.count = count
         self.learn = learn
+        self.alone = alone
 
 
 class AnswerAlone(Exception):
@@ -556,7 +560,8 @@ class Scatter:
                               [(count, output)])
             return self._whole(output, count, to_host)
         raise LayoutUnknown(count, lambda observations, varied=True: self.learn(observations, "probe", varied,
-                                                                                 strict=False))
+                                                                                 strict=False),
+                            alone=(lambda: [map_arrays(output, to_host)]) if count == 1 else None)
 
     def learn(self, observations: "Mapping[int, Any] | Sequence[tuple]", source: str,
               varied: bool = True, strict: bool = True) -> Optional[Layout]:

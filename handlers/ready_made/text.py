@@ -124,6 +124,9 @@ class TextClassifierHandler(TextHandler):
 
 
 def mean_pooled_unit_vectors(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # In float32, as the classifiers' softmax: a sum over 256 tokens of float16 values overflows
+    # float16 (max 65504) to inf, and the normalised vector to NaN, a 200 of nulls.
+    hidden = hidden.float()
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     summed = (hidden * weights).sum(dim=1)
     counts = weights.sum(dim=1).clamp(min=1e-9)
