@@ -269,6 +269,8 @@ def replica_class(max_concurrent_batches: int) -> type:
     class MicroBatchReplica:
         """Holds one started handler; answers each HTTP request with its own status."""
 
+        cannot_start: Optional[str] = None  # the one line, when the model cannot start
+
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
                      max_request_bytes: int, api_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
@@ -304,7 +306,6 @@ def replica_class(max_concurrent_batches: int) -> type:
                 shutil.rmtree(self.model_dir, ignore_errors=True)
                 self.handler, self.api_key, self.batches = None, api_key, None
                 return
-            self.cannot_start = None
             self.max_request_bytes = max_request_bytes
             self.api_key = api_key
             # The handler's engine is blocking: each batch runs on a thread, the event loop stays free.
