@@ -10,6 +10,13 @@ Poisson arrivals at 1x, 2x and 4x that capacity. TorchServe runs twice: as shipp
 (config.properties' job_queue_size=64), and with the queue sized from the budget and the capacity
 just measured (``jobQueueSize``, :func:`handlers.engine.admission.queue_size_for`) plus the handler's
 ``request_budget_s``. Ray Serve runs once: its replica admits on arrival what it can answer in time.
+
+``--retry-storm``: the same servers, closed loop at 64 and 128 clients (``--clients``), each
+giving up after the client timeout and sending again ``--retry-after-ms`` (50 ms) after a refusal
+or a give-up, at once after an answer: answers in time per second, as a share of capacity, and
+refusals, per server::
+
+    python -m bench.goodput --retry-storm --seconds 20 --out bench/results
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 from bench.loadgen import run_closed_loop, run_open_loop
@@ -40,8 +50,14 @@ def main(argv=None) -> int:
     parser.add_argument("--client-timeout", type=float, default=1.0)
     parser.add_argument("--servers", nargs="*", default=["torchserve", "ray"])
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--name", default="goodput")
+    parser.add_argument("--name", default=None, help="the results' name (default: goodput, or retry_storm)")
+    parser.add_argument("--retry-storm", action="store_true",
+                        help="closed loop with retries instead of open-loop arrivals (see above)")
+    parser.add_argument("--clients", type=int, nargs="*", default=[64, 128], help="--retry-storm's client counts")
+    parser.add_argument("--retry-after-ms", type=float, default=50.0,
+                        help="--retry-storm: a refused client's pause before it sends again")
     args = parser.parse_args(argv)
+    args.name = args.name or ("retry_storm" if args.retry_storm else "goodput")
     work = WORK / "goodput"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -68,7 +84,8 @@ def main(argv=None) -> int:
         with on_ray_serve() as url:
             rows += measure("Ray Serve", url, bodies, headers, args)
 
-    publish(args.out, args.name, rows, table(rows) + "\n\n" + speed_line(speed_before, matmul_gflops()))
+    shown = storm_table(rows) if args.retry_storm else table(rows)
+    publish(args.out, args.name, rows, shown + "\n\n" + speed_line(speed_before, matmul_gflops()))
     return 0
 
 
@@ -118,6 +135,8 @@ def measure(server: str, url: str, bodies, headers, args, capacity=None) -> list
     if capacity is None:
         print(f"{server}: capacity", file=sys.stderr, flush=True)
         capacity = run_closed_loop(url, bodies, headers, 32, args.seconds).throughput
+    if getattr(args, "retry_storm", False):
+        return storm_rows(server, url, bodies, headers, args, capacity)
     rows = []
     for load in LOADS:
         print(f"{server}: {load}x of {capacity:.1f} req/s", file=sys.stderr, flush=True)
@@ -126,6 +145,79 @@ def measure(server: str, url: str, bodies, headers, args, capacity=None) -> list
                      **result.summary(),
                      "goodput_share": round(result.goodput / capacity, 2)})
     return rows
+
+
+def storm_rows(server: str, url: str, bodies, headers, args, capacity: float) -> list:
+    """One row per client count of ``--retry-storm``."""
+    rows = []
+    for clients in args.clients:
+        print(f"{server}: retry storm, {clients} clients", file=sys.stderr, flush=True)
+        result = run_retry_storm(url, bodies, headers, clients, args.seconds, args.client_timeout,
+                                 args.retry_after_ms / 1000.0)
+        rows.append({"server": server, "clients": clients, "capacity_rps": round(capacity, 1), **result,
+                     "in_time_share": round(result["in_time_rps"] / capacity, 2) if capacity else 0.0})
+    return rows
+
+
+def run_retry_storm(url: str, bodies, headers: dict, clients: int, seconds: float, client_timeout_s: float = 1.0,
+                    retry_after_s: float = 0.05, warmup_s: float = 2.0) -> dict:
+    """``clients`` closed-loop clients for ``seconds`` (after ``warmup_s``): each waits
+    ``client_timeout_s`` at most for an answer (and says so in ``x-request-timeout-seconds``),
+    sends again ``retry_after_s`` after a refusal (any status but 200) or a give-up, at once
+    after an answer. Returns the counts and rates of answers in time, refusals and give-ups."""
+    import requests
+
+    request_headers = {**headers, "x-request-timeout-seconds": str(client_timeout_s)}
+    statuses, in_time, lock = Counter(), [0], threading.Lock()
+    measuring, stop = threading.Event(), threading.Event()
+
+    def client(index: int) -> None:
+        session, position = requests.Session(), index
+        while not stop.is_set():
+            body = bodies[position % len(bodies)]
+            position += clients
+            sent = time.perf_counter()
+            try:
+                status = session.post(url, data=body, headers=request_headers, timeout=client_timeout_s).status_code
+            except requests.RequestException:
+                status = 599  # gave up (or no connection)
+                session.close()
+                session = requests.Session()  # hung up: the next try opens a new connection
+            in_time_answer = status == 200 and time.perf_counter() - sent <= client_timeout_s
+            if measuring.is_set() and not stop.is_set():
+                with lock:
+                    statuses[status] += 1
+                    in_time[0] += in_time_answer
+            if status != 200:
+                stop.wait(retry_after_s)  # the retry's pause; ends early when the run stops
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop.wait(warmup_s)  # a timed window: the clients' own loops do the waiting on responses
+    measuring.set()
+    started = time.perf_counter()
+    stop.wait(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - started
+    for thread in threads:
+        thread.join(client_timeout_s + 5)
+    refusals = sum(count for status, count in statuses.items() if status not in (200, 599))
+    return {"seconds": round(elapsed, 1), "sent": sum(statuses.values()), "in_time": in_time[0],
+            "in_time_rps": round(in_time[0] / elapsed, 1), "refusals": refusals,
+            "refusals_rps": round(refusals / elapsed, 1), "gave_up": statuses[599],
+            "statuses": dict(sorted(statuses.items()))}
+
+
+def storm_table(rows: list) -> str:
+    lines = ["| server | clients | capacity req/s | answers in time req/s | in time / capacity | refusals req/s | "
+             "gave up (1 s) | answers (status: count) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        statuses = ", ".join(f"{status}: {count}" for status, count in row["statuses"].items())
+        lines.append(f"| {row['server']} | {row['clients']} | {row['capacity_rps']} | {row['in_time_rps']} | "
+                     f"{row['in_time_share']:.0%} | {row['refusals_rps']} | {row['gave_up']} | {statuses} |")
+    return "\n".join(lines)
 
 
 def table(rows: list) -> str:

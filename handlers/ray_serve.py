@@ -33,7 +33,8 @@ from typing import Optional
 from handlers.packaging.archive import ArchiveConfigError, load_spec
 from handlers.servers.ray_cluster import (NoHAProxy, metrics_url, set_ray_environment, start_local_cluster,
                                           stop_local_cluster)
-from handlers.servers.ray_serve import ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs
+from handlers.servers.ray_serve import (ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs,
+                                       startup_failures)
 
 
 def app(args: dict):
@@ -124,6 +125,7 @@ def main(argv: Optional[list] = None) -> int:
     num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(reserved_cpus(specs)) + 1)
     api_key = None if args.no_token_auth else write_key_file(args.key_file)
     auth = f"-H 'Authorization: Bearer {api_key}' " if api_key else ""
+    failed = {}
     try:
         with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
             try:
@@ -136,6 +138,12 @@ def main(argv: Optional[list] = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(stop, serving))
             try:
                 names = serve_specs(specs, api_key)
+                failed = startup_failures(names)
+                for line in failed.values():  # each replica answers 503 with it; said once here
+                    print(f"error: {line}", file=sys.stderr, flush=True)
+                if len(failed) == len(names):
+                    return 1
+                names = [name for name in names if name not in failed]
                 if api_key:
                     print(f"token authorisation on: the inference key is in {args.key_file}", flush=True)
                 for name in names:
@@ -145,6 +153,9 @@ def main(argv: Optional[list] = None) -> int:
                 if metrics:
                     print(f"metrics (Prometheus): {metrics}", flush=True)
                 ingress = {"haproxy": "HAProxy", "python": "Ray's Python proxy"}[proxy]
+                if failed:
+                    print(f"not serving {', '.join(failed)} (cannot start, see above; its requests get 503 "
+                          f"with the reason)", flush=True)
                 print(f"serving on Ray Serve, {ingress} in front; Ctrl-C stops it", flush=True)
                 serving.set()
                 stop.wait()
@@ -158,6 +169,9 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         if api_key:
             args.key_file.unlink(missing_ok=True)  # as torchserve --stop removes its key file
+    if failed:
+        print(f"error: {', '.join(failed)} could not start (exit status 1)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,9 @@ DEFERRED_UPWARD = {
     ("handlers.core.handler", "handlers.servers.torchserve"):
         "TorchServe calls initialize/handle on the handler object by name; the methods hand over "
         "to the adapter, imported only when TorchServe (or the test kit's fake context) calls them",
+    ("handlers.packaging.torchserve_entry", "handlers.servers.torchserve"):
+        "the class TorchServe serves for a handler file that cannot be loaded answers 503 with the "
+        "reason through the adapter, imported only when TorchServe calls its initialize/handle",
 }
 
 

@@ -8,8 +8,11 @@ seconds, on stderr, in one line from its worker, with no traceback::
     error: model broken cannot start: RuntimeError: weights.pt was saved for 8 features ...
     (tracebacks in .serve/logs/model_log.log)
 
-Its workers are then stopped (scaled to none: TorchServe would restart them over and over, each
-time logging the traceback again); its requests get TorchServe's 503. Then:
+Its worker stays up in a "cannot start" state (handlers.servers.torchserve.initialize): each
+request to the model is answered at once with a 503 ``ModelCannotStart`` whose message is that
+line. A worker that died before our code ran (no such line) is stopped instead (scaled to none:
+TorchServe would restart it over and over, logging the traceback each time); its requests get
+TorchServe's own 503. Then:
 
 - every model failed: TorchServe is stopped and the exit status is 1, at once;
 - some failed: the others are served as usual, with their curl commands, and when stopped the
@@ -66,11 +69,14 @@ def shown(path: Path) -> str:
 
 
 def failure_reporter(server: TorchServe):
-    """``on_failure`` for :meth:`TorchServe.wait_started`: print the model's line and stop its
-    workers at once (TorchServe would restart them, logging the traceback each time)."""
+    """``on_failure`` for :meth:`TorchServe.wait_started`: print the model's line; stop its
+    workers at once where they died (TorchServe would restart them, logging the traceback each
+    time), not where the worker stays up answering 503 with the line."""
 
     def report(model: str, reason: str) -> None:
         print(f"error: model {model} cannot start: {reason}", file=sys.stderr, flush=True)
+        if server.worker_stays_up(model):
+            return
         try:
             server.stop_model(model)
         except (RuntimeError, OSError) as exc:

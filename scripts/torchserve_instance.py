@@ -130,6 +130,12 @@ class StartupWatch:
                 failed[model] = f"its worker stopped twice during start-up without an error line (see {self.log})"
         return failed
 
+    def stays_up(self, model: str) -> bool:
+        """Whether ``model``'s failure came with our own line: its worker stays up and answers
+        every request with a 503 carrying that line (handlers.servers.torchserve.initialize),
+        rather than dying and being restarted by TorchServe."""
+        return model in self._marked
+
     def _read(self) -> None:
         try:
             with open(self.log, "rb") as f:
@@ -347,6 +353,11 @@ class TorchServe:
         failed = self.wait_started(models, timeout)
         if failed:
             raise StartupFailed(failed, self.model_log_path)
+
+    def worker_stays_up(self, model: str) -> bool:
+        """Whether a model reported by :meth:`wait_started` keeps a worker that answers its
+        requests with a 503 and the reason (see :meth:`StartupWatch.stays_up`)."""
+        return self._watch is not None and self._watch.stays_up(model)
 
     def stop_model(self, model: str) -> None:
         """Scale ``model`` to no workers, so that TorchServe stops restarting a worker that cannot

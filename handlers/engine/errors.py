@@ -140,6 +140,16 @@ class ServiceUnavailable(RequestError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class ModelCannotStart(ServiceUnavailable):
+    """503: this model cannot start (its weights do not load, its self-test refused it, its
+    handler file does not import). Its worker or replica stays up and answers every request at
+    once with the one line that says why, rather than leaving it waiting for a worker that never
+    comes; the model serves again once fixed and deployed again."""
+
+    kind = "ModelCannotStart"
+    retry_after_s = 60  # not a passing state: a client should not come back within seconds
+
+
 class ResponseTooLarge(RequestError):
     """500: this request's answer is over the server's limit on a response's size (TorchServe's
     ``max_response_size``); sent, it would cost its whole batch."""

@@ -74,18 +74,31 @@ def _cannot_start(entry_module: str, error: Exception) -> type:
     """The class TorchServe serves when the handler file cannot be loaded."""
 
     class HandlerCannotStart:
-        """Stands for a handler file that cannot be loaded: ``initialize`` logs the one line and
-        raises the error (TorchServe logs its traceback and stops the worker)."""
+        """Stands for a handler file that cannot be loaded: ``initialize`` logs the one line; on
+        a real worker the worker stays up and ``handle`` answers every request with a 503 that
+        carries the line (``handlers.servers.torchserve.initialize`` does the same for a model
+        that fails later in its start-up); elsewhere it raises the error."""
+
+        line = None
 
         def initialize(self, context):
             from handlers.engine.errors import startup_failure_line  # standard library only
+            from handlers.servers.torchserve import on_a_worker  # torch-free
 
             name = getattr(context, "model_name", None) or "?"
-            log.error("%s", startup_failure_line(str(name), error))
-            raise error
+            line = startup_failure_line(str(name), error)
+            if not on_a_worker(context):
+                log.error("%s", line)
+                raise error
+            log.error("%s", line, exc_info=error)
+            self.line = line
 
         def handle(self, data, context):
-            raise error  # not reached: initialize raised
+            if self.line is None:
+                raise error  # not reached: initialize raised
+            from handlers.servers.torchserve import answer_cannot_start
+
+            return answer_cannot_start(self.line, data, context)
 
     HandlerCannotStart.__module__ = entry_module
     return HandlerCannotStart

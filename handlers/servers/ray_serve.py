@@ -28,6 +28,7 @@ from handlers.core.metrics import batch_metrics
 from handlers.core.request import NO_BODY, Request
 from handlers.core.responses import JSON, error_answer
 from handlers.engine.admission import Admission
+from handlers.engine.errors import ModelCannotStart as CannotStart
 from handlers.engine.errors import PayloadTooLarge, startup_failure_line
 from handlers.engine.settings import SECTION, ModelFiles
 from handlers.packaging.server_sections import DEPLOYMENT_KEYS, response_timeout
@@ -127,20 +128,60 @@ def not_found_app(api_key: Optional[str] = None):
             self.api_key = api_key
 
         async def __call__(self, http_request) -> HTTPResponse:
-            arrived = time.monotonic()
             refused = unauthorized(http_request.headers, self.api_key)
+            path = http_request.url.path
+            if path == "/ping":  # open, as TorchServe's; which models fail is told to key holders only
+                failures = await asyncio.to_thread(startup_failures)
+                status, body = ping_answer(failures, detailed=not refused)
+                return HTTPResponse(body, status_code=status, media_type=JSON)
             if refused:
                 return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
-            path = http_request.url.path
-            model = path[len("/predictions/"):].split("/")[0] if path.startswith("/predictions/") else ""
-            if model:
-                body = {"code": 404, "type": "ModelNotFoundException", "message": f"Model not found: {model}"}
-            else:
-                body = {"code": 404, "type": "ResourceNotFoundException",
-                        "message": "Requested resource is not found, please refer to API document."}
-            return HTTPResponse(json.dumps(body), status_code=404, media_type=JSON)
+            return HTTPResponse(not_found_body(path), status_code=404, media_type=JSON)
 
     return NotFound.bind(api_key)
+
+
+def not_found_body(path: str) -> bytes:
+    """TorchServe 0.12's 404 body for ``path``, byte for byte (recorded from its frontend): an
+    unknown model under ``/predictions/``, else an unknown resource; JSON indented by two, with
+    a final newline."""
+    model = path[len("/predictions/"):].split("/")[0] if path.startswith("/predictions/") else ""
+    if model:
+        body = {"code": 404, "type": "ModelNotFoundException", "message": f"Model not found: {model}"}
+    else:
+        body = {"code": 404, "type": "ResourceNotFoundException",
+                "message": "Requested resource is not found, please refer to API document."}
+    return (json.dumps(body, indent=2) + "\n").encode()
+
+
+def ping_answer(failures: Mapping[str, str], detailed: bool = False) -> tuple[int, bytes]:
+    """``/ping``'s status and body: 200 ``{"status": "Healthy"}`` as TorchServe's, or 500
+    ``{"status": "Unhealthy"}`` while a model cannot start (with ``detailed``, its line per model)."""
+    if not failures:
+        return 200, (json.dumps({"status": "Healthy"}, indent=2) + "\n").encode()
+    body = {"status": "Unhealthy", **({"models": dict(failures)} if detailed else {})}
+    return 500, (json.dumps(body, indent=2) + "\n").encode()
+
+
+def startup_failures(names: Optional[list] = None) -> dict:
+    """``{model: line}`` for the deployed models (or ``names``) that cannot start, asked of each
+    application's replica; an application Ray does not report RUNNING is named by its status."""
+    from ray import serve
+
+    applications = serve.status().applications
+    failures = {}
+    for name in names if names is not None else [n for n in applications if n != NOT_FOUND_APP]:
+        status = getattr(applications.get(name), "status", None)
+        if status != "RUNNING":
+            failures[name] = f"microbatch-handlers: model {name} is not running (Ray Serve: {status})"
+            continue
+        try:
+            line = serve.get_app_handle(name).startup_failure.remote().result(timeout_s=10)
+        except Exception as exc:  # noqa: BLE001 - a replica that does not answer is not healthy
+            line = f"microbatch-handlers: model {name} does not answer its health question: {type(exc).__name__}"
+        if line:
+            failures[name] = line
+    return failures
 
 
 def _serve_not_found(api_key: Optional[str]) -> None:
@@ -165,12 +206,13 @@ def serve_configs(configs: list, root: Optional[Path] = None, api_key: Optional[
 def serve_specs(specs: list, api_key: Optional[str] = None) -> list:
     """Deploy each checked archiver config as its own application at ``/predictions/<model_name>``
     (the URLs TorchServe uses) on the running Ray Serve, beside one at ``/`` that answers unknown
-    models with TorchServe's JSON 404; returns the model names. With ``api_key``, every request
-    needs ``Authorization: Bearer <api_key>`` (else a 401).
+    models with TorchServe's JSON 404 and ``/ping``; returns the model names. With ``api_key``,
+    every request needs ``Authorization: Bearer <api_key>`` (else a 401). A model that cannot
+    start is deployed all the same: its replicas answer 503 with their one line
+    (:func:`startup_failures` lists them).
 
     Raises:
-        ModelCannotStart: a model's replicas failed to start (its self-test refused it, its
-            weights do not load, ...), with the replica's one line.
+        ModelCannotStart: Ray could not deploy a model and a replica left the one line.
     """
     from ray import serve
 
@@ -227,6 +269,8 @@ def replica_class(max_concurrent_batches: int) -> type:
     class MicroBatchReplica:
         """Holds one started handler; answers each HTTP request with its own status."""
 
+        cannot_start: Optional[str] = None  # the one line, when the model cannot start
+
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
                      max_request_bytes: int, api_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
@@ -254,11 +298,14 @@ def replica_class(max_concurrent_batches: int) -> type:
                                    server_timeout_name="responseTimeout")
             except Exception as exc:
                 # The same one line as a TorchServe worker's (the self-test's refusal included),
-                # with the traceback in the replica's log; Ray shows the line in the status.
-                line = startup_failure_line(_deployment_name(), exc)
-                log.error("%s", line, exc_info=True)
-                shutil.rmtree(self.model_dir, ignore_errors=True)  # Ray starts a replacement: no copies pile up
-                raise ModelCannotStart(line) from None
+                # with the traceback in the replica's log, once. The replica stays up in a
+                # "cannot start" state: raising made Ray retry the replica (logging it each time)
+                # while requests waited; now each gets a 503 with the line at once.
+                self.cannot_start = startup_failure_line(_deployment_name(), exc)
+                log.error("%s", self.cannot_start, exc_info=True)
+                shutil.rmtree(self.model_dir, ignore_errors=True)
+                self.handler, self.api_key, self.batches = None, api_key, None
+                return
             self.max_request_bytes = max_request_bytes
             self.api_key = api_key
             # The handler's engine is blocking: each batch runs on a thread, the event loop stays free.
@@ -271,6 +318,8 @@ def replica_class(max_concurrent_batches: int) -> type:
                                       max_concurrent_batches)
 
         def reconfigure(self, user_config: dict) -> None:
+            if self.batches is None:  # cannot start: nothing to configure
+                return
             self.batches.configure(int(user_config["max_batch_size"]), float(user_config["batch_wait_timeout_s"]))
 
         async def __call__(self, http_request) -> HTTPResponse:
@@ -278,6 +327,8 @@ def replica_class(max_concurrent_batches: int) -> type:
             refused = unauthorized(http_request.headers, self.api_key)
             if refused:  # before the body is read
                 return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
+            if self.cannot_start is not None:
+                return _error_response(CannotStart(self.cannot_start))
             headers = dict(http_request.headers)
             deadline = self.handler.deadline_for(headers, arrived)
             body = await read_body(http_request, self.max_request_bytes)
@@ -322,6 +373,10 @@ def replica_class(max_concurrent_batches: int) -> type:
             self.metrics.record(report)
             return [(response, len(requests)) for response in responses]
 
+        def startup_failure(self) -> Optional[str]:
+            """The one line saying why this replica's model cannot start; None when it serves."""
+            return self.cannot_start
+
         def runtime(self) -> dict:
             """What this replica runs on (for operators and tests): its device, torch's threads,
             and the folder its model files were written to."""
@@ -342,7 +397,11 @@ def replica_class(max_concurrent_batches: int) -> type:
 
         def check_health(self) -> None:
             """Ray replaces a replica whose health check raises: here, one whose model is stuck
-            in a call past its deadline (it answers 503 meanwhile)."""
+            in a call past its deadline (it answers 503 meanwhile). Not one whose model cannot
+            start: a replacement would fail the same way; it answers 503 with the reason, and
+            ``/ping`` reports it (:func:`model_health`)."""
+            if self.handler is None:
+                return
             reason = self.handler.unhealthy_reason
             if reason is not None:
                 raise RuntimeError(f"unhealthy: {reason}")

@@ -76,12 +76,21 @@ def model_files_from_manifest(manifest: Mapping[str, Any]) -> ModelFiles:
 # -- TorchServe's two calls ------------------------------------------------------------------------
 
 
+def on_a_worker(context) -> bool:
+    """Whether ``context`` is a real TorchServe worker's, not the test kit's fake."""
+    return type(context).__module__.startswith("ts.")
+
+
 def initialize(handler, context) -> None:
     """Start ``handler`` the way the archive says: its model config's ``handler:`` section, the
     device TorchServe assigned, the model files of its manifest, the deadline inside
-    ``responseTimeout``. When start-up fails, one :func:`startup_failure_line` is logged before
-    the exception goes on to TorchServe (which logs its traceback and ends the worker)."""
-    if type(context).__module__.startswith("ts."):  # a real worker, not the test kit's context
+    ``responseTimeout``. When start-up fails, one :func:`startup_failure_line` is logged (with
+    the traceback). On a real worker the worker then stays up in a "cannot start" state: every
+    request gets a 503 ``ModelCannotStart`` with that line at once (:func:`answer_cannot_start`).
+    Raising would end the worker, and TorchServe restarts it with backoff for minutes, its
+    requests waiting meanwhile and the traceback logged at each try. Elsewhere (the test kit) the
+    exception is raised."""
+    if on_a_worker(context):
         log_with_levels()
     try:
         model_config = context.model_yaml_config or {}
@@ -98,8 +107,27 @@ def initialize(handler, context) -> None:
         log.info("answers over %d bytes are refused alone (max_response_size, %s)",
                  handler._max_response_size - RESPONSE_SIZE_HEADROOM, source)
     except Exception as exc:
-        log.error("%s", startup_failure_line(_model_name(context), exc))
-        raise
+        line = startup_failure_line(_model_name(context), exc)
+        if not on_a_worker(context):
+            log.error("%s", line)
+            raise
+        log.error("%s", line, exc_info=True)
+        handler._cannot_start = line
+
+
+def answer_cannot_start(line: str, data: Sequence[Any], context) -> list:
+    """Every request of a batch answered with a 503 ``ModelCannotStart`` whose message is the
+    model's one start-up failure ``line`` (and ``Retry-After``), without touching the model."""
+    from handlers.engine.errors import ModelCannotStart
+
+    answer = error_answer(ModelCannotStart(line))
+    requests = len(getattr(context, "request_processor", None) or data or [None])
+    for idx in range(requests):
+        context.set_response_status(answer.status, phrase_of(answer.status), idx)
+        context.set_response_content_type(idx, JSON)
+        for name, value in answer.headers.items():
+            context.set_response_header(idx, name, value)
+    return [answer.encoded.payload] * len(data or [None])
 
 
 class _Below(logging.Filter):
@@ -144,6 +172,9 @@ def _model_name(context) -> str:
 def handle(handler, data: Sequence[Mapping[str, Any]], context) -> list:
     """Answer one TorchServe batch: exactly one body per request, in order; per-request status,
     Content-Type and ``X-Batch-Size`` written to the context."""
+    cannot_start = getattr(handler, "_cannot_start", None)
+    if cannot_start is not None:
+        return answer_cannot_start(cannot_start, data, context)
     if not handler.initialized:
         raise RuntimeError(f"{type(handler).__name__}.handle() called before initialize()")
     envelope = _calling_envelope()

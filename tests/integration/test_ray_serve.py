@@ -298,7 +298,7 @@ def test_a_model_whose_answers_change_with_batch_mates_is_refused_at_start_up_in
     import yaml
     from ray import serve
 
-    from handlers.servers.ray_serve import ModelCannotStart, serve_configs
+    from handlers.servers.ray_serve import serve_configs, startup_failures
 
     (tmp_path / "batch_mixing.py").write_text(MIXING_HANDLER)
     config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
@@ -306,13 +306,17 @@ def test_a_model_whose_answers_change_with_batch_mates_is_refused_at_start_up_in
     (tmp_path / "mixing.yaml").write_text(yaml.safe_dump(config))
     started = time.monotonic()
     try:
-        with pytest.raises(ModelCannotStart) as refused:
-            serve_configs([tmp_path / "mixing.yaml"])
+        serve_configs([tmp_path / "mixing.yaml"])  # issue 30, part 2: the replica stays up, answering 503
+        line = startup_failures(["batch_mixing"])["batch_mixing"]
+        refused = requests.post(f"{ray_serve}/predictions/batch_mixing", json={"x": [1, 2, 3, 4]}, timeout=20)
+        ping = requests.get(f"{ray_serve}/ping", timeout=20)
     finally:
         serve.delete("batch_mixing")
-    print(f"\nrefused after {time.monotonic() - started:.1f} s: {refused.value}")
-    assert str(refused.value).startswith("microbatch-handlers: model batch_mixing cannot start: self-test: sample ")
-    assert "answers differently beside other requests" in str(refused.value)
+    print(f"\nrefused after {time.monotonic() - started:.1f} s: {line}")
+    assert line.startswith("microbatch-handlers: model batch_mixing cannot start: self-test: sample ")
+    assert "answers differently beside other requests" in line
+    assert refused.status_code == 503 and refused.json() == {"code": 503, "type": "ModelCannotStart", "message": line}
+    assert ping.status_code == 500 and ping.json()["status"] == "Unhealthy"
     assert requests.post(f"{ray_serve}/predictions/quickstart", json={"id": "q", "x": [1, 2, 3, 4]},
                          timeout=60).json() == {"id": "q", "y": [3.0, 5.0, 7.0, 9.0]}
 

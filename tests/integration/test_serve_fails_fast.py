@@ -166,11 +166,19 @@ def test_a_model_that_cannot_start_is_reported_in_one_line_and_the_others_are_se
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"id": "ff", "y": [3.0, 5.0, 7.0, 9.0]}
 
-        # The broken models' workers are stopped, not restarted over and over.
+        # The broken models' workers stay up and answer at once with a 503 and the reason (issue
+        # 30, part 2: they were restarted, then scaled to none, answering without the reason).
         server = TorchServe(workdir, archives, workdir / "config.properties")
         for model in sorted(BROKEN):
-            status, body = server.get(f"{server.management_url}/models/{model}", api="management")
-            assert status == 200 and json.loads(body)[0]["workers"] == [], body
+            started = time.monotonic()
+            refused = requests.post(url.replace("/quickstart", f"/{model}"), data=b"{}", timeout=20,
+                                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            assert time.monotonic() - started < 5 and refused.status_code == 503, refused.text
+            assert int(refused.headers["Retry-After"]) > 0
+            assert refused.json()["type"] == "ModelCannotStart"
+            assert refused.json()["message"].startswith(f"microbatch-handlers: model {model} cannot start: ")
+            model_log = (workdir / "logs" / "model_log.log").read_text()
+            assert model_log.count(refused.json()["message"]) <= 2, model_log  # once (TorchServe may copy a line)
             deaths = {line for line in server.log_path.read_text().splitlines()
                       if f"-{model}_1.0 " in line and "Retry worker:" in line}  # TorchServe logs each twice
             assert len(deaths) <= 2, deaths

@@ -1,5 +1,6 @@
 """The archive command checks configs before it runs torch-model-archiver."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -439,11 +440,18 @@ def test_a_module_missing_from_the_archive_leaves_the_one_line_in_the_worker(tmp
     handler.write_text(MISSING_MODULE_HANDLER)
     mar = archive_config(ROOT / "archiver_configs" / "quickstart.yaml", tmp_path / "store", root=ROOT,
                          model_name="missing", handler=handler)
-    with pytest.raises(ModuleNotFoundError, match="helper_not_in_the_archive"):
-        load_as_the_worker(mar, tmp_path / "unpacked", monkeypatch)
+    service = load_as_the_worker(mar, tmp_path / "unpacked", monkeypatch)  # issue 30: the worker stays up
+    line = ("microbatch-handlers: model served_name cannot start: ModuleNotFoundError: No module named "
+            "'helper_not_in_the_archive'")
     lines = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
-    assert lines == ["microbatch-handlers: model served_name cannot start: ModuleNotFoundError: No module named "
-                     "'helper_not_in_the_archive'"]
+    assert lines == [line]
+    # Issue 30, part 2: each request is answered at once with a 503 carrying the line.
+    from ts.context import RequestProcessor
+
+    service.context.request_processor = [RequestProcessor({})]
+    [payload] = service._entry_point([{"body": b"{}"}], service.context)
+    assert service.context.get_response_status(0)[0] == 503
+    assert json.loads(payload) == {"code": 503, "type": "ModelCannotStart", "message": line}
 
 
 @pytest.mark.parametrize("source, expected", [
