@@ -40,6 +40,8 @@ _LAZY = {
     "parse_array": "handlers.ready_made.tensor_input",
     "pad_to_longest": "handlers.ready_made.text_input",
     "request_text": "handlers.ready_made.text_input",
+    "Microbatched": "handlers.servers.torchserve_upgrade",
+    "upgrade": "handlers.servers.torchserve_upgrade",
 }
 
 # Engine internals that were public before 0.13: still importable from here, with a warning,

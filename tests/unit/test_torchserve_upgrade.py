@@ -1,0 +1,225 @@
+"""upgrade(MyTorchServeHandler): a real ts BaseHandler subclass, its hooks unchanged, run by the
+engine: per-request preprocess and postprocess, micro-batched inference, errors per request,
+TorchServe's context kept, and a whole-batch preprocess detected and called on whole micro-batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+from handlers import Microbatched, upgrade
+from handlers.testing import FakeContext, run_batch
+
+
+class Doubler(torch.nn.Module):
+    """y = 2x + 1, by hand: 4.0 -> 9.0."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            self.linear.weight.copy_(2 * torch.eye(2))
+            self.linear.bias.fill_(1.0)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def write_model(model_dir):
+    torch.jit.save(torch.jit.script(Doubler()), str(model_dir / "model.pt"))
+
+
+class RowHandler(BaseHandler):
+    """A typical TorchServe handler: preprocess loops over the rows and stacks."""
+
+    def preprocess(self, data):
+        rows = []
+        for row in data:
+            body = row.get("data") or row.get("body")
+            if isinstance(body, (bytes, bytearray)):
+                body = json.loads(body)
+            if "x" not in body:
+                raise PredictionException("the request has no field 'x'", 422)
+            rows.append(torch.tensor(body["x"], dtype=torch.float32))
+        return torch.stack(rows)
+
+    def postprocess(self, data):
+        return [{"y": row.tolist()} for row in data]
+
+
+class BatchMeanHandler(RowHandler):
+    """Not row by row: each row is centred on the batch's mean."""
+
+    def preprocess(self, data):
+        batch = super().preprocess(data)
+        return batch - batch.mean(dim=0, keepdim=True)
+
+
+def context_for(model_dir, handler_config=None):
+    return FakeContext(
+        model_yaml_config={"handler": dict(handler_config or {"micro_batch_size": 2})},
+        system_properties={"model_dir": str(model_dir)},
+        manifest={"model": {"modelName": "doubler", "serializedFile": "model.pt"}},
+    )
+
+
+def started(handler_class, model_dir, handler_config=None):
+    write_model(model_dir)
+    handler = handler_class()
+    handler.initialize(context_for(model_dir, handler_config))
+    return handler
+
+
+def stock_answer(model_dir, bodies):
+    """What stock TorchServe's handle gives this batch."""
+    write_model(model_dir)
+    stock = RowHandler()
+    context = context_for(model_dir)
+    stock.initialize(context)
+    return stock.handle([{"body": body} for body in bodies], FakeContext.for_batch(len(bodies)))
+
+
+BODIES = [{"x": [1.0, 2.0]}, {"x": [4.0, 0.0]}, {"x": [-1.0, 3.0]}, {"x": [0.5, 0.5]}]
+
+
+def test_upgrade_keeps_the_class_and_its_hooks():
+    Upgraded = upgrade(RowHandler)
+    assert issubclass(Upgraded, RowHandler) and issubclass(Upgraded, BaseHandler)
+    assert issubclass(Upgraded, Microbatched)
+    assert Upgraded.__name__ == "RowHandler"
+    assert Upgraded.preprocess is RowHandler.preprocess
+    assert upgrade(Upgraded) is Upgraded
+
+
+def test_upgrade_refuses_what_is_not_a_torchserve_handler():
+    with pytest.raises(TypeError, match="has no initialize, preprocess, inference, postprocess"):
+        upgrade(dict)
+
+
+def test_each_request_gets_the_stock_handlers_answer_alone(tmp_path):
+    handler = started(upgrade(RowHandler), tmp_path)
+    try:
+        responses, context = run_batch(handler, BODIES)
+        assert context.statuses() == [200] * 4
+        assert responses == [{"y": [3.0, 5.0]}, {"y": [9.0, 1.0]}, {"y": [-1.0, 7.0]}, {"y": [2.0, 2.0]}]
+        assert responses == [stock_answer(tmp_path, [body])[0] for body in BODIES]
+        assert responses == stock_answer(tmp_path, BODIES)  # row by row: the batch changes nothing
+    finally:
+        handler.close()
+
+
+def test_a_request_missing_a_field_gets_its_own_error_and_its_batch_mates_their_answers(tmp_path):
+    handler = started(upgrade(RowHandler), tmp_path)
+    try:
+        bad = {"z": [1.0, 2.0]}
+        responses, context = run_batch(handler, BODIES[:2] + [bad] + BODIES[2:])
+        assert context.statuses() == [200, 200, 422, 200, 200]
+        assert responses[2]["code"] == 422 and "no field 'x'" in responses[2]["message"]
+        good = responses[:2] + responses[3:]
+        assert good == [stock_answer(tmp_path, [body])[0] for body in BODIES]
+        # Stock TorchServe: the one bad request fails the whole batch.
+        with pytest.raises(PredictionException):
+            stock_answer(tmp_path, BODIES[:2] + [bad])
+    finally:
+        handler.close()
+
+
+def test_a_plain_exception_in_preprocess_is_that_requests_500(tmp_path):
+    handler = started(upgrade(RowHandler), tmp_path)
+    try:
+        responses, context = run_batch(handler, [BODIES[0], {"x": "not numbers"}, BODIES[1]])
+        assert context.statuses() == [200, 500, 200]
+        assert responses[0] == {"y": [3.0, 5.0]} and responses[2] == {"y": [9.0, 1.0]}
+    finally:
+        handler.close()
+
+
+def test_torchserve_context_attributes_are_kept(tmp_path):
+    handler = started(upgrade(RowHandler), tmp_path)
+    try:
+        assert handler.context is not None and handler.context.system_properties["model_dir"] == str(tmp_path)
+        assert handler.manifest["model"]["serializedFile"] == "model.pt"
+        assert handler.model_pt_path == str(tmp_path / "model.pt")
+        assert handler.device == torch.device("cpu")
+        assert handler.model is not None and handler.initialized
+        assert handler.mapping is None  # BaseHandler's labels (no index_to_name.json)
+        _, context = run_batch(handler, BODIES[:2])
+        assert handler.context is context  # TorchServe's habit: the batch's context
+        assert context.metrics.named("HandlerTime")
+    finally:
+        handler.close()
+
+
+def test_a_whole_batch_preprocess_is_detected_and_called_on_whole_micro_batches(tmp_path):
+    handler = started(upgrade(BatchMeanHandler), tmp_path, {"micro_batch_size": 2, "pool_size": 1})
+    try:
+        run_batch(handler, BODIES[:2])  # the evidence: two unlike rows
+        assert handler._row_by_row.proven_not
+        responses, context = run_batch(handler, BODIES)
+        assert context.statuses() == [200] * 4
+        write_model(tmp_path)
+        stock = BatchMeanHandler()
+        stock.initialize(context_for(tmp_path))
+        expected = []
+        for pair in (BODIES[:2], BODIES[2:]):  # micro-batches of 2, as stock TorchServe with batchSize 2
+            expected += stock.handle([{"body": body} for body in pair], FakeContext.for_batch(2))
+        assert responses == expected
+    finally:
+        handler.close()
+
+
+def test_a_failing_request_is_isolated_when_preprocess_takes_the_whole_micro_batch(tmp_path):
+    handler = started(upgrade(BatchMeanHandler), tmp_path, {"micro_batch_size": 4})
+    try:
+        run_batch(handler, BODIES[:2])
+        assert handler._row_by_row.proven_not
+        responses, context = run_batch(handler, [BODIES[0], {"z": 1}, BODIES[1]])
+        assert context.statuses() == [200, 422, 200]
+        assert responses[1]["code"] == 422
+    finally:
+        handler.close()
+
+
+def test_a_preprocess_that_does_not_give_one_row_is_not_taken_row_by_row(tmp_path):
+    class Flat(RowHandler):
+        def preprocess(self, data):
+            return super().preprocess(data).reshape(-1, 2)[0] if len(data) == 1 else super().preprocess(data)
+
+    handler = started(upgrade(Flat), tmp_path)
+    try:
+        responses, context = run_batch(handler, BODIES[:2])
+        assert handler._row_by_row.proven_not
+        assert context.statuses() == [200, 200]
+        assert responses == [{"y": [3.0, 5.0]}, {"y": [9.0, 1.0]}]
+    finally:
+        handler.close()
+
+
+def test_the_mixin_is_the_same_thing(tmp_path):
+    class Mine(Microbatched, RowHandler):
+        pass
+
+    handler = started(Mine, tmp_path)
+    try:
+        responses, context = run_batch(handler, BODIES[:2])
+        assert responses == [{"y": [3.0, 5.0]}, {"y": [9.0, 1.0]}]
+    finally:
+        handler.close()
+
+
+def test_describe_goes_to_the_handlers_own_handle(tmp_path):
+    class Described(RowHandler):
+        def describe_handle(self):
+            return {"about": "doubler"}
+
+    handler = started(upgrade(Described), tmp_path)
+    try:
+        context = FakeContext.for_batch(1, {"describe": "True"})
+        assert handler.handle([{"body": BODIES[0]}], context) == [{"about": "doubler"}]
+    finally:
+        handler.close()
