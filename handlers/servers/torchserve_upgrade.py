@@ -25,6 +25,7 @@ around its hooks (settings from the ``handler:`` section, the self-test on shipp
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -314,6 +315,9 @@ def upgrade(handler_class: type) -> type:
     if own_handle is not None and own_handle.__module__ != "ts.torch_handler.base_handler":
         log.warning("%s.handle is replaced by the micro-batch engine's: its preprocess, inference and postprocess "
                     "are what run", own_handle.__name__)
+    # Defined in the caller's module: TorchServe (and handlers.archive) take the one class a
+    # handler file defines, so `MyHandler = upgrade(MyHandler)` there is that class, whether
+    # MyHandler was imported or defined above (the name rebound leaves one class).
+    module = sys._getframe(1).f_globals.get("__name__", handler_class.__module__)
     return type(handler_class.__name__, (Microbatched, handler_class),
-                {"__module__": handler_class.__module__, "__qualname__": handler_class.__qualname__,
-                 "__doc__": handler_class.__doc__})
+                {"__module__": module, "__qualname__": handler_class.__qualname__, "__doc__": handler_class.__doc__})

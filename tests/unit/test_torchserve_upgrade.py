@@ -223,3 +223,51 @@ def test_describe_goes_to_the_handlers_own_handle(tmp_path):
         assert handler.handle([{"body": BODIES[0]}], context) == [{"about": "doubler"}]
     finally:
         handler.close()
+
+
+def ship_samples(model_dir, bodies):
+    from handlers.core.self_test import SAMPLES_DIR, SAMPLES_INDEX
+
+    folder = model_dir / SAMPLES_DIR
+    folder.mkdir()
+    for idx, body in enumerate(bodies):
+        (folder / f"{idx}.json").write_text(json.dumps(body))
+    (folder / SAMPLES_INDEX).write_text(json.dumps([{"file": f"{idx}.json"} for idx in range(len(bodies))]))
+
+
+def test_the_start_up_self_test_runs_on_shipped_samples(tmp_path):
+    ship_samples(tmp_path, BODIES)
+    handler = started(upgrade(RowHandler), tmp_path)
+    try:
+        assert handler.self_test is not None and handler.self_test.distinct >= 2
+        assert not handler._row_by_row.proven_not
+    finally:
+        handler.close()
+
+
+def test_shipped_samples_show_a_whole_batch_preprocess_before_any_request(tmp_path):
+    from handlers.engine.settings import ConfigError
+
+    ship_samples(tmp_path, BODIES)
+    # Its answers depend on the batch-mates: the self-test's batch-invariance check refuses it,
+    # naming the difference, unless its tolerance is raised.
+    with pytest.raises(ConfigError, match="sample"):
+        started(upgrade(BatchMeanHandler), tmp_path)
+
+
+@pytest.mark.parametrize("handler_file", [
+    "from old_handler import OldHandler\nfrom handlers import upgrade\n\nOldHandler = upgrade(OldHandler)\n",
+    "from old_handler import OldHandler\nfrom handlers import upgrade\n\nNewHandler = upgrade(OldHandler)\n",
+    "from old_handler import OldHandler\nfrom handlers import Microbatched\n\n\n"
+    "class NewHandler(Microbatched, OldHandler):\n    pass\n",
+])
+def test_a_handler_file_that_upgrades_an_imported_handler_defines_one_class(tmp_path, monkeypatch, handler_file):
+    """TorchServe's rule: the handler file defines exactly one class; the upgraded one is it."""
+    from handlers.core.handler_file import load_handler_class
+
+    (tmp_path / "old_handler.py").write_text(
+        "from ts.torch_handler.base_handler import BaseHandler\n\n\nclass OldHandler(BaseHandler):\n    pass\n")
+    (tmp_path / "new_handler.py").write_text(handler_file)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    handler_class = load_handler_class(str(tmp_path / "new_handler.py"))
+    assert issubclass(handler_class, Microbatched) and handler_class.__name__ in ("OldHandler", "NewHandler")
