@@ -264,6 +264,7 @@ def _files_of(path: Path) -> dict:
 
 def replica_class(max_concurrent_batches: int) -> type:
     """The deployment class: one handler per replica, with this many batches in flight at once."""
+    from starlette.requests import ClientDisconnect
     from starlette.responses import Response as HTTPResponse
 
     class MicroBatchReplica:
@@ -331,7 +332,10 @@ def replica_class(max_concurrent_batches: int) -> type:
                 return _error_response(CannotStart(self.cannot_start))
             headers = dict(http_request.headers)
             deadline = self.handler.deadline_for(headers, arrived)
-            body = await read_body(http_request, self.max_request_bytes)
+            try:
+                body = await read_body(http_request, self.max_request_bytes)
+            except ClientDisconnect:  # gone while its body came in: nothing to run, nobody to answer
+                return HTTPResponse(status_code=CLIENT_CLOSED)
             if isinstance(body, PayloadTooLarge):
                 return _error_response(body)
             # Counted once its body is in: a slow upload holds no place ahead of the others (30
@@ -340,23 +344,43 @@ def replica_class(max_concurrent_batches: int) -> type:
             if overloaded:
                 return _error_response(overloaded)
             try:
-                return await self._answer(body, headers, deadline)
+                return await self._answer(body, headers, deadline, http_request.receive)
             finally:
                 self.admission.leave()
 
-        async def _answer(self, body: bytes, headers: dict, deadline: Optional[float]) -> HTTPResponse:
+        async def _answer(self, body: bytes, headers: dict, deadline: Optional[float], receive=None) -> HTTPResponse:
             hung_up = threading.Event()
             if _media_type(headers) == MULTIPART:  # parsed in pure Python: off the event loop
                 request = await asyncio.to_thread(request_from_http, body, headers, deadline, hung_up)
             else:
                 request = request_from_http(body, headers, deadline=deadline, hung_up=hung_up)
+            # Two ways to learn the client hung up: Ray cancels this coroutine (its proxy, or the
+            # replica's own HTTP server behind HAProxy, on a disconnect or the request's
+            # x-request-timeout-seconds), or the ASGI receive channel says http.disconnect (behind
+            # HAProxy, and with x-request-disconnect-disabled, where Ray does not cancel). Either
+            # way the request leaves the queue, or is skipped if its batch has not reached the model.
+            # The watcher cancels this coroutine as Ray would: the queue then drops the request.
+            this, state = asyncio.current_task(), {"settled": False, "gone": False}
+
+            def on_gone(watch: asyncio.Task) -> None:
+                if state["settled"] or watch.cancelled() or watch.exception() is not None or not watch.result():
+                    return
+                state["gone"] = True
+                request.hung_up.set()
+                this.cancel()
+
+            gone = asyncio.ensure_future(client_gone(receive))
+            gone.add_done_callback(on_gone)
             try:
                 response, batch_size = await self.batches.submit(request)
             except asyncio.CancelledError:
-                # Ray's proxy gave up on it (the client hung up, or its x-request-timeout-seconds
-                # passed): if its batch has not reached the model yet, it costs no model time.
                 request.hung_up.set()
+                if state["gone"] and this.uncancel() == 0:
+                    return HTTPResponse(status_code=CLIENT_CLOSED)  # nobody reads it
                 raise
+            finally:
+                state["settled"] = True
+                gone.cancel()
             # Encoded on the handler's pool: the event loop only forwards the bytes.
             return HTTPResponse(response.payload, status_code=response.status, media_type=response.content_type,
                                 headers={**response.headers, BATCH_SIZE_HEADER: str(batch_size)})
@@ -460,6 +484,18 @@ def request_from_http(body: bytes, headers: dict, deadline: Optional[float] = No
         fields = _form_fields(body) if content_type == FORM else _multipart_fields(body, headers)
         body = next((fields[key] for key in ("body", "data") if key in fields), NO_BODY)
     return Request(body, headers, _request_id(headers), deadline=deadline, hung_up=hung_up)
+
+
+# nginx's code for "the client closed the request": logged, never read by anyone.
+CLIENT_CLOSED = 499
+
+
+async def client_gone(receive) -> bool:
+    """True when the ASGI ``receive`` channel says ``http.disconnect`` (the body is already read:
+    nothing else should come); False at once for a channel that cannot tell (None, or one that
+    sends anything else). On Ray's Python proxy path the channel never says it (the replica is
+    cancelled instead) and this waits until cancelled."""
+    return receive is not None and (await receive()).get("type") == "http.disconnect"
 
 
 async def read_body(http_request, limit: int):
