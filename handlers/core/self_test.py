@@ -28,7 +28,7 @@ from typing import Any, Optional
 from handlers.core.derived_inputs import derived_inputs, shorter_input
 from handlers.core.request import Request, decoded_body
 from handlers.engine.errors import SplitFailed, is_out_of_memory
-from handlers.engine.scatter import children_of, child_path, cut, is_array, learn_layout, learned_any, ROOT
+from handlers.engine.scatter import children_of, child_path, is_array, learned_any, ROOT
 from handlers.engine.settings import ConfigError
 
 SAMPLES_DIR = "microbatch_samples"

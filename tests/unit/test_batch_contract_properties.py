@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from handlers import BadRequest, EngineSettings, Request
 from handlers.core.responses import json_ready
-from handlers.core.self_test import Sample, SelfTestFailed
+from handlers.core.self_test import Sample
 from handlers.engine.batch_engine import BatchEngine
 from handlers.engine.errors import SplitFailed
 from handlers.engine.scatter import cut, learn_layout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import json
 import subprocess
 import sys
 import threading

@@ -4,7 +4,6 @@ call overwrites a part while the pool still reads it). Both gave wrong 200s on 0
 
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
