@@ -26,7 +26,7 @@ from handlers.engine.audit import DEFAULT_SHARE, Audit
 from handlers.engine.batch_engine import BatchEngine, BatchReport
 from handlers.engine.errors import BadRequest, InternalError, UnsupportedMediaType
 from handlers.engine.model_call import ModelCall
-from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, children_of, declared_special, leaves_of, map_arrays
+from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, declared_special, leaves_of, map_arrays
 from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings, usable_cores
 
 log = logging.getLogger(__name__)
@@ -354,8 +354,8 @@ class MicroBatchHandler:
         """One output per item, by the batch layout known from evidence (see
         ``handlers.engine.scatter``): declared in ``batch_dims``, learned from the samples at start-up,
         or probed once on live traffic. Tensors are copied to the CPU once, then cut; tuples,
-        dicts, named tuples and dataclasses cut field by field. An output that cannot be cut
-        per request is a :class:`SplitFailed` (500) naming the part and how to declare it."""
+        dicts, named tuples and dataclasses cut field by field. An output no layout can be
+        trusted to cut is answered alone: one model call per request, its whole output."""
         layout = self._scatter.layout
         if type(layout) is Batched and isinstance(output, torch.Tensor) and output.dim() > layout.dim \
                 and output.shape[layout.dim] == count:
@@ -403,13 +403,14 @@ class MicroBatchHandler:
 
     def _forward(self, items: list) -> Any:
         """collate → infer for one micro-batch, on the model thread that runs it."""
-        versions = tensor_versions(items)
+        tensors = [leaf for leaf in leaves_of(items).values() if isinstance(leaf, torch.Tensor)]
+        versions = [tensor._version for tensor in tensors]  # they move on every in-place change
         # inference_mode is thread-local: enter it on the model thread that runs this.
         with torch.inference_mode(), self._own_stream() as stream:
             if stream is not None:
-                _take_over(items, stream, torch.cuda.default_stream(self.device))
+                _take_over(tensors, stream, torch.cuda.default_stream(self.device))
             output = self.infer(self.collate(items))
-        if versions and tensor_versions(items) != versions:
+        if versions != [tensor._version for tensor in tensors]:
             # A retry, a probe or an audit sends the same items again: changed, they would get
             # another answer, in a 200.
             raise InputChangedInPlace("collate or infer changed a request's preprocessed tensor in place; a retry "
@@ -452,16 +453,6 @@ class InputChangedInPlace(InternalError):
     retry_may_cure = False
 
 
-def tensor_versions(node: Any) -> tuple:
-    """The version counters of the tensors in ``node`` (they move on every in-place change)."""
-    if isinstance(node, torch.Tensor):
-        return (node._version,)
-    structure = children_of(node)
-    if structure is None:
-        return ()
-    return tuple(version for _, child in structure[1] for version in tensor_versions(child))
-
-
 def _copy_tensor(leaf: Any) -> Any:
     return leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
 
@@ -500,21 +491,12 @@ class OutputBuffers:
         return True
 
 
-def _cuda_tensors(node: Any) -> list:
-    """The CUDA tensors in ``node``."""
-    if isinstance(node, torch.Tensor):
-        return [node] if node.is_cuda else []
-    structure = children_of(node)
-    if structure is None:
-        return []
-    return [tensor for _, child in structure[1] for tensor in _cuda_tensors(child)]
-
-
-def _take_over(items: list, stream, producer) -> None:
+def _take_over(tensors: list, stream, producer) -> None:
     """GPU tensors a pool thread's ``preprocess_one`` made on ``producer`` (its default stream)
     are read on the model thread's ``stream``: ``stream`` waits for ``producer``'s work so far,
-    and their memory is not reused until ``stream``'s work is done (record_stream)."""
-    tensors = _cuda_tensors(items)
+    and their memory is not reused until ``stream``'s work is done (record_stream).
+    ``tensors``: the micro-batch's items' tensors."""
+    tensors = [tensor for tensor in tensors if tensor.is_cuda]
     if not tensors:
         return  # host items: to_model's copies are queued on the model stream itself
     stream.wait_stream(producer)

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from handlers.core.derived_inputs import derived_inputs, shorter_input
 from handlers.core.request import Request, decoded_body
 from handlers.engine.errors import SplitFailed, is_out_of_memory
-from handlers.engine.scatter import children_of, child_path, is_array, learned_any, ROOT
+from handlers.engine.scatter import children_of, child_path, is_array, learned_any, leaves_of, ROOT
 from handlers.engine.settings import ConfigError
 
 SAMPLES_DIR = "microbatch_samples"
@@ -220,12 +220,8 @@ def _derived_output(handler, items: list) -> Any:
 
 def _shapes(item: Any) -> tuple:
     """The shapes of the arrays in an item, in order (what padding would have to even out)."""
-    if is_array(item):
-        return (tuple(item.shape),)
-    structure = children_of(item)
-    if structure is None:
-        return (type(item).__name__, len(item) if isinstance(item, (str, bytes)) else None)
-    return tuple(shape for _, child in structure[1] for shape in _shapes(child))
+    return tuple(tuple(leaf.shape) if is_array(leaf) else (type(leaf).__name__, len(leaf) if isinstance(
+        leaf, (str, bytes)) else None) for leaf in leaves_of(item).values())
 
 
 # The least tolerance on a GPU, by the arithmetic it does: about 20 unit roundoffs u of the format

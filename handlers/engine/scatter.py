@@ -14,14 +14,14 @@ known from one of (first match wins, and a later one is checked against the earl
 3. a **probe** on live traffic: the first time a micro-batch has no known layout, the model is
    called once more at another size (its first half; a lone request twice over), and the layout
    is learned from the two sizes (a third size when two leave it ambiguous). That layout is then
-   reused for every later call whose output fits it.
+   used for every later call; an output it does not fit refutes it (below).
 
 Learning from calls at two or more sizes ``n``: a tensor dimension whose size is ``n`` in every
-call carries the batch (exactly one such dimension, else the output is refused as ambiguous); a
-list whose length is ``n`` in every call holds one entry per request, one whose length stays
-fixed is a structure (heads, feature maps) cut entry by entry; tuples, dicts, named tuples and
-dataclasses are structures. A part that does not follow the batch belongs to no single request
-and is refused, unless declared ``"shared"``.
+call carries the batch (exactly one such dimension, else the output is ambiguous); a list whose
+length is ``n`` in every call holds one entry per request, one whose length stays fixed is a
+structure (heads, feature maps) cut entry by entry; tuples, dicts, named tuples and dataclasses
+are structures. A part that does not follow the batch belongs to no single request, unless
+declared ``"shared"``: such an output is answered alone (below).
 
 A lone request is probed too (with itself twice over), so that its answer has the same shape
 alone as beside others.
@@ -536,24 +536,18 @@ class Scatter:
     def split(self, output: Any, count: int, to_host: Callable[[Any], Any] = lambda leaf: leaf) -> list:
         if self.alone_reason is not None:
             return self._whole(output, count, to_host)
-        layout = self._layout
+        layout, source = self._layout, self.source
+        if layout is None and self.declared:
+            layout, source = declared_layout(output, self.declared), "declaration"
         if layout is not None:
             try:
-                return cut(layout, output, count, to_host)
+                parts = cut(layout, output, count, to_host)
             except LayoutMismatch as exc:
-                self.answer_alone(f"the {self.source}'s layout is contradicted: {exc.message}", [(count, output)])
+                self.answer_alone(f"the {source}'s layout is contradicted: {exc.message}", [(count, output)])
                 return self._whole(output, count, to_host)
-        if self.declared:
-            layout = declared_layout(output, self.declared)
-            if layout is not None:
-                try:
-                    parts = cut(layout, output, count, to_host)
-                except LayoutMismatch as exc:
-                    self.answer_alone(f"the declared layout (handler.batch_dims) is contradicted: {exc.message}",
-                                      [(count, output)])
-                    return self._whole(output, count, to_host)
-                self._use(layout, "declaration")
-                return parts
+            if source == "declaration":
+                self._use(layout, source)
+            return parts
         if not may_hold_a_batch(output, count):
             leaves = "; ".join(describe_leaves(output))
             self.answer_alone(f"no part of the output of a micro-batch of {count} has its size ({leaves})",
@@ -575,20 +569,13 @@ class Scatter:
         seen = list(observations.items() if isinstance(observations, Mapping) else observations)
         try:
             layout = learn_layout(seen, self.declared)
-        except LayoutAmbiguous as exc:
-            if len({n for n, _ in seen}) < 3:
-                raise
-            self.answer_alone(_problem(exc.message), seen)
-            return None
-        except DeclarationContradicted as exc:
-            if strict:
-                raise
-            self.answer_alone(_problem(exc.message), seen)
-            return None
         except SplitFailed as exc:
+            if isinstance(exc, LayoutAmbiguous) and len({n for n, _ in seen}) < 3 or \
+                    isinstance(exc, DeclarationContradicted) and strict:
+                raise
             self.answer_alone(_problem(exc.message), seen)
             return None
-        if not varied and learned_any(layout, self.declared):
+        if not varied and learned_any(layout):
             self.answer_alone("the evidence is thin: no input derived from the " + source + " (blank, noise) could "
                               "be run, so a size set by the data cannot be told from the micro-batch size", seen,
                               for_one=layout)
@@ -647,11 +634,11 @@ def _problem(message: str) -> str:
     return message.split(". To say how it is batched")[0].replace("the model output cannot be split per request: ", "")
 
 
-def learned_any(layout: Layout, declared: Mapping[str, Any] = {}) -> bool:
+def learned_any(layout: Layout) -> bool:
     """Whether ``layout`` cuts anything by a size (a tensor's dimension, a list's entries):
     what thin evidence cannot vouch for. (Learning runs only where some part is undeclared.)"""
     if isinstance(layout, Fields):
-        return any(learned_any(child, declared) for child in layout.children)
+        return any(learned_any(child) for child in layout.children)
     return isinstance(layout, (Batched, Items))
 
 
