@@ -111,6 +111,22 @@ def test_a_form_post_gets_the_same_415_on_both_servers(ray_serve, torchserve):
     assert on_torchserve.headers["Content-Type"].startswith("application/json")
 
 
+def test_a_multipart_form_file_is_the_body_on_ray_serve_as_on_torchserve(ray_serve, torchserve):
+    """``curl -F data=@file`` (multipart/form-data, as TorchServe's docs show): the form's ``data``
+    file is the body, as TorchServe hands it to the handler (was a 4xx on Ray Serve)."""
+    url = f"{ray_serve}/predictions/quickstart"
+    body = b'{"x": [1, 2, 3, 4]}'
+    raw = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    form = requests.post(url, files={"data": ("input.json", body, "application/json")}, timeout=60)
+    assert raw.status_code == form.status_code == 200, form.text
+    assert form.json() == raw.json()
+    on_torchserve = requests.post(f"{torchserve.inference_url}/predictions/quickstart", headers=torchserve.auth(),
+                                  files={"data": ("input.json", body, "application/json")}, timeout=60)
+    assert on_torchserve.status_code == 200 and on_torchserve.json() == form.json(), on_torchserve.text
+    other = requests.post(url, files={"file": ("input.json", body)}, timeout=60)
+    assert other.status_code == 415, other.text  # TorchServe reads a field named body or data only
+
+
 @pytest.mark.parametrize("path", ["/predictions/no_such_model", "/no/such/path"])
 def test_an_unknown_model_or_path_gets_the_same_json_404_on_both_servers(ray_serve, torchserve, path):
     """Was a text/plain 404 from Ray Serve's proxy."""
