@@ -1,11 +1,15 @@
-"""Serve archiver configs on Ray Serve: the same handlers as in the ``.mar`` archives, on a private
+"""Serve archiver configs and ``.mar`` archives on Ray Serve: the same handlers as in the ``.mar`` archives, on a private
 local Ray cluster (loopback only, dashboard off), at the same URLs as TorchServe's
 (``/predictions/<model_name>``), with HAProxy in front of the replicas (``--python-proxy``: Ray's
 Python proxy instead).
 
 Usage::
 
-    python -m handlers.ray_serve [CONFIG ...] [--port 8000] [--root DIR] [--python-proxy]
+    python -m handlers.ray_serve [CONFIG|MAR ...] [--port 8000] [--root DIR] [--python-proxy]
+
+A ``.mar`` is served from its own files, manifest and model config: ours, or a TorchServe handler's
+(a ``BaseHandler`` subclass, run by the micro-batch engine through ``upgrade``); see
+docs/from_torchserve.md.
 
 or, on a Ray cluster you run yourself (``ray start``), one application per config::
 
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from handlers.packaging.archive import ArchiveConfigError, load_spec
+from handlers.packaging.mar import MarError, is_mar, load_mar
 from handlers.servers.ray_cluster import (NoHAProxy, metrics_url, set_ray_environment, start_local_cluster,
                                           stop_local_cluster)
 from handlers.servers.ray_serve import (ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs,
@@ -93,7 +98,8 @@ def write_key_file(path: Path) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handlers.ray_serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="*", type=Path, help="archiver configs (default: archiver_configs/*.yaml)")
+    parser.add_argument("configs", nargs="*", type=Path,
+                        help="archiver configs or .mar archives (default: archiver_configs/*.yaml)")
     parser.add_argument("--root", type=Path, default=None,
                         help="where every config's paths start (default: each config's root: key, else its folder)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
@@ -117,8 +123,8 @@ def main(argv: Optional[list] = None) -> int:
     configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
     stop, serving = threading.Event(), threading.Event()
     try:  # checked once: what the replicas reserve sizes the local node, then they are served
-        specs = [load_spec(Path(config), args.root) for config in configs]
-    except ArchiveConfigError as exc:
+        specs = [load_served(Path(config), args.root) for config in configs]
+    except (ArchiveConfigError, MarError) as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
@@ -173,6 +179,11 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {', '.join(failed)} could not start (exit status 1)", file=sys.stderr)
         return 1
     return 0
+
+
+def load_served(path: Path, root: Optional[Path] = None):
+    """What one command-line argument serves: a ``.mar`` read, or an archiver config checked."""
+    return load_mar(path) if is_mar(path) else load_spec(path, root)
 
 
 def _on_sigterm(stop: threading.Event, serving: threading.Event) -> None:
