@@ -368,6 +368,22 @@ def replica_class(max_concurrent_batches: int) -> type:
                 body = await read_body(http_request, self.max_request_bytes)
             except ClientDisconnect:  # gone while its body came in: nothing to run, nobody to answer
                 return HTTPResponse(status_code=CLIENT_CLOSED)
+            return await self._admitted(body, headers, deadline, http_request.receive)
+
+        async def invoke(self, body: bytes, headers: dict) -> tuple:
+            """One request handed over by another deployment (SageMaker's ``/invocations``,
+            :mod:`handlers.servers.ray_sagemaker`), answered as over HTTP: ``(status, payload,
+            headers)``."""
+            if self.cannot_start is not None:
+                response = _error_response(CannotStart(self.cannot_start))
+            else:
+                if len(body) > self.max_request_bytes:
+                    body = PayloadTooLarge(f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}")
+                response = await self._admitted(body, headers, self.handler.deadline_for(headers, time.monotonic()))
+            kept = {key: value for key, value in response.headers.items() if key.lower() != "content-length"}
+            return response.status_code, bytes(response.body), kept
+
+        async def _admitted(self, body, headers: dict, deadline: Optional[float], receive=None) -> HTTPResponse:
             if isinstance(body, PayloadTooLarge):
                 return _error_response(body)
             # Counted once its body is in: a slow upload holds no place ahead of the others (30
@@ -376,7 +392,7 @@ def replica_class(max_concurrent_batches: int) -> type:
             if overloaded:
                 return _error_response(overloaded)
             try:
-                return await self._answer(body, headers, deadline, http_request.receive)
+                return await self._answer(body, headers, deadline, receive)
             finally:
                 self.admission.leave()
 
