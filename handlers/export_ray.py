@@ -51,10 +51,12 @@ def model(args: dict):
 
 
 def sagemaker(args: dict):
-    """SageMaker's GET /ping and POST /invocations, for the model named by args model=NAME."""
+    """SageMaker's GET /ping and POST /invocations, for the model named by args model=NAME
+    [api_key_file=PATH]."""
+    from handlers.ray_serve import api_key_of
     from handlers.servers.ray_sagemaker import sagemaker_app
 
-    return sagemaker_app(args["model"])
+    return sagemaker_app(args["model"], api_key_of(args))
 '''
 
 
@@ -101,7 +103,7 @@ def serve_config(model_name: str, mar: Path, host: str, port: int, sagemaker: bo
               "applications": applications}
     header = (f"# Ray Serve config for {model_name}, written by python -m handlers.export_ray.\n"
               f"# From this folder: serve run config.yaml (or ray start --head here, then serve deploy config.yaml).\n"
-              f"# Token authorisation: add api_key_file: PATH to the model's args (docs/from_torchserve.md).\n")
+              f"# Token authorisation: add api_key_file: PATH to each application's args (docs/from_torchserve.md).\n")
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
@@ -121,7 +123,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1",
                         help="the address Serve's HTTP proxy binds (0.0.0.0 in a container; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (SageMaker: 8080)")
-    parser.add_argument("--root", type=Path, default=None, help="where a config's paths start (as python -m handlers.archive)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="where a config's paths start (as for python -m handlers.archive)")
     parser.add_argument("--no-sagemaker", action="store_true", help="leave out SageMaker's /ping and /invocations")
     parser.add_argument("--working-dir-uri", default=None,
                         help="a remote zip of the package (https://, s3://, gs://) for the nodes to download: "

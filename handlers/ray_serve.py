@@ -1,4 +1,4 @@
-"""Serve archiver configs and ``.mar`` archives on Ray Serve: the same handlers as in the ``.mar`` archives, on a private
+"""Serve archiver configs on Ray Serve: the same handlers as in the ``.mar`` archives, on a private
 local Ray cluster (loopback only, dashboard off), at the same URLs as TorchServe's
 (``/predictions/<model_name>``), with HAProxy in front of the replicas (``--python-proxy``: Ray's
 Python proxy instead).
@@ -6,10 +6,6 @@ Python proxy instead).
 Usage::
 
     python -m handlers.ray_serve [CONFIG|MAR ...] [--port 8000] [--root DIR] [--python-proxy]
-
-A ``.mar`` is served from its own files, manifest and model config: ours, or a TorchServe handler's
-(a ``BaseHandler`` subclass, run by the micro-batch engine through ``upgrade``); see
-docs/from_torchserve.md.
 
 or, on a Ray cluster you run yourself (``ray start``), one application per config::
 
@@ -20,6 +16,10 @@ written to ``./ray_serve_key.json`` (``--key-file``; removed at stop) and every 
 ``Authorization: Bearer <key>``. ``--no-token-auth`` turns it off, for a gateway that
 authenticates in front (docs/ray_serve.md). Ray's own ``/-/healthz`` stays open; ``/-/routes``
 (which names every model) needs the key too, behind HAProxy (Ray's Python proxy answers it itself).
+
+A ``.mar`` is served from its own files, manifest and model config: ours, or a TorchServe handler's
+(a ``BaseHandler`` subclass, run by the micro-batch engine through ``upgrade``); see
+docs/from_torchserve.md.
 """
 
 from __future__ import annotations

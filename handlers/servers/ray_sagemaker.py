@@ -8,25 +8,31 @@ anything else gets TorchServe's JSON 404. Ray is imported only when used."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from handlers.core.responses import JSON
-from handlers.servers.ray_serve import not_found_body, ping_answer, startup_failures
+from typing import Optional
+
+from handlers.servers.ray_serve import not_found_body, ping_answer, startup_failures, unauthorized
 
 PING, INVOCATIONS = "/ping", "/invocations"
 
 
-def sagemaker_app(model_name: str):
-    """The application: one replica, no CPU reserved (it only forwards)."""
+def sagemaker_app(model_name: str, api_key: Optional[str] = None):
+    """The application: one replica, no CPU reserved (it only forwards). With ``api_key``,
+    ``/invocations`` needs ``Authorization: Bearer <api_key>`` as the model's own route does;
+    ``/ping`` stays open, as TorchServe's."""
     from ray import serve
     from starlette.responses import Response as HTTPResponse
 
     @serve.deployment(name="sagemaker", num_replicas=1, ray_actor_options={"num_cpus": 0})
     class SageMaker:
-        def __init__(self, model_name: str):
+        def __init__(self, model_name: str, api_key: Optional[str]):
             from handlers.servers.ray_cluster import keep_replica_grpc_on_loopback
 
             keep_replica_grpc_on_loopback()
             self.model_name = model_name
+            self.api_key = api_key
 
         async def __call__(self, http_request) -> HTTPResponse:
             path, method = http_request.url.path, http_request.method
@@ -34,6 +40,9 @@ def sagemaker_app(model_name: str):
                 failures = await asyncio.to_thread(startup_failures, [self.model_name])
                 status, body = ping_answer(failures, detailed=True)
                 return HTTPResponse(body, status_code=status, media_type=JSON)
+            refused = unauthorized(http_request.headers, self.api_key)
+            if refused:
+                return HTTPResponse(json.dumps(refused), status_code=401, media_type=JSON)
             if path == INVOCATIONS and method == "POST":
                 body = await http_request.body()
                 model = serve.get_app_handle(self.model_name)
@@ -41,4 +50,4 @@ def sagemaker_app(model_name: str):
                 return HTTPResponse(payload, status_code=status, headers=headers)
             return HTTPResponse(not_found_body(path), status_code=404, media_type=JSON)
 
-    return SageMaker.bind(model_name)
+    return SageMaker.bind(model_name, api_key)

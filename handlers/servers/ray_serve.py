@@ -47,9 +47,10 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 def build_app(config: str, root: Optional[str] = None, api_key: Optional[str] = None):
     """A Ray Serve application for one archiver config (its paths start from the config's own
-    folder or ``root:``, or from ``root`` when given), or one ``.mar`` (see :func:`application_of_mar`). The replicas import the ``handlers``
-    package: installed on the nodes, or shipped with the job (:func:`start_local_cluster` does;
-    ``serve run --working-dir``)."""
+    folder or ``root:``, or from ``root`` when given), or for one ``.mar`` (see
+    :func:`application_of_mar`). The replicas import the ``handlers`` package: installed on the
+    nodes, or shipped with the job (:func:`start_local_cluster` does; ``serve run --working-dir``;
+    the package of ``python -m handlers.export_ray`` carries it)."""
     from handlers.packaging.archive import load_spec
     from handlers.packaging.mar import is_mar, load_mar
 

@@ -2,7 +2,8 @@
 ``BaseHandler`` subclass, archived by the real torch-model-archiver; tests/legacy_mar.py) and one of
 ours (quickstart). Each is served by a real TorchServe and by a real local Ray cluster (loopback,
 dashboard off, its own temp dir), both started and stopped by this module: the same inputs get
-the same answers; on Ray Serve a bad request in a batch gets its own error and its batch-mates 200."""
+the same answers; on Ray Serve a bad request in a batch gets its own error and its batch-mates 200.
+The legacy handler upgraded in an archiver config (one line) starts on Ray Serve too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from handlers.packaging.archive import archive_config
 from handlers.servers.ray_cluster import set_ray_environment
@@ -40,6 +42,22 @@ def mars(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def upgraded_config(mars):
+    """An archiver config whose handler file upgrades the legacy handler (docs/from_torchserve.md's
+    one line), with the legacy archive's own handler and TorchScript model as its files."""
+    source = mars / f"{NAME}_src"  # what build_legacy_mar archived
+    (source / "upgraded.py").write_text("from legacy_handler import LegacyHandler\nfrom handlers import upgrade\n\n"
+                                        "LegacyHandler = upgrade(LegacyHandler)\n")
+    config = source / "upgraded.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name": "upgraded", "version": "1.0", "handler": "upgraded.py", "serialized_file": "model.pt",
+        "extra_files": ["legacy_handler.py"],
+        "model_config": yaml.safe_load((source / "model-config.yaml").read_text()),
+    }))
+    return config
+
+
+@pytest.fixture(scope="module")
 def torchserve_mars(mars, tmp_path_factory):
     server = TorchServe(tmp_path_factory.mktemp("torchserve_mars"), mars, ROOT / "config.properties",
                         ports=Ports.free())
@@ -52,8 +70,9 @@ def torchserve_mars(mars, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_mars(mars):
+def ray_mars(mars, upgraded_config):
     """The same two archives on Ray Serve, as ``python -m handlers.ray_serve legacy.mar quickstart.mar``."""
+    from handlers.packaging.archive import load_spec
     from handlers.packaging.mar import load_mar
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
     from handlers.servers.ray_serve import serve_specs, startup_failures
@@ -70,7 +89,8 @@ def ray_mars(mars):
                 raise
     try:
         started = time.monotonic()
-        names = serve_specs([load_mar(mars / f"{name}.mar") for name in (NAME, "quickstart")])
+        names = serve_specs([load_mar(mars / f"{name}.mar") for name in (NAME, "quickstart")]
+                            + [load_spec(upgraded_config)])
         assert startup_failures(names) == {}
         print(f"\nRay Serve: {names} deployed from their .mar in {time.monotonic() - started:.1f} s")
         yield f"http://127.0.0.1:{port}"
@@ -119,3 +139,9 @@ def test_a_bad_request_to_a_legacy_mar_gets_its_own_error_and_its_batch_mates_20
     for idx, response in enumerate(responses):
         if idx != 3:
             assert response.status_code == 200 and response.json() == expected(bodies[idx]), (idx, response.text)
+
+
+def test_a_handler_upgraded_in_an_archiver_config_starts_on_ray_serve(ray_mars):
+    """Its initialize(context) gets the stand-in context there (it had none: the replica could not start)."""
+    together = concurrently(len(GOOD), lambda i: on_ray(ray_mars, "upgraded", GOOD[i]))
+    assert [(r.status_code, r.json()) for r in together] == [(200, expected(b)) for b in GOOD]

@@ -103,8 +103,9 @@ def served(package, fresh_venv, tmp_path_factory):
         address = head.stdout.readline().strip()
         assert address, "the Ray head did not start"
         with open(log, "w") as out:
-            serve_run = subprocess.Popen([str(fresh_venv / "bin" / "serve"), "run", "--address", address, "config.yaml"],
-                                         cwd=unpacked, env={**clean_env(), **RAY_TOKEN}, stdout=out, stderr=subprocess.STDOUT)
+            serve_run = subprocess.Popen(
+                [str(fresh_venv / "bin" / "serve"), "run", "--address", address, "config.yaml"],
+                cwd=unpacked, env={**clean_env(), **RAY_TOKEN}, stdout=out, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + READY_S
         while True:
@@ -152,8 +153,8 @@ def test_serve_run_starts_the_unpacked_package_in_a_fresh_venv(served):
     predicted = requests.post(f"{served}/predictions/quickstart", data=json.dumps(body),
                               headers={"Content-Type": "application/json"}, timeout=60)
     assert predicted.status_code == 200 and predicted.json() == {"id": "a", "y": [3.0, 5.0, 7.0, 9.0]}
-    invoked = requests.post(f"{served}/invocations", data=json.dumps(body), headers={"Content-Type": "application/json"},
-                            timeout=60)
+    invoked = requests.post(f"{served}/invocations", data=json.dumps(body),
+                            headers={"Content-Type": "application/json"}, timeout=60)
     assert invoked.status_code == 200 and invoked.json() == predicted.json()
     assert invoked.headers["Content-Type"] == "application/json"
     bad = requests.post(f"{served}/invocations", data=json.dumps({"id": "b"}),
