@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test unit archives venv java clean bench
+.PHONY: serve test unit test-package archives venv java clean bench
 
 serve: archives java
 	$(PY) -m scripts.serve
@@ -15,6 +15,11 @@ test: venv java
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The Ray Serve package (python -m handlers.export_ray) in a fresh venv: pip installs ray and torch
+# from its code/requirements.txt, then serve run (6.5 min on the 2-core machine, so not in make test).
+test-package: venv
+	MICROBATCH_PACKAGE_TEST=1 $(PY) -m pytest tests/integration/test_ray_package.py $(PYTEST_ARGS)
 
 archives: venv
 	$(PY) -m handlers.archive --model-store model_store

@@ -5,7 +5,7 @@ installed into a fresh venv (nothing of this checkout: the package carries handl
 /predictions/quickstart and through SageMaker's /invocations, /ping says it is healthy.
 
 The fresh venv costs a pip install of ray and torch (3.5 min on the 2-core machine, from its local
-wheels): this runs only with MICROBATCH_PACKAGE_TEST=1 (CI's package job).
+wheels; 6.5 min in all): this runs only with MICROBATCH_PACKAGE_TEST=1 (``make test-package``).
 MICROBATCH_PACKAGE_VENV=DIR reuses a venv made from the same requirements, for reruns. Ray runs as
 the project's tests run it: its own temp dir, loopback, dashboard off (a head node started by
 ``ray.init`` in a process of the fresh venv; ``serve run --address`` joins it)."""
