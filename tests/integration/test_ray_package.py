@@ -1,8 +1,9 @@
 """The Ray Serve package of python -m handlers.export_ray, started as a user starts it: exported
 from quickstart's archiver config, packed as model.tar.gz and unpacked, its code/requirements.txt
 installed into a fresh venv (nothing of this checkout: the package carries handlers/), then
-``serve run config.yaml`` from the unpacked folder, unchanged. The model answers at
-/predictions/quickstart and through SageMaker's /invocations, /ping says it is healthy.
+``serve run config.yaml`` from the unpacked folder, unchanged, and ``serve deploy config.yaml`` to a
+head node started in it. The model answers at /predictions/quickstart and through SageMaker's
+/invocations, /ping says it is healthy.
 
 The fresh venv costs a pip install of ray and torch (3.5 min on the 2-core machine, from its local
 wheels; 6.5 min in all): this runs only with MICROBATCH_PACKAGE_TEST=1 (``make test-package``).
@@ -163,3 +164,49 @@ def test_serve_run_starts_the_unpacked_package_in_a_fresh_venv(served):
     ping = requests.get(f"{served}/ping", timeout=30)
     assert ping.status_code == 200 and ping.json() == {"status": "Healthy"}
     assert requests.get(f"{served}/nothing-here", timeout=30).status_code == 404
+
+
+# ray start's fixed default ports (client server 10001, dashboard 8265, its agent 52365, workers
+# 10002-19999) would meet another cluster's on a shared machine: each is given a free one.
+PORT_OPTIONS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
+                "--node-manager-port", "--object-manager-port")
+
+
+def test_serve_deploy_starts_the_package_on_a_head_node_started_in_its_folder(fresh_venv, tmp_path):
+    """As docs/from_torchserve.md says: ``ray start --head`` from the package's folder (its workers
+    then import deployment and handlers), then ``serve deploy config.yaml`` through the dashboard."""
+    from handlers.servers.ray_cluster import _end_processes_naming
+
+    port = free_port()
+    package = tmp_path / "package"
+    subprocess.run([sys.executable, "-m", "handlers.export_ray", str(ROOT / "archiver_configs" / "quickstart.yaml"),
+                    "--out", str(package), "--port", str(port)], cwd=ROOT, check=True, timeout=300)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**clean_env(), **RAY_TOKEN}
+    ports = {option: free_port() for option in PORT_OPTIONS}
+    workers = free_port()
+    try:
+        subprocess.run([str(fresh_venv / "bin" / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+                        "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--num-cpus", "2",
+                        "--min-worker-port", str(workers), "--max-worker-port", str(workers + 50),
+                        "--disable-usage-stats", *[str(x) for pair in ports.items() for x in pair]],
+                       cwd=package, env=env, check=True, timeout=180, capture_output=True)
+        subprocess.run([str(fresh_venv / "bin" / "serve"), "deploy", "config.yaml", "-a",
+                        f"http://127.0.0.1:{ports['--dashboard-port']}"], cwd=package, env=env, check=True, timeout=180,
+                       capture_output=True)
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + READY_S
+        while True:
+            try:
+                if requests.get(f"{base}/ping", timeout=10).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            assert time.monotonic() < deadline, f"not healthy after {READY_S} s"
+            time.sleep(2)  # no event to wait on: the cluster is another process tree
+        answer = requests.post(f"{base}/predictions/quickstart", data=json.dumps({"id": "a", "x": [1, 2, 3, 4]}),
+                               headers={"Content-Type": "application/json"}, timeout=60)
+        assert answer.status_code == 200 and answer.json() == {"id": "a", "y": [3.0, 5.0, 7.0, 9.0]}
+    finally:
+        _end_processes_naming(temp_dir)  # ray start's daemons, by our temp dir (ray stop ends every cluster)
+        shutil.rmtree(temp_dir, ignore_errors=True)
