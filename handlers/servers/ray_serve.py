@@ -687,13 +687,15 @@ class _RayMetrics:
     def record(self, report) -> None:
         try:
             for metric in batch_metrics(report):
+                if metric.name != "BatchesServed" and not metric.value > 0:
+                    continue  # Ray's Counter.inc refuses 0: a batch refused before the model lost its error counts
                 if metric.name == "BatchesServed":
                     self.batch_size.observe(int(metric.labels["BatchSize"]))
                 elif metric.name == "ModelCalls":
                     self.model_calls.inc(metric.value)
                 elif metric.name == "RequestsAnsweredAlone":
                     self.answered_alone.inc(metric.value)
-                elif metric.name == "StageTimeMs" and metric.value > 0:
+                elif metric.name == "StageTimeMs":
                     self.stage_ms.inc(metric.value, tags={"stage": metric.labels["Stage"]})
                 elif metric.name == "RequestErrors":
                     self.errors.inc(metric.value, tags={"status_code": metric.labels["StatusCode"]})
