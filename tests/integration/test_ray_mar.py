@@ -145,3 +145,12 @@ def test_a_handler_upgraded_in_an_archiver_config_starts_on_ray_serve(ray_mars):
     """Its initialize(context) gets the stand-in context there (it had none: the replica could not start)."""
     together = concurrently(len(GOOD), lambda i: on_ray(ray_mars, "upgraded", GOOD[i]))
     assert [(r.status_code, r.json()) for r in together] == [(200, expected(b)) for b in GOOD]
+
+
+def test_a_lone_bad_request_gets_torchserves_status_and_message(torchserve_mars, ray_mars):
+    """Alone, a PredictionException answers the same on both servers (in a batch, TorchServe's
+    fails every batch-mate with it: the test above shows Ray Serve does not)."""
+    bad = {"no_x": [1.0, 2.0]}
+    theirs, ours = on_torchserve(torchserve_mars, NAME, bad), on_ray(ray_mars, NAME, bad)
+    assert theirs.status_code == ours.status_code == 422, (theirs.text, ours.text)
+    assert theirs.json()["message"] == ours.json()["message"] == "the request has no field 'x'"
