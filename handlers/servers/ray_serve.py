@@ -318,8 +318,8 @@ def replica_class(max_concurrent_batches: int) -> type:
                 device, name = _device(), _deployment_name()
                 if manifest is None:  # an archiver config's handler file
                     self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
-                    manifest = manifest_for(name, handler_file, model_files["model_file"],
-                                            model_files["serialized_file"])
+                    manifest = manifest_for(name, handler_file, model_files.get("model_file"),
+                                            model_files.get("serialized_file"))
                 else:  # a .mar's: found as TorchServe finds it
                     self.handler = handler_class_for(self.model_dir, manifest)()
                 # An upgraded TorchServe handler's initialize(context) reads TorchServe's context.
