@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Optional
 
 from handlers.packaging.archive import ArchiveConfigError, load_spec
-from handlers.packaging.mar import MarError, is_mar, load_mar
 from handlers.servers.ray_cluster import (NoHAProxy, metrics_url, set_ray_environment, start_local_cluster,
                                           stop_local_cluster)
 from handlers.servers.ray_serve import (ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs,
                                        startup_failures)
+from handlers.packaging.mar import MarError, is_mar, load_mar
 
 
 def app(args: dict):
@@ -181,11 +181,6 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
-def load_served(path: Path, root: Optional[Path] = None):
-    """What one command-line argument serves: a ``.mar`` read, or an archiver config checked."""
-    return load_mar(path) if is_mar(path) else load_spec(path, root)
-
-
 def _on_sigterm(stop: threading.Event, serving: threading.Event) -> None:
     """SIGTERM stops as Ctrl-C does: while the models are still being deployed (``serve.run``
     waits for each), it interrupts the deployment, once (a second one does not cut the clean-up
@@ -194,6 +189,11 @@ def _on_sigterm(stop: threading.Event, serving: threading.Event) -> None:
     stop.set()
     if first and not serving.is_set():
         raise KeyboardInterrupt
+
+
+def load_served(path: Path, root: Optional[Path] = None):
+    """What one command-line argument serves: a ``.mar`` read, or an archiver config checked."""
+    return load_mar(path) if is_mar(path) else load_spec(path, root)
 
 
 if __name__ == "__main__":
