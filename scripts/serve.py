@@ -23,7 +23,8 @@ A model neither ready nor failed after ``READY_TIMEOUT_S`` (or a TorchServe that
 starting) ends the command with status 1 and the tail of TorchServe's log.
 
 ``--model-store``, ``--workdir`` and ``--free-ports`` serve other archives from another folder on
-free ports (two instances side by side, tests); the defaults are ``make serve``'s.
+free ports (two instances side by side, tests); the defaults are ``make serve``'s, and ``make serve
+SERVE_ARGS="--free-ports"`` passes them.
 """
 
 from __future__ import annotations
