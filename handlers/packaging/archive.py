@@ -164,7 +164,7 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
                                         f"--handler, which loads {handler.name}): rename it")
     config_ok, model_config = problems.attempt(_checked_model_config, raw["model_config"], problems) \
         if "model_config" in raw else (False, None)
-    _, ray_serve = problems.attempt(_checked_ray_section, raw.get("ray_serve"), fail)
+    _, ray_serve = problems.attempt(_checked_ray_section, raw.get("ray_serve"), problems)
     samples = _checked_samples(raw.get("samples"), path_of, not built_later, problems) if root_ok else []
 
     if not (handler_ok and serialized_ok and model_file_ok and all(ok for ok, _ in extra)):
@@ -184,14 +184,17 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
         samples=samples,
     )
     class_ok, handler_class = problems.attempt(_handler_class, spec, fail)
-    if class_ok and config_ok:
+    if class_ok and isinstance(raw["model_config"], dict):
+        # The handler: section is checked even when TorchServe's keys have errors: all at once.
+        checked = model_config if config_ok else _handler_part(raw["model_config"])
         try:
             if handler_class is not None:  # the checks start-up makes: one schema for both
-                check_model_config(spec.model_config, handler_class)
+                check_model_config(checked, handler_class)
             else:
-                read_settings(spec.model_config)
+                read_settings(checked)
         except ConfigError as exc:
-            problems.add("model_config", str(exc))
+            for line in exc.problems:
+                problems.add("model_config", line)
     if problems.lines:
         raise ArchiveConfigError("\n".join(problems.lines))
     return spec
@@ -269,11 +272,23 @@ def ineffective_settings(spec: ArchiveSpec) -> list:
     return notes
 
 
-def _checked_ray_section(section: Any, fail) -> dict:
+def _checked_ray_section(section: Any, problems: _Problems) -> dict:
     try:
         return check_ray_section(section)
     except ValueError as exc:
-        fail("ray_serve", str(exc))
+        for line in str(exc).splitlines():
+            problems.add("ray_serve", line)
+        raise _Skip from None
+
+
+def _handler_part(config: dict) -> dict:
+    """The parts of a model config with errors that the ``handler:`` section's check reads: the
+    section, and ``responseTimeout`` where it is valid (its own error is reported already)."""
+    part = {key: config[key] for key in ("handler",) if key in config}
+    timeout = config.get("responseTimeout")
+    if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 1:
+        part["responseTimeout"] = timeout
+    return part
 
 
 def _checked_model_config(config: Any, problems: _Problems) -> dict:

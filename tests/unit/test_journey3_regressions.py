@@ -29,3 +29,51 @@ def test_every_torchserve_the_docs_start_or_stop_has_a_tmpdir_of_its_own():
     assert any("--stop" in command for _, command in commands)
     for where, command in commands:
         assert "TMPDIR=" in command.split("torchserve --st")[0], f"{where}: {command}"
+
+
+def test_every_problem_of_an_archiver_config_is_reported_in_one_run(tmp_path):
+    """`handler.Scale` was reported only after `sample:` and `batchsize` had been fixed: a wrong
+    TorchServe key skipped the handler: section's check, and that check stopped at its first
+    problem."""
+    import pytest
+    import yaml
+
+    from handlers.packaging.archive import ArchiveConfigError, load_spec
+
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config["sample"] = config.pop("samples")
+    config["model_config"] = {"batchsize": 8, "responseTimeout": 60,
+                              "handler": {"Scale": 2.0, "micro_batch_size": 0, "pool_size": 0, "precision": "fp8",
+                                          "invariance_rtol": "small", "torch_threads": -1}}
+    config["ray_serve"] = {"num_replica": 2, "max_ongoing_requests": 0}
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ArchiveConfigError) as caught:
+        load_spec(path, ROOT)
+    lines = str(caught.value).splitlines()
+    for words in ["sample: not a known key (did you mean 'samples'?)",
+                  "model_config.batchsize: not a key TorchServe reads (did you mean 'batchSize'?)",
+                  "handler.Scale is not a known setting",
+                  "handler.micro_batch_size must be an integer >= 1",
+                  "handler.pool_size must be an integer >= 1",
+                  "handler.precision must be one of",
+                  "handler.invariance_rtol must be of type float",
+                  "handler.torch_threads must be >= 0",
+                  "ray_serve.num_replica is not a known setting",
+                  "ray_serve.max_ongoing_requests must be an integer >= 1"]:
+        assert sum(words in line for line in lines) == 1, (words, lines)
+    assert len(lines) == 10, lines
+    assert all(line.startswith(f"{path}: ") for line in lines)
+
+
+def test_a_worker_that_cannot_start_names_every_problem_of_its_handler_section_on_one_line():
+    from handlers.core.handler import MicroBatchHandler
+    from handlers.engine.errors import startup_failure_line
+    from handlers.engine.settings import ConfigError
+
+    import pytest
+
+    with pytest.raises(ConfigError) as caught:
+        MicroBatchHandler.read_config({"pool_size": 0, "precision": "fp8"})
+    line = startup_failure_line("m", caught.value)
+    assert "\n" not in line and "handler.pool_size must be" in line and "; handler.precision must be" in line
