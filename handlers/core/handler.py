@@ -21,7 +21,7 @@ from handlers.core.derived_inputs import derived_inputs
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
 from handlers.core.responses import JSON, Encoded, encoded, error_answer
-from handlers.core.self_test import first_difference, load_samples, run_self_test, tolerance
+from handlers.core.self_test import SUMMARY_RECORD, first_difference, load_samples, run_self_test, tolerance
 from handlers.engine.audit import DEFAULT_SHARE, Audit
 from handlers.engine.batch_engine import BatchEngine, BatchReport
 from handlers.engine.errors import BadRequest, InternalError, UnsupportedMediaType
@@ -236,7 +236,7 @@ class MicroBatchHandler:
             self.self_test = run_self_test(self, samples, default_split=type(self).split is MicroBatchHandler.split)
             # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
             level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
-            log.log(level, "%s %s", type(self).__name__, self.self_test.summary())
+            log.log(level, "%s %s", type(self).__name__, self.self_test.summary(), extra={SUMMARY_RECORD: True})
         if self.device.type == "cuda":
             # The self-test's activations stay in torch's cache, reserved for the worker's life.
             torch.cuda.synchronize(self.device)

@@ -77,3 +77,24 @@ def test_a_worker_that_cannot_start_names_every_problem_of_its_handler_section_o
         MicroBatchHandler.read_config({"pool_size": 0, "precision": "fp8"})
     line = startup_failure_line("m", caught.value)
     assert "\n" not in line and "handler.pool_size must be" in line and "; handler.precision must be" in line
+
+
+def test_check_prints_the_self_tests_summary_once_with_one_sample(tmp_path, capsys, caplog):
+    """With one sample the summary is a warning, and the handler's log printed it beside the
+    command's own line: twice."""
+    import logging
+
+    import yaml
+
+    from handlers.archive import main
+
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config["samples"] = ["examples/quickstart/samples/a.json"]
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO):
+        assert main([str(path), "--root", str(ROOT), "--check"]) == 0
+    printed = capsys.readouterr()
+    shown = printed.out + printed.err + caplog.text
+    assert shown.count("self-test: 1 sample(s)") == 1, shown
+    assert "quickstart: self-test: 1 sample(s)" in printed.out
