@@ -98,3 +98,42 @@ def test_check_prints_the_self_tests_summary_once_with_one_sample(tmp_path, caps
     shown = printed.out + printed.err + caplog.text
     assert shown.count("self-test: 1 sample(s)") == 1, shown
     assert "quickstart: self-test: 1 sample(s)" in printed.out
+
+
+def png_bytes(width, height):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_decode_image_gives_an_array_torch_takes_without_a_warning():
+    """The public decode_image returned a read-only array: torch.from_numpy warned."""
+    import warnings
+
+    import torch
+
+    from handlers import decode_image
+
+    pixels = decode_image(png_bytes(64, 48))
+    assert pixels.flags.writeable and pixels.shape == (224, 224, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.from_numpy(pixels).add_(1)
+
+
+def test_decode_image_can_keep_the_full_frame_or_skip_the_crop():
+    """decode_image always resized and centre-cropped: a full-frame model had to import
+    internal helpers."""
+    import pytest
+
+    from handlers import ImageGeometry, decode_image
+
+    assert decode_image(png_bytes(640, 480), ImageGeometry.full_frame()).shape == (480, 640, 3)
+    assert decode_image(png_bytes(640, 480), ImageGeometry(resize=240, crop=None)).shape == (240, 320, 3)
+    assert decode_image(png_bytes(640, 480), ImageGeometry(resize=None, crop=100)).shape == (100, 100, 3)
+    with pytest.raises(ValueError, match="ImageGeometry.crop must be"):
+        ImageGeometry(crop=0)
