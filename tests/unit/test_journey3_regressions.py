@@ -137,3 +137,25 @@ def test_decode_image_can_keep_the_full_frame_or_skip_the_crop():
     assert decode_image(png_bytes(640, 480), ImageGeometry(resize=None, crop=100)).shape == (100, 100, 3)
     with pytest.raises(ValueError, match="ImageGeometry.crop must be"):
         ImageGeometry(crop=0)
+
+
+def test_a_model_file_that_imports_its_model_class_is_accepted(tmp_path):
+    """A model_file saying `from nets import Net` was refused with "found none"."""
+    import pytest
+
+    from handlers.core.loading import build_module
+
+    (tmp_path / "nets.py").write_text(
+        "import torch\n\nclass Block(torch.nn.Module):\n    pass\n\n"
+        "class Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.linear = torch.nn.Linear(2, 2)\n")
+    (tmp_path / "model.py").write_text("import torch\nfrom torch.nn import Linear\nfrom nets import Net\n")
+    model = build_module(str(tmp_path / "model.py"))
+    assert type(model).__name__ == "Net" and isinstance(model.linear, __import__("torch").nn.Linear)
+
+    (tmp_path / "model_two.py").write_text("from nets import Block, Net\n")
+    with pytest.raises(RuntimeError, match=r"found none \(it imports Block, Net: import only the model"):
+        build_module(str(tmp_path / "model_two.py"))
+    (tmp_path / "model_own.py").write_text("import torch\nfrom nets import Block\n\n"
+                                           "class Own(torch.nn.Module):\n    pass\n")
+    assert type(build_module(str(tmp_path / "model_own.py"))).__name__ == "Own"  # its own class first
