@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
-from handlers.core.handler_file import classes_defined_in, load_handler_class, load_python_file
+from handlers.core.handler_file import classes_defined_in, handler_class_of, load_handler_class, load_python_file
 from handlers.engine.settings import ConfigError, ModelFiles, did_you_mean
 from handlers.packaging.server_sections import check_model_config, check_ray_section, read_settings, response_timeout
 from handlers.packaging.torchserve_entry import entry_file_name, entry_source
@@ -318,25 +318,26 @@ def _checked_model_config(config: Any, problems: _Problems) -> dict:
 
 def _handler_class(spec: ArchiveSpec, fail):
     """The handler class defined in the spec's handler file, imported as the worker will import
-    it: beside the archive's other files and nothing else of the project's folder. A file with
-    more than one class fails: TorchServe refuses it ("Expected only one class in custom service
-    code") and the worker crash-loops. None for a file with no class (a module-level ``handle``
-    function, which TorchServe also accepts) or a class that is not ours."""
+    it: beside the archive's other files and nothing else of the project's folder. Helper classes
+    may sit beside the one handler class (the archive's entry module, which TorchServe loads,
+    defines one class); a file with several and not exactly one handler fails, as the worker
+    would. None for a file with no class (a module-level ``handle`` function, which TorchServe
+    also accepts) or a class that is not ours."""
     handler_file = spec.handler
     with staged_model_dir(spec) as staged:
         try:
-            classes = classes_defined_in(load_python_file(str(Path(staged) / handler_file.name)))
+            module = load_python_file(str(Path(staged) / handler_file.name))
         except Exception as exc:  # noqa: BLE001 - any import error of a user's file, in one line
             fail("handler", f"{handler_file.name} cannot be imported as the archive will hold it "
                             f"({type(exc).__name__}: {exc}); a module it imports must be in extra_files "
                             f"(or installed in TorchServe's Python)")
-    if len(classes) > 1:
-        names = ", ".join(c.__name__ for c in classes)
-        fail("handler", f"{handler_file.name} defines {len(classes)} classes ({names}); TorchServe needs exactly one "
-                        f"class in a handler file: move the others (e.g. the model) into model_file or another module")
-    if len(classes) != 1 or not hasattr(classes[0], "read_config"):
-        return None
-    return classes[0]
+        if not classes_defined_in(module):
+            return None
+        try:  # the archive's entry module serves it: helper classes may sit beside the handler
+            handler_class = handler_class_of(module, handler_file.name)
+        except ConfigError as exc:
+            fail("handler", str(exc))
+    return handler_class if hasattr(handler_class, "read_config") else None
 
 
 @contextlib.contextmanager

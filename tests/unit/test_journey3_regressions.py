@@ -159,3 +159,68 @@ def test_a_model_file_that_imports_its_model_class_is_accepted(tmp_path):
     (tmp_path / "model_own.py").write_text("import torch\nfrom nets import Block\n\n"
                                            "class Own(torch.nn.Module):\n    pass\n")
     assert type(build_module(str(tmp_path / "model_own.py"))).__name__ == "Own"  # its own class first
+
+
+HANDLER_WITH_A_DATACLASS = '''from dataclasses import dataclass
+
+import torch
+
+from handlers import MicroBatchHandler
+
+
+@dataclass(frozen=True)
+class Item:
+    x: torch.Tensor
+    scale: float
+
+
+class MyHandler(MicroBatchHandler):
+    def preprocess_one(self, request):
+        payload = request.json()
+        return Item(torch.tensor(payload["x"], dtype=torch.float32), payload.get("scale", 1.0))
+
+    def collate(self, items):
+        return super().collate([item.x for item in items])
+
+    def postprocess_one(self, output, item):
+        return {"y": (item.scale * output).tolist()}
+'''
+
+
+def test_a_dataclass_beside_the_handler_class_is_allowed_everywhere_the_file_is_loaded(tmp_path):
+    """A @dataclass for the per-request item broke the "one class per handler file" rule: the
+    check, the archive's entry (TorchServe) and the loader (Ray Serve, the test kit) now pick
+    the one MicroBatchHandler subclass."""
+    import shutil
+
+    import yaml
+
+    from handlers.core.handler_file import load_handler_class
+    from handlers.packaging.archive import load_spec
+    from handlers.packaging.torchserve_entry import entry_points
+    from handlers.testing import run_batch, start_handler
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my_handler.py").write_text(HANDLER_WITH_A_DATACLASS)
+    for name in ("model.py",):
+        shutil.copy2(ROOT / "examples" / "quickstart" / name, project / name)
+    shutil.copy2(ROOT / "build" / "quickstart" / "weights.pt", project / "weights.pt")
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.update(root=".", handler="my_handler.py", model_file="model.py", serialized_file="weights.pt")
+    for key in ("build", "samples"):
+        config.pop(key)
+    (project / "model.yaml").write_text(yaml.safe_dump(config))
+    assert load_spec(project / "model.yaml").handler.name == "my_handler.py"  # the check passes
+
+    assert load_handler_class(str(project / "my_handler.py")).__name__ == "MyHandler"
+    served = entry_points("my_handler_entry", str(project / "my_handler_entry.py"), "my_handler.py")
+    assert list(served) == ["MyHandler"]
+    served_class = served["MyHandler"]
+    assert served_class.__module__ == "my_handler_entry"  # TorchServe's one class in the entry module
+    handler = start_handler(served_class, model_dir=project, model_file="model.py", serialized_file="weights.pt")
+    try:
+        responses, _ = run_batch(handler, [b'{"x": [1, 2, 3, 4], "scale": 2}', b'{"x": [0, 0, 0, 0]}'])
+    finally:
+        handler.close()
+    assert responses == [{"y": [6.0, 10.0, 14.0, 18.0]}, {"y": [1.0, 1.0, 1.0, 1.0]}]
