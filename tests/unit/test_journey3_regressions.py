@@ -224,3 +224,27 @@ def test_a_dataclass_beside_the_handler_class_is_allowed_everywhere_the_file_is_
     finally:
         handler.close()
     assert responses == [{"y": [6.0, 10.0, 14.0, 18.0]}, {"y": [1.0, 1.0, 1.0, 1.0]}]
+
+
+def test_the_curl_line_for_a_users_own_model_names_a_content_type_and_sends_its_sample(tmp_path):
+    """For a model that is not an example, scripts.serve printed a curl line without a
+    Content-Type: curl posted a form, and TorchServe answered a PNG or .npy body with a 500
+    ErrorDataDecoderException. Now the archive's own sample goes with its type."""
+    import shlex
+
+    from handlers.packaging.archive import archive_config
+    from scripts.serve import curl_for
+    from scripts.torchserve_instance import TorchServe
+
+    store = tmp_path / "model_store"
+    config = ROOT / "archiver_configs" / "quickstart.yaml"
+    archive_config(config, store, model_name="my_own_model")
+    archive_config(config, store, model_name="no_samples", samples=[])
+    server = TorchServe(tmp_path / "serve", store, ROOT / "config.properties")
+
+    words = shlex.split(curl_for(server, "my_own_model"))
+    assert words[words.index("-H", 2) + 1] == "Content-Type: application/json", words
+    sent = next(word for word in words if word.startswith("@"))[1:]  # the archive's first sample, copied out
+    assert sent.startswith(str(tmp_path / "serve" / "samples" / "my_own_model"))
+    assert open(sent, "rb").read() == (ROOT / "examples/quickstart/samples/a.json").read_bytes()
+    assert "-H 'Content-Type: application/octet-stream' --data-binary @YOUR_INPUT" in curl_for(server, "no_samples")
