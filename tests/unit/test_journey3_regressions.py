@@ -248,3 +248,39 @@ def test_the_curl_line_for_a_users_own_model_names_a_content_type_and_sends_its_
     assert sent.startswith(str(tmp_path / "serve" / "samples" / "my_own_model"))
     assert open(sent, "rb").read() == (ROOT / "examples/quickstart/samples/a.json").read_bytes()
     assert "-H 'Content-Type: application/octet-stream' --data-binary @YOUR_INPUT" in curl_for(server, "no_samples")
+
+
+def test_an_answer_can_be_bytes_of_a_content_type_of_its_own():
+    """A bytes answer always went out as application/octet-stream: there was no way to answer
+    with image/png."""
+    import pytest
+
+    from handlers import RawAnswer
+    from handlers.testing import FakeContext, LocalServer, start_handler
+
+    from .models import AffineHandler
+
+    class PngHandler(AffineHandler):
+        def postprocess_one(self, output, item):
+            if output[0] < 0:
+                return RawAnswer(b"GIF89a", "image/gif")
+            return RawAnswer(b"\x89PNG\r\n\x1a\n" + bytes([int(output[0])]), "image/png")
+
+    handler = start_handler(PngHandler)
+    try:
+        context = FakeContext(handler.manifest)
+        sent = handler.handle([{"body": b"[1, 2, 3, 4]"}, {"body": b"[-9, 0, 0, 0]"}, {"body": b"[1, 2, 3, 4]"}],
+                              context)
+    finally:
+        handler.close()
+    assert sent == [b"\x89PNG\r\n\x1a\n\x03", b"GIF89a", b"\x89PNG\r\n\x1a\n\x03"]
+    assert [context.get_response_content_type(i) for i in range(3)] == ["image/png", "image/gif", "image/png"]
+
+    with LocalServer.start(PngHandler) as server:  # the core's Response, as Ray Serve's adapter sends it
+        [response] = server.send([b"[2, 0, 0, 0]"])
+    assert (response.status, response.content_type, response.payload) == (200, "image/png", b"\x89PNG\r\n\x1a\n\x05")
+
+    with pytest.raises(ValueError, match="media type"):
+        RawAnswer(b"x", "image/png\r\nSet-Cookie: a=b")
+    with pytest.raises(TypeError, match="must be bytes"):
+        RawAnswer("text", "text/csv")
