@@ -284,3 +284,41 @@ def test_an_answer_can_be_bytes_of_a_content_type_of_its_own():
         RawAnswer(b"x", "image/png\r\nSet-Cookie: a=b")
     with pytest.raises(TypeError, match="must be bytes"):
         RawAnswer("text", "text/csv")
+
+
+def test_assert_isolates_bad_request_allows_the_last_bits_of_a_float_to_differ():
+    """assert_isolates_bad_request compared answers exactly by default: float features that
+    differ by about 1e-7 between two runs (other kernels, other batch-mates) failed it."""
+    import operator
+
+    import pytest
+    import torch
+
+    from handlers.testing import assert_isolates_bad_request, assert_matches_alone, start_handler
+
+    from .models import AffineHandler, affine_model
+
+    class LastBits(torch.nn.Module):
+        """y = 2x + 1, give or take a float32 rounding that changes from call to call."""
+
+        def __init__(self):
+            super().__init__()
+            self.affine, self.calls = affine_model(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.affine(x) * (1 + 2e-7 * (self.calls % 2))
+
+    class LastBitsHandler(AffineHandler):
+        def load_model(self, model_dir, device):
+            return LastBits()
+
+    handler = start_handler(LastBitsHandler)
+    try:
+        error = assert_isolates_bad_request(handler, [[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, 0.0, 1.0]], b"{not json", 400)
+        assert error["code"] == 400
+        assert_matches_alone(handler, [[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, 0.0, 1.0]])
+        with pytest.raises(AssertionError, match="changed next to a bad one"):  # exact, when asked
+            assert_isolates_bad_request(handler, [[1.0, 2.0, 3.0, 4.0]], b"{not json", 400, same=operator.eq)
+    finally:
+        handler.close()
