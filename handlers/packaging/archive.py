@@ -154,7 +154,7 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
     # would have run: its own error says so).
     built_later = build is not None
     handler_ok, handler = path_of("handler", raw["handler"], True) if "handler" in raw else (False, None)
-    serialized_ok, serialized = path_of("serialized_file", raw["serialized_file"], not built_later) \
+    _, serialized = path_of("serialized_file", raw["serialized_file"], not built_later) \
         if raw.get("serialized_file") else (True, None)
     model_file_ok, model_file = path_of("model_file", raw["model_file"], True) if raw.get("model_file") else (True, None)
     extra = [path_of("extra_files", f, not built_later) for f in raw.get("extra_files") or []]
@@ -167,8 +167,8 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
     _, ray_serve = problems.attempt(_checked_ray_section, raw.get("ray_serve"), problems)
     samples = _checked_samples(raw.get("samples"), path_of, not built_later, problems) if root_ok else []
 
-    if not (handler_ok and serialized_ok and model_file_ok and all(ok for ok, _ in extra)):
-        raise ArchiveConfigError("\n".join(problems.lines))  # the handler's import needs its files
+    if not (handler_ok and model_file_ok and all(ok for ok, _ in extra)):
+        raise ArchiveConfigError("\n".join(problems.lines))  # the handler's import needs its files (not the weights)
     spec = ArchiveSpec(
         source=path,
         root=root,

@@ -322,3 +322,25 @@ def test_assert_isolates_bad_request_allows_the_last_bits_of_a_float_to_differ()
             assert_isolates_bad_request(handler, [[1.0, 2.0, 3.0, 4.0]], b"{not json", 400, same=operator.eq)
     finally:
         handler.close()
+
+
+def test_missing_weights_do_not_hide_the_handler_sections_problems(tmp_path):
+    """The handler file imports without its weights: a missing serialized_file and a wrong
+    handler: key are two errors of one run."""
+    import pytest
+    import yaml
+
+    from handlers.packaging.archive import ArchiveConfigError, load_spec
+
+    config = yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())
+    config.pop("build")
+    config["serialized_file"] = "build/quickstart/weigths.pt"
+    config["model_config"]["handler"]["pool_sise"] = 2
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ArchiveConfigError) as caught:
+        load_spec(path, ROOT)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2, lines
+    assert "serialized_file: " in lines[0] and "(did you mean 'weights.pt'?)" in lines[0]
+    assert "handler.pool_sise is not a known setting" in lines[1] and "(did you mean 'pool_size'?)" in lines[1]
