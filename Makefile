@@ -1,4 +1,5 @@
-# make serve: venv, install, build every example and archive, start TorchServe (Ctrl-C stops it)
+# make serve: venv, install, build every example and archive, start TorchServe (Ctrl-C stops it);
+#             SERVE_ARGS="--free-ports" (or --model-store DIR, --workdir DIR) go to scripts/serve.py
 # make test:  venv, install, unit tests and integration tests against a real TorchServe
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 .PHONY: serve test unit archives venv java clean bench
 
 serve: archives java
-	$(PY) -m scripts.serve
+	$(PY) -m scripts.serve $(SERVE_ARGS)
 
 test: venv java
 	$(PY) -m pytest $(PYTEST_ARGS)
