@@ -20,7 +20,7 @@ from ts.torch_handler.vision_handler import VisionHandler  # noqa: E402
 
 from handlers import upgrade  # noqa: E402
 from handlers.testing import FakeContext, run_batch  # noqa: E402
-from tests.vision.stock_models import MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, write_model_dir  # noqa: E402
+from tests.vision.stock_models import MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, assert_same_answers, write_model_dir  # noqa: E402
 
 
 class GreyThumbnails(VisionHandler):
@@ -65,18 +65,6 @@ def stock_handle(handler_class, model_dir, bodies):
     stock = handler_class()
     stock.initialize(context_for(model_dir))
     return stock.handle([{"body": body} for body in bodies], FakeContext.for_batch(len(bodies)))
-
-
-def assert_same_answers(ours, theirs):
-    """Equal labels in the same order; probabilities equal to float noise (a micro-batch of 2 and
-    a batch of 5 may sum in another order)."""
-    assert len(ours) == len(theirs)
-    for mine, stock in zip(ours, theirs):
-        if isinstance(stock, dict) and all(isinstance(v, float) for v in stock.values()):
-            assert list(mine) == list(stock), (mine, stock)
-            assert list(mine.values()) == pytest.approx(list(stock.values()), rel=1e-4, abs=1e-6)
-        else:
-            assert mine == stock
 
 
 def test_one_line_upgrades_the_stock_image_classifier(model_dir):

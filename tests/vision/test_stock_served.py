@@ -24,8 +24,7 @@ import requests  # noqa: E402
 from handlers.packaging.archive import ArchiveSpec, archive  # noqa: E402
 from scripts.torchserve_instance import Ports, TorchServe  # noqa: E402
 from tests.integration.helpers import concurrently  # noqa: E402
-from tests.vision.stock_models import MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, write_model_dir  # noqa: E402
-from tests.vision.test_stock_handlers import assert_same_answers  # noqa: E402
+from tests.vision.stock_models import MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, assert_same_answers, write_model_dir  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -87,7 +86,7 @@ def post_together(server, model, bodies):
 
 
 def test_the_upgraded_stock_handler_answers_each_photo_as_stock_does(served):
-    stock = [served_alone for served_alone in (post_together(served, "stock", [p])[0] for p in PHOTOS)]
+    stock = [post_together(served, "stock", [p])[0] for p in PHOTOS]
     assert [status for status, _ in stock] == [200] * len(PHOTOS)
     assert len({tuple(answer) for _, answer in stock}) > 1  # the photos are told apart
     ours = post_together(served, "upgraded", PHOTOS)
