@@ -222,6 +222,10 @@ class Microbatched(MicroBatchHandler):
         MicroBatchHandler.__init__(self)
         self.context = context
         self._row_by_row = RowByRow()
+        # Whether inference returns a list, one entry per row (torchvision's detection models: a
+        # dict per image): postprocess then gets a list of this request's entry, as on stock.
+        # A property of the model, set by each micro-batch's inference before its postprocess.
+        self._list_output = False
 
     # -- TorchServe's calls -------------------------------------------------------------------
 
@@ -309,12 +313,15 @@ class Microbatched(MicroBatchHandler):
 
     def infer(self, batch: Any) -> Any:
         """The handler's own ``inference``."""
-        return self.inference(batch)
+        output = self.inference(batch)
+        self._list_output = isinstance(output, list)
+        return output
 
     def postprocess_one(self, output: Any, item: Any) -> Any:
-        """The handler's own ``postprocess`` on this request's part (leading size 1): its one answer."""
+        """The handler's own ``postprocess`` on this request's part (leading size 1; a list of
+        its one entry when ``inference`` returns a list): its one answer."""
         try:
-            answers = self.postprocess(one_row(output))
+            answers = self.postprocess([output] if self._list_output else one_row(output))
         except Exception as exc:  # noqa: BLE001 - its own status, if it gave one
             raise _own_status(exc) from exc
         if not isinstance(answers, (list, tuple)) or len(answers) != 1:

@@ -331,3 +331,26 @@ def stock_answer_of(handler_class, model_dir, bodies):
     stock = handler_class()
     stock.initialize(context_for(model_dir))
     return stock.handle([{"body": body} for body in bodies], FakeContext.for_batch(len(bodies)))
+
+
+class ListOutputHandler(RowHandler):
+    """Like torchvision's detection models under TorchServe's ObjectDetector: inference returns a
+    list with one dict of tensors per row, and postprocess iterates over that list."""
+
+    def inference(self, data, *args, **kwargs):
+        output = super().inference(data)
+        return [{"y": row, "top": row.argmax(dim=0, keepdim=True)} for row in output]
+
+    def postprocess(self, data):
+        return [{"y": row["y"].tolist(), "top": int(row["top"][0])} for row in data]
+
+
+def test_a_list_output_reaches_postprocess_as_a_list_of_the_requests_entry(tmp_path):
+    handler = started(upgrade(ListOutputHandler), tmp_path)
+    try:
+        responses, context = run_batch(handler, BODIES)
+        assert context.statuses() == [200] * 4
+        assert responses == stock_answer_of(ListOutputHandler, tmp_path, BODIES)
+        assert responses[0] == {"y": [3.0, 5.0], "top": 1}
+    finally:
+        handler.close()

@@ -37,6 +37,44 @@ class TinyCNN(nn.Module):
 '''
 
 
+DETECTOR_MODULE = "vision_fake_detector"
+DETECTOR_SOURCE = '''
+import torch
+from torch import nn
+
+
+class FakeDetector(nn.Module):
+    """A list with one dict of boxes, labels and scores per image, as torchvision's detection
+    models return: two boxes, whose size and first score follow the image's mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, images):
+        found = []
+        for image in images:
+            level = image.mean() * self.scale[0]
+            found.append({"boxes": torch.stack([level * torch.tensor([0.0, 0.0, 40.0, 30.0]),
+                                                torch.tensor([1.0, 1.0, 5.0, 5.0])]),
+                          "labels": torch.tensor([1, 2]), "scores": torch.stack([level, torch.tensor(0.9)])})
+        return found
+'''
+
+
+def write_detector_dir(folder: Path) -> Path:
+    """A model folder for TorchServe's ``ObjectDetector``: the fake detector above and its labels."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{DETECTOR_MODULE}.py").write_text(DETECTOR_SOURCE)
+    namespace: dict = {}
+    exec(compile(DETECTOR_SOURCE, DETECTOR_MODULE, "exec"), namespace)  # noqa: S102 - our own source, above
+    torch.save(namespace["FakeDetector"]().state_dict(), folder / "weights.pt")
+    (folder / "index_to_name.json").write_text(json.dumps({str(i): f"class_{i}" for i in range(CLASSES)}))
+    return folder
+
+
 def write_model_dir(folder: Path) -> Path:
     """``folder`` laid out as TorchServe unpacks an archive: ``vision_tiny_cnn.py``,
     ``weights.pt`` (seed 0, logits scaled so that the classes' probabilities are far apart) and

@@ -16,11 +16,14 @@ pytest.importorskip("captum", reason=REASON)
 import torch  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from ts.torch_handler.image_classifier import ImageClassifier  # noqa: E402
+from ts.torch_handler.object_detector import ObjectDetector  # noqa: E402
 from ts.torch_handler.vision_handler import VisionHandler  # noqa: E402
 
 from handlers import upgrade  # noqa: E402
 from handlers.testing import FakeContext, run_batch  # noqa: E402
-from tests.vision.stock_models import MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, assert_same_answers, write_model_dir  # noqa: E402
+from tests.vision.stock_models import (  # noqa: E402
+    DETECTOR_MODULE, MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, assert_same_answers, photo, write_detector_dir, write_model_dir,
+)
 
 
 class GreyThumbnails(VisionHandler):
@@ -121,5 +124,30 @@ def test_explain_goes_to_the_stock_handlers_captum_path(model_dir):
         context = FakeContext.for_batch(1, {"explain": "True"})
         [attributions] = handler.handle([{"body": PHOTOS[0]}], context)
         assert torch.tensor(attributions).shape == (3, 224, 224)
+    finally:
+        handler.close()
+
+
+def test_the_stock_object_detector_gets_its_lists_of_boxes_per_request(tmp_path, monkeypatch):
+    """ObjectDetector's model returns a list (a dict of boxes per image) and its postprocess
+    iterates over that list: each request's postprocess gets a list of its own entry."""
+    model_dir = write_detector_dir(tmp_path)
+    monkeypatch.syspath_prepend(str(model_dir))
+    context = FakeContext(
+        model_yaml_config={"handler": {"micro_batch_size": 2}}, system_properties={"model_dir": str(model_dir)},
+        manifest={"model": {"modelName": "detector", "modelFile": f"{DETECTOR_MODULE}.py", "serializedFile": "weights.pt"}},
+    )
+    photos = [photo(10 + i, (96, 64)) for i in range(3)]  # one size: stock stacks the batch's images
+    stock = ObjectDetector()
+    stock.initialize(context)
+    expected = stock.handle([{"body": p} for p in photos], FakeContext.for_batch(len(photos)))
+    handler = upgrade(ObjectDetector)()
+    handler.initialize(context)
+    try:
+        bodies = photos[:1] + [NOT_AN_IMAGE] + photos[1:]
+        responses, served = run_batch(handler, bodies, [{"Content-Type": "image/jpeg"}] * len(bodies))
+        assert served.statuses() == [200, 400, 200, 200]
+        assert responses[:1] + responses[2:] == expected  # per image: no float noise from the batch
+        assert {box["score"] for answer in expected for box in answer} != {0.9}  # the photos' own boxes count
     finally:
         handler.close()
