@@ -62,6 +62,38 @@ class FakeDetector(nn.Module):
 '''
 
 
+SEGMENTER_MODULE = "vision_tiny_segmenter"
+SEGMENTER_SOURCE = '''
+import torch
+from torch import nn
+
+
+class TinySegmenter(nn.Module):
+    """224x224 RGB -> {"out": 4 class scores per pixel of a 28x28 map}, as torchvision's segmentation models answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(8)
+        self.classify = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return {"out": self.classify(self.pool(x))}
+'''
+
+
+def write_segmenter_dir(folder: Path) -> Path:
+    """A model folder for TorchServe's ``ImageSegmenter``: the tiny segmenter above (seed 0)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{SEGMENTER_MODULE}.py").write_text(SEGMENTER_SOURCE)
+    namespace: dict = {}
+    exec(compile(SEGMENTER_SOURCE, SEGMENTER_MODULE, "exec"), namespace)  # noqa: S102 - our own source, above
+    torch.manual_seed(0)
+    torch.save(namespace["TinySegmenter"]().state_dict(), folder / "weights.pt")
+    return folder
+
+
 def write_detector_dir(folder: Path) -> Path:
     """A model folder for TorchServe's ``ObjectDetector``: the fake detector above and its labels."""
     import torch

@@ -16,13 +16,15 @@ pytest.importorskip("captum", reason=REASON)
 import torch  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from ts.torch_handler.image_classifier import ImageClassifier  # noqa: E402
+from ts.torch_handler.image_segmenter import ImageSegmenter  # noqa: E402
 from ts.torch_handler.object_detector import ObjectDetector  # noqa: E402
 from ts.torch_handler.vision_handler import VisionHandler  # noqa: E402
 
 from handlers import upgrade  # noqa: E402
 from handlers.testing import FakeContext, run_batch  # noqa: E402
 from tests.vision.stock_models import (  # noqa: E402
-    DETECTOR_MODULE, MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, assert_same_answers, photo, write_detector_dir, write_model_dir,
+    DETECTOR_MODULE, MODEL_MODULE, NOT_AN_IMAGE, PHOTOS, SEGMENTER_MODULE, assert_same_answers, photo, write_detector_dir,
+    write_model_dir, write_segmenter_dir,
 )
 
 
@@ -149,5 +151,34 @@ def test_the_stock_object_detector_gets_its_lists_of_boxes_per_request(tmp_path,
         assert served.statuses() == [200, 400, 200, 200]
         assert responses[:1] + responses[2:] == expected  # per image: no float noise from the batch
         assert {box["score"] for answer in expected for box in answer} != {0.9}  # the photos' own boxes count
+    finally:
+        handler.close()
+
+
+def test_the_stock_image_segmenter_gets_its_dict_output_per_request(tmp_path, monkeypatch):
+    """ImageSegmenter's model returns ``{"out": N×K×H×W}`` and its postprocess reads ``data["out"]``:
+    each request's postprocess gets ``{"out": 1×K×H×W}``, its own map."""
+    import numpy as np
+
+    model_dir = write_segmenter_dir(tmp_path)
+    monkeypatch.syspath_prepend(str(model_dir))
+    context = FakeContext(
+        model_yaml_config={"handler": {"micro_batch_size": 2}}, system_properties={"model_dir": str(model_dir)},
+        manifest={"model": {"modelName": "segmenter", "modelFile": f"{SEGMENTER_MODULE}.py",
+                            "serializedFile": "weights.pt"}},
+    )
+    stock = ImageSegmenter()
+    stock.initialize(context)
+    expected = stock.handle([{"body": p} for p in PHOTOS], FakeContext.for_batch(len(PHOTOS)))
+    handler = upgrade(ImageSegmenter)()
+    handler.initialize(context)
+    try:
+        bodies = PHOTOS[:3] + [NOT_AN_IMAGE] + PHOTOS[3:]
+        responses, served = run_batch(handler, bodies, [{"Content-Type": "image/jpeg"}] * len(bodies))
+        assert served.statuses() == [200, 200, 200, 400, 200, 200]
+        ours = np.array(responses[:3] + responses[4:])
+        assert ours.shape == (len(PHOTOS), 28, 28, 2)  # per pixel: [class, probability]
+        assert np.allclose(ours, np.array(expected), rtol=1e-4, atol=1e-6)
+        assert len(np.unique(ours[..., 0])) > 1  # the classes vary: the check means something
     finally:
         handler.close()
