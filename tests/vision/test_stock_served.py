@@ -65,14 +65,29 @@ def served(tmp_path_factory):
     store.mkdir()
     archive_stock(model_dir, store, workdir)
     archive_upgraded(model_dir, store)
-    server = TorchServe(workdir / "server", store, ROOT / "config.properties", ports=Ports.free(),
-                        python_bin=Path(sys.executable).parent)
-    server.start()
+    server = start_on_free_ports(workdir, store)
     try:
-        server.wait_ready(["stock", "upgraded"])
         yield server
     finally:
         server.stop()
+
+
+def start_on_free_ports(workdir: Path, store: Path, tries: int = 3) -> TorchServe:
+    """A TorchServe from this venv on free ports, ready. A free port is an ephemeral one, which
+    another process on this shared machine may take before TorchServe binds it: then new ports."""
+    for attempt in range(tries):
+        server = TorchServe(workdir / f"server{attempt}", store, ROOT / "config.properties", ports=Ports.free(),
+                            python_bin=Path(sys.executable).parent)
+        server.start()
+        try:
+            server.wait_ready(["stock", "upgraded"])
+            return server
+        except RuntimeError:
+            server.stop()
+            console = (server.workdir / "console.log").read_text(errors="replace")
+            if "Address already in use" not in console or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def post_together(server, model, bodies):
