@@ -38,7 +38,7 @@ from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
 from handlers.engine.admission import queue_size_for
 from handlers.packaging.archive import archive_config, load_spec
-from scripts.torchserve_instance import Ports, TorchServe, free_port
+from scripts.torchserve_instance import Ports, TorchServe
 
 CONFIG = ROOT / "archiver_configs" / "image_classifier.yaml"
 LOADS = (1, 2, 4)
@@ -119,9 +119,8 @@ def on_ray_serve(config: Path = CONFIG):
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
     from handlers.servers.ray_serve import serve_configs
 
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, port, num_cpus=(os.cpu_count() or 2) + 1)
+        port = start_local_cluster(temp_dir, 0, num_cpus=(os.cpu_count() or 2) + 1).port
         try:
             [name] = serve_configs([config])
             yield f"http://127.0.0.1:{port}/predictions/{name}"

@@ -47,7 +47,7 @@ def test_the_cli_serves_on_loopback_only_and_stops_clean_within_10_s(tmp_path, i
     flags, printed, listener = INGRESSES[ingress]
     port = free_port()
     with served(tmp_path, ["quickstart"], ["--port", str(port), *flags]) as (cli, output, started):
-        output.wait_for(re.escape(f"serving on Ray Serve, {printed} in front"), timeout=480)
+        output.wait_for(re.escape(f"serving on Ray Serve at http://127.0.0.1:{port}, {printed} in front"), timeout=480)
         key = json.loads((tmp_path / "key.json").read_text())["inference"]["key"]
         answer = answer_of(port, key)
         assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, answer.text
