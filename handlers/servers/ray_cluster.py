@@ -26,6 +26,7 @@ PROXIES = ("haproxy", "python")
 # Set in the environment of the private local cluster's processes: its replicas keep every port
 # on loopback (keep_replica_grpc_on_loopback).
 LOOPBACK_ONLY = "MICROBATCH_RAY_LOOPBACK_ONLY"
+WORKER_NICENESS = "RAY_worker_niceness"  # read by the raylet when it starts
 # The node's own ports that start_local_cluster picks, unless the environment names them.
 PORT_VARIABLES = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                   "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
@@ -180,11 +181,18 @@ _saved_environment: dict = {}  # what start_local_cluster changed in os.environ,
 
 def node_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None) -> dict:
     """The environment of a local node's processes, for ``proxy`` in front of the replicas: its
+    workers (the replicas) not niced, its
     replicas' gRPC servers on loopback (:func:`keep_replica_grpc_on_loopback`), free ports for
     the metrics of Ray's autoscaler and dashboard processes (Ray's defaults, 44217 and 44227, are
     fixed: a second node on the machine could not have them), and :func:`ingress_environment`."""
     environment = {
         LOOPBACK_ONLY: "1",
+        # Ray starts its workers, the replicas among them, at nice 15 (its worker_niceness), so that
+        # its own daemons come first. HAProxy in front, the clients and every other process run at
+        # 0: wherever they want the cores (a retry storm's refusals, a busy machine), the kernel
+        # gives the replica, which runs the model, 36 parts to their 1024 each. The replicas are
+        # the server here: at 0, as TorchServe's workers. A value in the environment is kept.
+        WORKER_NICENESS: os.environ.get(WORKER_NICENESS) or "0",
         "AUTOSCALER_METRIC_PORT": os.environ.get("AUTOSCALER_METRIC_PORT") or str(_free_port()),
         "DASHBOARD_METRIC_PORT": os.environ.get("DASHBOARD_METRIC_PORT") or str(_free_port()),
     }
