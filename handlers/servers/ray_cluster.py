@@ -365,7 +365,8 @@ def stop_local_cluster(temp_dir: Optional[str] = None, deadline_s: float = 5.0) 
     from ray import serve
 
     try:
-        serve.shutdown()
+        if ray.is_initialized():  # else serve.shutdown() starts a Ray node of its own, to find nothing
+            serve.shutdown()
     finally:
         try:
             ray.shutdown()

@@ -94,3 +94,16 @@ def test_the_command_refuses_a_port_that_is_none_in_one_line_before_anything_sta
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert errors == [f"python -m handlers.ray_serve: error: argument --port: must be a TCP port, 1-65535, or 0 "
                       f"for a free one; got '{port}'"]
+
+
+def test_stopping_after_a_start_that_failed_before_ray_started_starts_no_ray(tmp_path, monkeypatch):
+    """A failed start is stopped before it is tried again or reported; stopping called
+    serve.shutdown(), which starts a Ray node (dashboard and all, 48 s here) when none runs."""
+    import ray
+    from ray import serve
+
+    calls = []
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    assert not ray.is_initialized()
+    ray_cluster.stop_local_cluster(str(tmp_path))
+    assert calls == [] and not ray.is_initialized()
