@@ -19,7 +19,7 @@ import yaml
 
 from handlers.packaging.archive import archive_config
 from handlers.servers.ray_cluster import set_ray_environment
-from scripts.torchserve_instance import Ports, TorchServe, free_port
+from scripts.torchserve_instance import Ports, TorchServe
 from tests.legacy_mar import GOOD, NAME, build_legacy_mar, expected
 
 from .helpers import concurrently
@@ -78,15 +78,8 @@ def ray_mars(mars, upgraded_config):
     from handlers.servers.ray_serve import serve_specs, startup_failures
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
-    for attempt in range(3):  # a free port can be taken by another process before Ray binds it
-        port = free_port()
-        try:
-            start_local_cluster(temp_dir, port, num_cpus=4)
-            break
-        except Exception:  # noqa: BLE001 - retried with another port, re-raised on the last try
-            stop_local_cluster()
-            if attempt == 2:
-                raise
+    # Port 0: the cluster picks its port and binds it (picking again should it be taken meanwhile).
+    port = start_local_cluster(temp_dir, 0, num_cpus=4).port
     try:
         started = time.monotonic()
         names = serve_specs([load_mar(mars / f"{name}.mar") for name in (NAME, "quickstart")]
