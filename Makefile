@@ -11,7 +11,7 @@ VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
 VISION_INSTALLED := $(VISION_VENV)/.installed
 
-.PHONY: serve test test-vision unit archives venv vision-venv java clean bench
+.PHONY: serve test test-vision unit test-package archives venv vision-venv java clean bench
 
 serve: archives java
 	$(PY) -m scripts.serve $(SERVE_ARGS)
@@ -26,6 +26,11 @@ test-vision: vision-venv java
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The Ray Serve package (python -m handlers.export_ray) in a fresh venv: pip installs ray and torch
+# from its code/requirements.txt, then serve run (6.5 min on the 2-core machine, so not in make test).
+test-package: venv
+	MICROBATCH_PACKAGE_TEST=1 $(PY) -m pytest tests/integration/test_ray_package.py $(PYTEST_ARGS)
 
 archives: venv
 	$(PY) -m handlers.archive --model-store model_store

@@ -5,7 +5,7 @@ Python proxy instead).
 
 Usage::
 
-    python -m handlers.ray_serve [CONFIG ...] [--port 8000] [--root DIR] [--python-proxy]
+    python -m handlers.ray_serve [CONFIG|MAR ...] [--port 8000] [--root DIR] [--python-proxy]
 
 or, on a Ray cluster you run yourself (``ray start``), one application per config::
 
@@ -16,6 +16,10 @@ written to ``./ray_serve_key.json`` (``--key-file``; removed at stop) and every 
 ``Authorization: Bearer <key>``. ``--no-token-auth`` turns it off, for a gateway that
 authenticates in front (docs/ray_serve.md). Ray's own ``/-/healthz`` stays open; ``/-/routes``
 (which names every model) needs the key too, behind HAProxy (Ray's Python proxy answers it itself).
+
+A ``.mar`` is served from its own files, manifest and model config: ours, or a TorchServe handler's
+(a ``BaseHandler`` subclass, run by the micro-batch engine through ``upgrade``); see
+docs/from_torchserve.md.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from handlers.servers.ray_cluster import (NoHAProxy, PortInUse, metrics_url, set
                                           start_local_cluster, stop_local_cluster)
 from handlers.servers.ray_serve import (ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs,
                                        startup_failures)
+from handlers.packaging.mar import MarError, is_mar, load_mar
 
 
 def app(args: dict):
@@ -93,7 +98,8 @@ def write_key_file(path: Path) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handlers.ray_serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="*", type=Path, help="archiver configs (default: archiver_configs/*.yaml)")
+    parser.add_argument("configs", nargs="*", type=Path,
+                        help="archiver configs or .mar archives (default: archiver_configs/*.yaml)")
     parser.add_argument("--root", type=Path, default=None,
                         help="where every config's paths start (default: each config's root: key, else its folder)")
     parser.add_argument("--port", type=_port, default=8000,
@@ -118,8 +124,8 @@ def main(argv: Optional[list] = None) -> int:
     configs = args.configs or sorted(((args.root or Path(".")) / "archiver_configs").glob("*.yaml"))
     stop, serving = threading.Event(), threading.Event()
     try:  # checked once: what the replicas reserve sizes the local node, then they are served
-        specs = [load_spec(Path(config), args.root) for config in configs]
-    except ArchiveConfigError as exc:
+        specs = [load_served(Path(config), args.root) for config in configs]
+    except (ArchiveConfigError, MarError) as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
@@ -196,6 +202,11 @@ def _on_sigterm(stop: threading.Event, serving: threading.Event) -> None:
     stop.set()
     if first and not serving.is_set():
         raise KeyboardInterrupt
+
+
+def load_served(path: Path, root: Optional[Path] = None):
+    """What one command-line argument serves: a ``.mar`` read, or an archiver config checked."""
+    return load_mar(path) if is_mar(path) else load_spec(path, root)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,15 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 def build_app(config: str, root: Optional[str] = None, api_key: Optional[str] = None):
     """A Ray Serve application for one archiver config (its paths start from the config's own
-    folder or ``root:``, or from ``root`` when given). The replicas import the ``handlers``
-    package: installed on the nodes, or shipped with the job (:func:`start_local_cluster` does;
-    ``serve run --working-dir``)."""
+    folder or ``root:``, or from ``root`` when given), or for one ``.mar`` (see
+    :func:`application_of_mar`). The replicas import the ``handlers`` package: installed on the
+    nodes, or shipped with the job (:func:`start_local_cluster` does; ``serve run --working-dir``;
+    the package of ``python -m handlers.export_ray`` carries it)."""
     from handlers.packaging.archive import load_spec
+    from handlers.packaging.mar import is_mar, load_mar
 
+    if is_mar(Path(config)):
+        return application_of(load_mar(Path(config)), api_key)
     return application_of(load_spec(Path(config), Path(root) if root else None), api_key)
 
 
@@ -59,10 +63,11 @@ def application_of(spec, api_key: Optional[str] = None):
     """The application of a checked archiver config: its artefacts built if missing, its handler,
     model files and extra files shipped to each replica. With ``api_key``, a request without
     ``Authorization: Bearer <api_key>`` gets a 401."""
-    from ray import serve
-
     from handlers.packaging.archive import build_artefacts, sample_files
+    from handlers.packaging.mar import MarSpec
 
+    if isinstance(spec, MarSpec):
+        return application_of_mar(spec, api_key)
     build_artefacts(spec)
     options = spec.ray_serve  # checked with the rest of the config
     files = {spec.handler.name: spec.handler.read_bytes()}
@@ -72,15 +77,34 @@ def application_of(spec, api_key: Optional[str] = None):
     files.update(sample_files(spec))  # the start-up self-test's samples, as the .mar holds them
     model_files = ModelFiles(model_file=spec.model_file.name if spec.model_file else None,
                              serialized_file=spec.serialized_file.name if spec.serialized_file else None)
-    model_config = dict(spec.model_config)
+    return _application(spec.model_name, options, dict(spec.model_config), files, spec.handler.name, model_files,
+                        api_key)
+
+
+def application_of_mar(spec, api_key: Optional[str] = None):
+    """The application of a ``.mar`` (:class:`handlers.packaging.mar.MarSpec`), ours or any other
+    ``torch-model-archiver`` output: its files written to each replica's model folder, its
+    manifest's handler served as TorchServe would load it (:mod:`handlers.servers.mar_handler`:
+    ours as it is, a TorchServe ``BaseHandler`` subclass upgraded, a ``handle`` function refused),
+    its model config's batching, ``responseTimeout``, ``handler:`` and ``ray_serve:`` sections."""
+    from handlers.packaging.mar import model_files_of
+
+    return _application(spec.model_name, spec.ray_serve, dict(spec.model_config), spec.files, spec.handler,
+                        model_files_of(spec.manifest), api_key, spec.manifest)
+
+
+def _application(name: str, options: Mapping[str, Any], model_config: dict, files: dict, handler_file: str,
+                 model_files: ModelFiles, api_key: Optional[str], manifest: Optional[dict] = None):
+    from ray import serve
+
     replica = replica_class(options.get("max_concurrent_batches", DEFAULT_MAX_CONCURRENT_BATCHES))
     deployment_options = {key: options[key] for key in DEPLOYMENT_KEYS if key in options}
     deployment_options.setdefault("max_ongoing_requests", default_max_ongoing_requests(model_config))
-    deployment = serve.deployment(replica, name=spec.model_name).options(
+    deployment = serve.deployment(replica, name=name).options(
         user_config=batching_of(model_config), **deployment_options
     )
-    return deployment.bind(files, spec.handler.name, model_config, dataclasses.asdict(model_files),
-                           options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), api_key)
+    return deployment.bind(files, handler_file, model_config, dataclasses.asdict(model_files),
+                           options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), api_key, manifest)
 
 
 def default_max_ongoing_requests(model_config: Mapping[str, Any]) -> int:
@@ -273,10 +297,11 @@ def replica_class(max_concurrent_batches: int) -> type:
         cannot_start: Optional[str] = None  # the one line, when the model cannot start
 
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
-                     max_request_bytes: int, api_key: Optional[str] = None):
+                     max_request_bytes: int, api_key: Optional[str] = None, manifest: Optional[dict] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
             from handlers.core.handler_file import load_handler_class
             from handlers.engine.batch_queue import BatchQueue
+            from handlers.servers.mar_handler import attach_context, handler_class_for, manifest_for
             from handlers.servers.ray_cluster import keep_replica_grpc_on_loopback
 
             keep_replica_grpc_on_loopback()
@@ -290,8 +315,16 @@ def replica_class(max_concurrent_batches: int) -> type:
             # the handler sets torch's threads from the CPUs the replica reserved.
             cpus = replica_threads(_assigned_cpus(), (model_config.get(SECTION) or {}).get("torch_threads", 0))
             try:
-                self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
-                self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=_device(),
+                device, name = _device(), _deployment_name()
+                if manifest is None:  # an archiver config's handler file
+                    self.handler = load_handler_class(str(Path(self.model_dir) / handler_file))()
+                    manifest = manifest_for(name, handler_file, model_files.get("model_file"),
+                                            model_files.get("serialized_file"))
+                else:  # a .mar's: found as TorchServe finds it
+                    self.handler = handler_class_for(self.model_dir, manifest)()
+                # An upgraded TorchServe handler's initialize(context) reads TorchServe's context.
+                attach_context(self.handler, name, self.model_dir, manifest, model_config, device)
+                self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=device,
                                    model_files=ModelFiles(**model_files), cpus=cpus or None,
                                    # The same deadline as on TorchServe, inside the config's
                                    # responseTimeout (Ray has no such limit: it was 60 s whatever it said).
@@ -341,6 +374,22 @@ def replica_class(max_concurrent_batches: int) -> type:
                 body = await read_body(http_request, self.max_request_bytes)
             except ClientDisconnect:  # gone while its body came in: nothing to run, nobody to answer
                 return HTTPResponse(status_code=CLIENT_CLOSED)
+            return await self._admitted(body, headers, deadline, http_request.receive)
+
+        async def invoke(self, body: bytes, headers: dict) -> tuple:
+            """One request handed over by another deployment (SageMaker's ``/invocations``,
+            :mod:`handlers.servers.ray_sagemaker`), answered as over HTTP: ``(status, payload,
+            headers)``."""
+            if self.cannot_start is not None:
+                response = _error_response(CannotStart(self.cannot_start))
+            else:
+                if len(body) > self.max_request_bytes:
+                    body = PayloadTooLarge(f"the body is {len(body):,} bytes; the limit is {self.max_request_bytes:,}")
+                response = await self._admitted(body, headers, self.handler.deadline_for(headers, time.monotonic()))
+            kept = {key: value for key, value in response.headers.items() if key.lower() != "content-length"}
+            return response.status_code, bytes(response.body), kept
+
+        async def _admitted(self, body, headers: dict, deadline: Optional[float], receive=None) -> HTTPResponse:
             if isinstance(body, PayloadTooLarge):
                 return _error_response(body)
             # Counted once its body is in: a slow upload holds no place ahead of the others (30
@@ -349,7 +398,7 @@ def replica_class(max_concurrent_batches: int) -> type:
             if overloaded:
                 return _error_response(overloaded)
             try:
-                return await self._answer(body, headers, deadline, http_request.receive)
+                return await self._answer(body, headers, deadline, receive)
             finally:
                 self.admission.leave()
 
@@ -664,13 +713,15 @@ class _RayMetrics:
     def record(self, report) -> None:
         try:
             for metric in batch_metrics(report):
+                if metric.name != "BatchesServed" and not metric.value > 0:
+                    continue  # Ray's Counter.inc refuses 0: a batch refused before the model lost its error counts
                 if metric.name == "BatchesServed":
                     self.batch_size.observe(int(metric.labels["BatchSize"]))
                 elif metric.name == "ModelCalls":
                     self.model_calls.inc(metric.value)
                 elif metric.name == "RequestsAnsweredAlone":
                     self.answered_alone.inc(metric.value)
-                elif metric.name == "StageTimeMs" and metric.value > 0:
+                elif metric.name == "StageTimeMs":
                     self.stage_ms.inc(metric.value, tags={"stage": metric.labels["Stage"]})
                 elif metric.name == "RequestErrors":
                     self.errors.inc(metric.value, tags={"status_code": metric.labels["StatusCode"]})

@@ -73,7 +73,8 @@ def test_each_server_is_known_to_its_adapter_modules_and_the_engine_needs_no_tor
     importing_ts = {name for name, path in modules.items() if "ts" in imported_roots(path)}
     assert importing_ts == {"servers/torchserve.py"}  # TorchServe's metric dimension (optional import)
     importing_ray = {name for name, path in modules.items() if "ray" in imported_roots(path)}
-    assert importing_ray <= {"servers/ray_serve.py", "servers/ray_cluster.py"}
+    # Ray Serve's adapter: the deployment, the local cluster, SageMaker's routes in front of a model.
+    assert importing_ray <= {"servers/ray_serve.py", "servers/ray_cluster.py", "servers/ray_sagemaker.py"}
     for name, path in modules.items():
         if name.startswith(("engine/", "core/", "ready_made/", "packaging/")):
             assert not imported_roots(path) & {"ts", "ray"}, name

@@ -127,3 +127,23 @@ def test_the_key_file_is_new_each_start_and_readable_by_its_owner_only(tmp_path)
     assert json.loads(path.read_text()) == {"inference": {"key": first}} and len(first) >= 32
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert write_key_file(path) != first
+
+
+def test_ray_metrics_of_a_batch_refused_before_the_model_keep_its_error_counts(caplog):
+    """Regression: Ray's Counter.inc(0) raises, so a batch whose every request was refused before
+    the model (ModelCalls 0) logged a traceback and lost its RequestErrors (seen serving a .mar)."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from handlers.engine.batch_engine import BatchReport
+    from handlers.engine.errors import BadRequest
+    from handlers.engine.outcome import Failure
+    from handlers.servers.ray_serve import _RayMetrics
+
+    metrics = _RayMetrics()  # real Ray counters: inc(0) raises ValueError
+    counted = []
+    metrics.errors = SimpleNamespace(inc=lambda value, tags: counted.append((value, tags)))
+    report = BatchReport(outcomes=[Failure(BadRequest("no field 'x'"))] * 2, micro_batch_sizes=[], model_calls=0)
+    metrics.record(report)
+    assert counted == [(2, {"status_code": "400"})]
+    assert "could not record metrics" not in caplog.text

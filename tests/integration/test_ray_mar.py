@@ -1,0 +1,149 @@
+"""``.mar`` archives on Ray Serve, from the archives themselves: a legacy one (a stock TorchServe
+``BaseHandler`` subclass, archived by the real torch-model-archiver; tests/legacy_mar.py) and one of
+ours (quickstart). Each is served by a real TorchServe and by a real local Ray cluster (loopback,
+dashboard off, its own temp dir), both started and stopped by this module: the same inputs get
+the same answers; on Ray Serve a bad request in a batch gets its own error and its batch-mates 200.
+The legacy handler upgraded in an archiver config (one line) starts on Ray Serve too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from handlers.packaging.archive import archive_config
+from handlers.servers.ray_cluster import set_ray_environment
+from scripts.torchserve_instance import Ports, TorchServe
+from tests.legacy_mar import GOOD, NAME, build_legacy_mar, expected
+
+from .helpers import concurrently
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+set_ray_environment()  # before Ray is imported: it reads these at import time
+ray = pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = [{"id": "a", "x": [1, 2, 3, 4]}, {"id": "b", "x": [0.5, -1, 2.25, 8]}, {"id": "c", "x": [0, 0, 0, 0]}]
+
+
+@pytest.fixture(scope="module")
+def mars(tmp_path_factory):
+    """A model store holding the legacy archive and quickstart's."""
+    store = tmp_path_factory.mktemp("mar_store")
+    build_legacy_mar(store)
+    archive_config(ROOT / "archiver_configs" / "quickstart.yaml", store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def upgraded_config(mars):
+    """An archiver config whose handler file upgrades the legacy handler (docs/from_torchserve.md's
+    one line), with the legacy archive's own handler and TorchScript model as its files."""
+    source = mars / f"{NAME}_src"  # what build_legacy_mar archived
+    (source / "upgraded.py").write_text("from legacy_handler import LegacyHandler\nfrom handlers import upgrade\n\n"
+                                        "LegacyHandler = upgrade(LegacyHandler)\n")
+    config = source / "upgraded.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name": "upgraded", "version": "1.0", "handler": "upgraded.py", "serialized_file": "model.pt",
+        "extra_files": ["legacy_handler.py"],
+        "model_config": yaml.safe_load((source / "model-config.yaml").read_text()),
+    }))
+    return config
+
+
+@pytest.fixture(scope="module")
+def torchserve_mars(mars, tmp_path_factory):
+    server = TorchServe(tmp_path_factory.mktemp("torchserve_mars"), mars, ROOT / "config.properties",
+                        ports=Ports.free())
+    server.start()
+    try:
+        server.wait_ready([NAME, "quickstart"])
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_mars(mars, upgraded_config):
+    """The same two archives on Ray Serve, as ``python -m handlers.ray_serve legacy.mar quickstart.mar``."""
+    from handlers.packaging.archive import load_spec
+    from handlers.packaging.mar import load_mar
+    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
+    from handlers.servers.ray_serve import serve_specs, startup_failures
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
+    # Port 0: the cluster picks its port and binds it (picking again should it be taken meanwhile).
+    port = start_local_cluster(temp_dir, 0, num_cpus=4).port
+    try:
+        started = time.monotonic()
+        names = serve_specs([load_mar(mars / f"{name}.mar") for name in (NAME, "quickstart")]
+                            + [load_spec(upgraded_config)])
+        assert startup_failures(names) == {}
+        print(f"\nRay Serve: {names} deployed from their .mar in {time.monotonic() - started:.1f} s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_local_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def on_torchserve(server, model, body, content_type="application/json"):
+    return requests.post(f"{server.inference_url}/predictions/{model}", data=json.dumps(body),
+                         headers={"Content-Type": content_type, **server.auth()}, timeout=60)
+
+
+def on_ray(base, model, body, content_type="application/json"):
+    return requests.post(f"{base}/predictions/{model}", data=json.dumps(body), headers={"Content-Type": content_type},
+                         timeout=60)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream"])
+def test_a_legacy_mar_answers_on_ray_serve_as_on_torchserve(torchserve_mars, ray_mars, content_type):
+    for body in GOOD:
+        theirs, ours = on_torchserve(torchserve_mars, NAME, body, content_type), on_ray(ray_mars, NAME, body,
+                                                                                      content_type)
+        assert theirs.status_code == ours.status_code == 200, (theirs.text, ours.text)
+        assert theirs.json() == ours.json() == expected(body)
+    # Together, as one batch on each server: the same answers again.
+    together = concurrently(len(GOOD), lambda i: on_ray(ray_mars, NAME, GOOD[i], content_type))
+    assert [r.json() for r in together] == [expected(b) for b in GOOD]
+
+
+def test_our_mar_answers_on_ray_serve_as_on_torchserve(torchserve_mars, ray_mars):
+    for body in QUICKSTART:
+        theirs, ours = on_torchserve(torchserve_mars, "quickstart", body), on_ray(ray_mars, "quickstart", body)
+        assert theirs.status_code == ours.status_code == 200, (theirs.text, ours.text)
+        assert theirs.json() == ours.json() == {"id": body["id"], "y": [2 * v + 1 for v in body["x"]]}
+
+
+def test_a_bad_request_to_a_legacy_mar_gets_its_own_error_and_its_batch_mates_200(ray_mars):
+    bodies = [GOOD[i % len(GOOD)] for i in range(7)]
+    bodies.insert(3, {"no_x": [1.0, 2.0]})
+    responses = concurrently(len(bodies), lambda i: on_ray(ray_mars, NAME, bodies[i]))
+    bad = responses[3]
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["message"] == "the request has no field 'x'" and bad.json()["code"] == 422
+    assert int(bad.headers["X-Batch-Size"]) > 1, "the bad request was not batched with others: nothing was shown"
+    for idx, response in enumerate(responses):
+        if idx != 3:
+            assert response.status_code == 200 and response.json() == expected(bodies[idx]), (idx, response.text)
+
+
+def test_a_handler_upgraded_in_an_archiver_config_starts_on_ray_serve(ray_mars):
+    """Its initialize(context) gets the stand-in context there (it had none: the replica could not start)."""
+    together = concurrently(len(GOOD), lambda i: on_ray(ray_mars, "upgraded", GOOD[i]))
+    assert [(r.status_code, r.json()) for r in together] == [(200, expected(b)) for b in GOOD]
+
+
+def test_a_lone_bad_request_gets_torchserves_status_and_message(torchserve_mars, ray_mars):
+    """Alone, a PredictionException answers the same on both servers (in a batch, TorchServe's
+    fails every batch-mate with it: the test above shows Ray Serve does not)."""
+    bad = {"no_x": [1.0, 2.0]}
+    theirs, ours = on_torchserve(torchserve_mars, NAME, bad), on_ray(ray_mars, NAME, bad)
+    assert theirs.status_code == ours.status_code == 422, (theirs.text, ours.text)
+    assert theirs.json()["message"] == ours.json()["message"] == "the request has no field 'x'"
