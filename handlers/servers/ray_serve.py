@@ -645,6 +645,8 @@ def _assigned_cpus() -> Optional[float]:
     try:
         import ray
 
+        if not ray.is_initialized():  # outside a replica: asking the runtime context would start a Ray node
+            return None
         return ray.get_runtime_context().get_assigned_resources().get("CPU")
     except Exception:  # noqa: BLE001 - outside a replica (a test): nothing assigned
         return None
