@@ -6,10 +6,11 @@ real ones do, and say so in ``x-request-timeout-seconds``.
 
 The model is ``make serve``'s image classifier (archiver_configs/image_classifier.yaml: ResNet-18,
 batches of 16), fed 640×480 JPEGs. For each server: its capacity (closed loop, 32 clients), then
-Poisson arrivals at 1x, 2x and 4x that capacity. TorchServe runs twice: as shipped
-(config.properties' job_queue_size=64), and with the queue sized from the budget and the capacity
-just measured (``jobQueueSize``, :func:`handlers.engine.admission.queue_size_for`) plus the handler's
-``request_budget_s``. Ray Serve runs once: its replica admits on arrival what it can answer in time.
+Poisson arrivals at 1x, 2x and 4x that capacity. TorchServe runs twice: as shipped (archived as
+``python -m handlers.archive`` does: ``jobQueueSize`` and ``batchSize`` sized from the config's
+``request_budget_s``, the model timed), and without a budget (config.properties' job_queue_size=64;
+``--shipped-only`` skips it). Ray Serve runs once: its replica admits on arrival what it can answer
+in time.
 
 ``--retry-storm``: the same servers, closed loop at 64 and 128 clients (``--clients``), each
 giving up after the client timeout and sending again ``--retry-after-ms`` (50 ms) after a refusal
@@ -36,8 +37,8 @@ from bench.loadgen import run_closed_loop, run_open_loop
 from bench.machine import matmul_gflops, speed_line
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
-from handlers.engine.admission import queue_size_for
 from handlers.packaging.archive import archive_config, load_spec
+from handlers.packaging.queue_sizing import BUDGET_KEY, budget_of
 from scripts.torchserve_instance import Ports, TorchServe, free_port
 
 CONFIG = ROOT / "archiver_configs" / "image_classifier.yaml"
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--servers", nargs="*", default=["torchserve", "ray"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default=None, help="the results' name (default: goodput, or retry_storm)")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="TorchServe as shipped only, not also without a budget (the queue of config.properties)")
     parser.add_argument("--retry-storm", action="store_true",
                         help="closed loop with retries instead of open-loop arrivals (see above)")
     parser.add_argument("--clients", type=int, nargs="*", default=[64, 128], help="--retry-storm's client counts")
@@ -64,21 +67,22 @@ def main(argv=None) -> int:
     bodies = WORKLOADS["photo-vga"]().make_inputs(64)
     headers = {"Content-Type": "image/jpeg"}
     spec = load_spec(CONFIG)
-    batch_size = int(spec.model_config["batchSize"])
     rows = []
     speed_before = matmul_gflops()
 
     if "torchserve" in args.servers:
-        with on_torchserve(work / "shipped", {}) as (url, auth):
-            shipped = measure("TorchServe, as shipped (job_queue_size 64)", url, bodies, {**headers, **auth}, args)
-        rows += shipped
-        capacity = shipped[0]["capacity_rps"]
-        queue = queue_size_for(args.client_timeout, capacity, batch_size)
-        budgeted = {"jobQueueSize": queue,
-                    "handler": {**spec.model_config["handler"], "request_budget_s": args.client_timeout}}
-        with on_torchserve(work / "budgeted", budgeted) as (url, auth):
-            rows += measure(f"TorchServe, jobQueueSize {queue} from the budget", url, bodies, {**headers, **auth},
-                            args, capacity)
+        # As `make serve` archives it: jobQueueSize (and batchSize) from the config's budget.
+        with torchserve_serving(work / "shipped", {}, size_queue=True) as (instance, name):
+            written = served_model_config(work / "shipped", name)
+            label = (f"TorchServe, as shipped (jobQueueSize {written.get('jobQueueSize', 'not set')}, batchSize "
+                     f"{written['batchSize']}, from {BUDGET_KEY} {budget_of(written):g} s)")
+            rows += measure(label, f"{instance.inference_url}/predictions/{name}", bodies,
+                            {**headers, **instance.auth()}, args)
+        if not args.shipped_only:
+            handler = {k: v for k, v in spec.model_config["handler"].items() if k != BUDGET_KEY}
+            with on_torchserve(work / "no_budget", {"handler": handler}) as (url, auth):
+                rows += measure("TorchServe, no budget (config.properties' job_queue_size 64)", url, bodies,
+                                {**headers, **auth}, args)
 
     if "ray" in args.servers:
         with on_ray_serve() as url:
@@ -98,12 +102,13 @@ def on_torchserve(workdir: Path, model_config: dict, config: Path = CONFIG):
 
 
 @contextlib.contextmanager
-def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG):
+def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG, size_queue: bool = False):
     """As :func:`on_torchserve`, yielding the :class:`TorchServe` instance and the model's name
-    (for its metrics, its logs)."""
+    (for its metrics, its logs). ``size_queue``: archived as ``python -m handlers.archive`` does,
+    its queue sized from its budget."""
     store = workdir / "model_store"
     store.mkdir(parents=True)
-    name = archive_config(config, store, model_config or None).stem
+    name = archive_config(config, store, model_config or None, size_queue=size_queue).stem
     instance = TorchServe(workdir / "server", store, ROOT / "config.properties", ports=Ports.free())
     instance.start()
     try:
@@ -111,6 +116,18 @@ def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG)
         yield instance, name
     finally:
         instance.stop()
+
+
+def served_model_config(workdir: Path, name: str) -> dict:
+    """The model config the archive that :func:`torchserve_serving` made in ``workdir`` carries."""
+    import json
+    import zipfile
+
+    import yaml
+
+    with zipfile.ZipFile(workdir / "model_store" / f"{name}.mar") as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        return yaml.safe_load(archive.read(manifest["model"]["configFile"]))
 
 
 @contextlib.contextmanager
