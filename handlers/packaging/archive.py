@@ -453,10 +453,25 @@ def time_batches(spec: ArchiveSpec) -> tuple:
             return served_time(model_cost(batch), size)
 
         config = spec.model_config
+        if serves_on_a_gpu(config):
+            return  # the handler runs on the CPU here: its times would size a GPU's queue wrong
         plans.append(plan_queue(budget_of(config), config.get("batchSize", 1), time_of, config.get("minWorkers", 1)))
 
     summary = self_test(spec, on_started)
     return summary, plans[0] if plans else None
+
+
+def serves_on_a_gpu(model_config: dict) -> bool:
+    """Whether TorchServe will run the model on an accelerator: its ``deviceType``, else (as
+    TorchServe does) whether this machine has CUDA."""
+    device = str(model_config.get("deviceType", "")).lower()
+    if device in ("gpu", "neuron"):
+        return True
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def sized_for_budget(spec: ArchiveSpec, plan: Optional[QueuePlan]) -> tuple:
@@ -470,8 +485,10 @@ def sized_for_budget(spec: ArchiveSpec, plan: Optional[QueuePlan]) -> tuple:
     if plan is None:
         if "jobQueueSize" in config:
             return spec, []
-        return spec, [f"warning: {spec.source}: {BUDGET_KEY} {budget:g} s, but no samples to time the model with: "
-                      f"jobQueueSize NOT written (config.properties' job_queue_size applies); add samples:"]
+        why = ("TorchServe will run the model on a GPU and it is timed on the CPU here: set jobQueueSize (and "
+               "batchSize) in the config" if serves_on_a_gpu(config) else "no samples to time the model with: add samples:")
+        return spec, [f"warning: {spec.source}: {BUDGET_KEY} {budget:g} s, but jobQueueSize NOT written "
+                      f"(config.properties' job_queue_size applies): {why}"]
     workers = config.get("minWorkers", 1)
     explicit = config.get("jobQueueSize")
     if explicit is not None:

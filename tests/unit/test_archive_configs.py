@@ -515,8 +515,15 @@ def test_the_command_writes_the_queue_and_says_so(tmp_path, capsys):
      {"batchSize": 8, "jobQueueSize": 8, "handler": {"request_budget_s": 1.0}},
      "m: jobQueueSize 8 (1 round(s) of 8) from request_budget_s 1 s, batches of 8 timed at 0.27 s"),
     # A budget, nothing to time the model with: not written, and a warning says why.
-    ({"batchSize": 16, "handler": {"request_budget_s": 1.0}}, None,
-     {"batchSize": 16, "handler": {"request_budget_s": 1.0}}, "warning: m.yaml: request_budget_s 1 s, but no samples"),
+    ({"batchSize": 16, "deviceType": "cpu", "handler": {"request_budget_s": 1.0}}, None,
+     {"batchSize": 16, "deviceType": "cpu", "handler": {"request_budget_s": 1.0}},
+     "warning: m.yaml: request_budget_s 1 s, but jobQueueSize NOT written (config.properties' job_queue_size "
+     "applies): no samples"),
+    # On a GPU: the CPU's times would be wrong; not written, and said.
+    ({"batchSize": 16, "deviceType": "gpu", "handler": {"request_budget_s": 1.0}}, None,
+     {"batchSize": 16, "deviceType": "gpu", "handler": {"request_budget_s": 1.0}},
+     "warning: m.yaml: request_budget_s 1 s, but jobQueueSize NOT written (config.properties' job_queue_size "
+     "applies): TorchServe will run the model on a GPU and it is timed on the CPU here"),
     # The config's own queue is kept; a warning when the budget says otherwise.
     ({"batchSize": 16, "jobQueueSize": 64, "handler": {"request_budget_s": 1.0}}, (16, 16, 0.24, None),
      {"batchSize": 16, "jobQueueSize": 64, "handler": {"request_budget_s": 1.0}},
