@@ -20,8 +20,9 @@ from handlers.engine.admission import QUEUE_SHARE_OF_BUDGET, queue_size_for
 from handlers.engine.settings import SECTION
 
 BUDGET_KEY = "request_budget_s"  # in the handler: section; the longest any client of the model waits
-# Batches timed per size, after one to warm up: their minimum is the model's own cost.
-TIMED_BATCHES = 5
+# Batches timed per size, after one to warm up: their minimum is the model's own cost. Few: the
+# archive command (and with it the test session's set-up) times every budgeted example this way.
+TIMED_BATCHES = 3
 # What a batch costs on TorchServe beyond the handler's own work, which the archive tool cannot
 # time: the frontend's round trip to the worker per batch, and its HTTP work per request.
 # Measured on the 2-core machine: an idle tabular request answered in 11 ms, 5 of them
