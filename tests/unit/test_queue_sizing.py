@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handlers.engine.admission import QUEUE_SHARE_OF_BUDGET
-from handlers.packaging.queue_sizing import (FRONTEND_BATCH_S, FRONTEND_REQUEST_S, TIME_STEP_S, TIMED_BATCHES,
-                                             budget_of, model_cost, on_cpu_share, plan_queue, run_queue_snapshot,
-                                             served_time, smaller_sizes)
+from handlers.packaging.queue_sizing import (FRONTEND_BATCH_S, FRONTEND_REQUEST_S, MOST_TIMED, TIME_STEP_S,
+                                             TIMED_BATCHES, budget_of, model_cost, on_cpu_share, plan_queue,
+                                             run_queue_snapshot, served_time, smaller_sizes)
 
 
 def times(table):
@@ -142,6 +142,19 @@ def test_what_the_wait_does_not_show_goes_with_the_fastest_batch(cost, slowed, q
     no schedstat: one undisturbed timed batch of the few suffices."""
     slowed[quiet] = 0.0  # call 0 is the warm-up, never timed
     assert cost_under(cost, [(s, 0.0) for s in slowed], schedstat=schedstat) == pytest.approx(cost, rel=1e-6)
+
+
+@pytest.mark.parametrize("cost, waited, timed", [
+    (0.001, 0.0, MOST_TIMED),      # a fast model: many batches, in milliseconds
+    (0.5, 0.0, 4),                 # until they cost TIMING_S: 4 × 0.5 s
+    (3.0, 0.0, TIMED_BATCHES),     # a slow one: the fewest
+    (0.4, 9.6, TIMED_BATCHES),     # a crowded machine: 10 s a batch, past TIMING_WALL_S after the fewest
+])
+def test_how_many_batches_are_timed(cost, waited, timed):
+    machine, calls = Machine(), []
+    run = machine.batches(cost, [(0.0, waited)] * 100)
+    model_cost(lambda: (calls.append(1), run()), clock=machine.clock, snapshot=machine.snapshot)
+    assert len(calls) == 1 + timed  # and the warm-up
 
 
 def test_the_archive_holds_the_same_plan_under_load_as_on_an_idle_machine():
