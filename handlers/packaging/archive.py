@@ -433,7 +433,7 @@ def self_test(spec: ArchiveSpec, on_started: Optional[Callable[[Any, str], None]
 def time_batches(spec: ArchiveSpec) -> tuple:
     """Start the model as :func:`self_test` does and size TorchServe's queue from its
     ``handler.request_budget_s`` (:func:`handlers.packaging.queue_sizing.plan_queue`): batches of
-    its sample requests, repeated to each size the plan asks about, timed through ``respond``
+    its largest sample request, repeated to each size the plan asks about, timed through ``respond``
     (preprocessing, model, postprocessing) and taken at their fastest
     (:func:`~handlers.packaging.queue_sizing.model_cost`). Returns ``(the self-test's summary,
     the QueuePlan)``; the plan is None without samples to time."""
@@ -446,9 +446,12 @@ def time_batches(spec: ArchiveSpec) -> tuple:
         if not samples:
             return
 
+        # The largest sample, repeated: the budget must hold for the heaviest requests the samples show.
+        heaviest = max(samples, key=lambda sample: _size_of(sample.request.body)).request
+
         def time_of(size: int) -> float:
             def batch() -> None:  # fresh requests each time: a request is answered once
-                handler.respond([dataclasses.replace(samples[n % len(samples)].request) for n in range(size)])
+                handler.respond([dataclasses.replace(heaviest) for _ in range(size)])
 
             return served_time(model_cost(batch), size)
 
@@ -459,6 +462,10 @@ def time_batches(spec: ArchiveSpec) -> tuple:
 
     summary = self_test(spec, on_started)
     return summary, plans[0] if plans else None
+
+
+def _size_of(body: Any) -> int:
+    return len(body) if isinstance(body, (bytes, bytearray, str)) else len(repr(body))
 
 
 def serves_on_a_gpu(model_config: dict) -> bool:
