@@ -5,11 +5,12 @@ real ones do, and say so in ``x-request-timeout-seconds``.
     python -m bench.goodput --seconds 20 --out bench/results
 
 The model is ``make serve``'s image classifier (archiver_configs/image_classifier.yaml: ResNet-18,
-batches of 16), fed 640×480 JPEGs. For each server: its capacity (closed loop, 32 clients), then
-Poisson arrivals at 1x, 2x and 4x that capacity. TorchServe runs twice: as shipped
-(config.properties' job_queue_size=64), and with the queue sized from the budget and the capacity
-just measured (``jobQueueSize``, :func:`handlers.engine.admission.queue_size_for`) plus the handler's
-``request_budget_s``. Ray Serve runs once: its replica admits on arrival what it can answer in time.
+batches of 16), fed 640×480 JPEGs. For each server: its capacity (closed loop, 32 clients, or as many as its queue holds), then
+Poisson arrivals at 1x, 2x and 4x that capacity. TorchServe runs twice: as shipped (archived as
+``python -m handlers.archive`` does: ``jobQueueSize`` and ``batchSize`` sized from the config's
+``request_budget_s``, the model timed), and without a budget (config.properties' job_queue_size=64;
+``--shipped-only`` skips it). Ray Serve runs once: its replica admits on arrival what it can answer
+in time.
 
 ``--retry-storm``: the same servers, closed loop at 64 and 128 clients (``--clients``), each
 giving up after the client timeout and sending again ``--retry-after-ms`` (50 ms) after a refusal
@@ -37,12 +38,13 @@ from bench.loadgen import run_closed_loop, run_open_loop
 from bench.machine import matmul_gflops, speed_line
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
-from handlers.engine.admission import queue_size_for
 from handlers.packaging.archive import archive_config, load_spec
+from handlers.packaging.queue_sizing import BUDGET_KEY, budget_of
 from scripts.torchserve_instance import Ports, TorchServe
 
 CONFIG = ROOT / "archiver_configs" / "image_classifier.yaml"
 LOADS = (1, 2, 4)
+CLIENTS = 32  # the closed loop that measures capacity
 
 
 def main(argv=None) -> int:
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--servers", nargs="*", default=["torchserve", "ray"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default=None, help="the results' name (default: goodput, or retry_storm)")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="TorchServe as shipped only, not also without a budget (the queue of config.properties)")
     parser.add_argument("--retry-storm", action="store_true",
                         help="closed loop with retries instead of open-loop arrivals (see above)")
     parser.add_argument("--clients", type=int, nargs="*", default=[64, 128], help="--retry-storm's client counts")
@@ -65,21 +69,25 @@ def main(argv=None) -> int:
     bodies = WORKLOADS["photo-vga"]().make_inputs(64)
     headers = {"Content-Type": "image/jpeg"}
     spec = load_spec(CONFIG)
-    batch_size = int(spec.model_config["batchSize"])
     rows = []
     speed_before = matmul_gflops()
 
     if "torchserve" in args.servers:
-        with on_torchserve(work / "shipped", {}) as (url, auth):
-            shipped = measure("TorchServe, as shipped (job_queue_size 64)", url, bodies, {**headers, **auth}, args)
-        rows += shipped
-        capacity = shipped[0]["capacity_rps"]
-        queue = queue_size_for(args.client_timeout, capacity, batch_size)
-        budgeted = {"jobQueueSize": queue,
-                    "handler": {**spec.model_config["handler"], "request_budget_s": args.client_timeout}}
-        with on_torchserve(work / "budgeted", budgeted) as (url, auth):
-            rows += measure(f"TorchServe, jobQueueSize {queue} from the budget", url, bodies, {**headers, **auth},
-                            args, capacity)
+        # As `make serve` archives it: jobQueueSize (and batchSize) from the config's budget.
+        with torchserve_serving(work / "shipped", {}, size_queue=True) as (instance, name):
+            written = served_model_config(work / "shipped", name)
+            label = (f"TorchServe, as shipped (jobQueueSize {written.get('jobQueueSize', 'not set')}, batchSize "
+                     f"{written['batchSize']}, from {BUDGET_KEY} {budget_of(written):g} s)")
+            # As many clients as its queue holds: a batch's clients send again while the worker
+            # runs the next, and find room (more would meet 503s and send again at once, a storm
+            # that took the CPU: capacity read 1.7 requests/s with 32 clients and a queue of 16).
+            rows += measure(label, f"{instance.inference_url}/predictions/{name}", bodies,
+                            {**headers, **instance.auth()}, args, holds=written.get("jobQueueSize", CLIENTS))
+        if not args.shipped_only:
+            handler = {k: v for k, v in spec.model_config["handler"].items() if k != BUDGET_KEY}
+            with on_torchserve(work / "no_budget", {"handler": handler}) as (url, auth):
+                rows += measure("TorchServe, no budget (config.properties' job_queue_size 64)", url, bodies,
+                                {**headers, **auth}, args)
 
     if "ray" in args.servers:
         with on_ray_serve() as url:
@@ -99,12 +107,13 @@ def on_torchserve(workdir: Path, model_config: dict, config: Path = CONFIG):
 
 
 @contextlib.contextmanager
-def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG):
+def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG, size_queue: bool = False):
     """As :func:`on_torchserve`, yielding the :class:`TorchServe` instance and the model's name
-    (for its metrics, its logs)."""
+    (for its metrics, its logs). ``size_queue``: archived as ``python -m handlers.archive`` does,
+    its queue sized from its budget."""
     store = workdir / "model_store"
     store.mkdir(parents=True)
-    name = archive_config(config, store, model_config or None).stem
+    name = archive_config(config, store, model_config or None, size_queue=size_queue).stem
     instance = TorchServe(workdir / "server", store, ROOT / "config.properties", ports=Ports.free())
     instance.start()
     try:
@@ -112,6 +121,18 @@ def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG)
         yield instance, name
     finally:
         instance.stop()
+
+
+def served_model_config(workdir: Path, name: str) -> dict:
+    """The model config the archive that :func:`torchserve_serving` made in ``workdir`` carries."""
+    import json
+    import zipfile
+
+    import yaml
+
+    with zipfile.ZipFile(workdir / "model_store" / f"{name}.mar") as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        return yaml.safe_load(archive.read(manifest["model"]["configFile"]))
 
 
 @contextlib.contextmanager
@@ -129,12 +150,14 @@ def on_ray_serve(config: Path = CONFIG):
             stop_local_cluster(temp_dir)
 
 
-def measure(server: str, url: str, bodies, headers, args, capacity=None) -> list:
-    """The server's capacity (closed loop, 32 clients; ``capacity`` when already measured), then
-    goodput at each load."""
+def measure(server: str, url: str, bodies, headers, args, capacity=None, holds: int = CLIENTS) -> list:
+    """The server's capacity (closed loop, :data:`CLIENTS` clients, at most ``holds``: a server
+    that queues fewer answers the others' requests with 503s, which they send again at once;
+    ``capacity`` when already measured), then goodput at each load."""
     if capacity is None:
-        print(f"{server}: capacity", file=sys.stderr, flush=True)
-        capacity = run_closed_loop(url, bodies, headers, 32, args.seconds).throughput
+        clients = min(CLIENTS, holds)
+        print(f"{server}: capacity ({clients} clients)", file=sys.stderr, flush=True)
+        capacity = run_closed_loop(url, bodies, headers, clients, args.seconds).throughput
     if getattr(args, "retry_storm", False):
         return storm_rows(server, url, bodies, headers, args, capacity)
     rows = []

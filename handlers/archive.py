@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 from handlers.packaging.archive import (ArchiveConfigError, ArchiveSpec, archive, archive_config, build_artefacts,
-                                        ineffective_settings, load_spec, self_test, SELF_TEST_NOT_RUN)
+                                        ineffective_settings, load_spec, self_test, sized_for_budget, time_batches,
+                                        SELF_TEST_NOT_RUN)
+from handlers.packaging.queue_sizing import budget_of
 
 __all__ = ["ArchiveConfigError", "ArchiveSpec", "archive", "archive_config", "load_spec", "main"]
 
@@ -29,6 +31,12 @@ __all__ = ["ArchiveConfigError", "ArchiveSpec", "archive", "archive_config", "lo
 def _print_errors(exc: ArchiveConfigError) -> None:
     for line in str(exc).splitlines():
         print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _print_lines(lines: list, prefix: str) -> None:
+    for line in lines:
+        print(line if line.startswith("warning: ") else f"{prefix}{line}",
+              file=sys.stderr if line.startswith("warning: ") else sys.stdout, flush=True)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -68,13 +76,15 @@ def main(argv: Optional[list] = None) -> int:
             if args.configs_only:
                 continue
             try:
+                budgeted = budget_of(spec.model_config) > 0
                 with summary_not_logged():  # printed below, once
-                    summary = self_test(spec)
+                    summary, plan = time_batches(spec) if budgeted else (self_test(spec), None)
             except ArchiveConfigError as exc:
                 _print_errors(exc)
                 failed = True
                 continue
             print(f"{spec.model_name}: {summary}", flush=True)
+            _print_lines(sized_for_budget(spec, plan)[1] if budgeted else [], "the archive would hold: ")
             if summary.startswith(SELF_TEST_NOT_RUN):
                 not_run.append(spec.model_name)
         if failed:
@@ -92,6 +102,10 @@ def main(argv: Optional[list] = None) -> int:
         try:
             if build_artefacts(spec, args.rebuild):
                 print(f"{prefix}: built artefacts with {' '.join(spec.build)}", flush=True)
+            if budget_of(spec.model_config) > 0:  # the queue from the budget: the model is started and timed
+                print(f"{prefix}: timing the model's batches for its queue", flush=True)
+                spec, lines = sized_for_budget(spec, time_batches(spec)[1])
+                _print_lines(lines, f"{prefix}: ")
             print(f"{prefix}: archiving with torch-model-archiver", flush=True)
             written = archive(spec, args.model_store)
         except (ArchiveConfigError, subprocess.CalledProcessError) as exc:

@@ -135,13 +135,12 @@ def queue_size_for(budget_s: float, capacity_rps: float, batch_size: int, worker
     for the round in flight, then the rounds ahead of it and its own, so ``(1 + rounds) × round
     time ≤ share × budget``, ``share`` being :data:`QUEUE_SHARE_OF_BUDGET` (the rest is slack).
 
-    A model too slow for one round within the budget gets what fits of one round (at least 1):
-    partial batches, and a smaller batchSize would help."""
+    Never less than one round: a model too slow for two rounds within the budget needs a smaller
+    batchSize (:func:`handlers.packaging.queue_sizing.plan_queue` picks one), not a queue shorter
+    than a batch, which refuses at 1x (a queue of 2 for batches of 16 did, on a slow day)."""
     if budget_s <= 0 or capacity_rps <= 0:
         raise ValueError(f"budget_s and capacity_rps must be > 0, got {budget_s!r} and {capacity_rps!r}")
     round_size = batch_size * workers
     round_s = round_size / capacity_rps
-    rounds = int(QUEUE_SHARE_OF_BUDGET * budget_s / round_s) - 1
-    if rounds >= 1:
-        return rounds * round_size
-    return max(1, int(QUEUE_SHARE_OF_BUDGET * budget_s * capacity_rps - round_size))
+    rounds = int(QUEUE_SHARE_OF_BUDGET * budget_s / round_s + 1e-9) - 1
+    return max(1, rounds) * round_size

@@ -24,12 +24,13 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
 from handlers.core.handler_file import classes_defined_in, handler_class_of, load_handler_class, load_python_file
 from handlers.engine.settings import ConfigError, ModelFiles, did_you_mean
+from handlers.packaging.queue_sizing import BUDGET_KEY, QueuePlan, budget_of, model_cost, plan_queue, served_time
 from handlers.packaging.server_sections import check_model_config, check_ray_section, read_settings, response_timeout
 from handlers.packaging.torchserve_entry import entry_file_name, entry_source
 
@@ -402,12 +403,13 @@ def _imported_from(name: str, module: Any, folders: set) -> bool:
 SELF_TEST_NOT_RUN = "self-test NOT run"
 
 
-def self_test(spec: ArchiveSpec) -> str:
+def self_test(spec: ArchiveSpec, on_started: Optional[Callable[[Any, str], None]] = None) -> str:
     """Start the config's handler on the CPU as a worker would (its files as the archive holds
     them, imported as the worker imports them, its model config: the weights are loaded) and run
     its start-up self-test on the samples. Returns the self-test's summary (or why it did not
     run); raises ArchiveConfigError naming the failure in one line (the weights file, when they do
-    not fit the model)."""
+    not fit the model). ``on_started(handler, model_dir)`` runs once the self-test passed, before
+    the handler is closed (:func:`time_batches`)."""
     missing = [p for p in (spec.serialized_file, *spec.extra_files, *(p for p, _ in spec.samples))
                if p is not None and not p.exists()]
     if missing:
@@ -434,11 +436,104 @@ def self_test(spec: ArchiveSpec) -> str:
                 raise ArchiveConfigError(f"{spec.source}: serialized_file: {spec.serialized_file} does not fit the "
                                          f"model{model}: {message}") from None
             raise ArchiveConfigError(f"{spec.source}: the model cannot start: {message}") from None
+        else:
+            if on_started is not None:
+                on_started(handler, staged)
         finally:
             handler.close()
         if not spec.samples:
             return f"{SELF_TEST_NOT_RUN}: no samples (samples: in the config); the model did start on the CPU"
         return handler.self_test.summary()
+
+
+def time_batches(spec: ArchiveSpec) -> tuple:
+    """Start the model as :func:`self_test` does and size TorchServe's queue from its
+    ``handler.request_budget_s`` (:func:`handlers.packaging.queue_sizing.plan_queue`): batches of
+    its largest sample request, repeated to each size the plan asks about, timed through ``respond``
+    (preprocessing, model, postprocessing) and taken at their fastest
+    (:func:`~handlers.packaging.queue_sizing.model_cost`). Returns ``(the self-test's summary,
+    the QueuePlan)``; the plan is None without samples to time."""
+    plans = []
+
+    def on_started(handler, model_dir: str) -> None:
+        from handlers.core.self_test import load_samples
+
+        samples = load_samples(model_dir)
+        if not samples:
+            return
+
+        # The largest sample, repeated: the budget must hold for the heaviest requests the samples show.
+        heaviest = max(samples, key=lambda sample: _size_of(sample.request.body)).request
+
+        def time_of(size: int) -> float:
+            def batch() -> None:  # fresh requests each time: a request is answered once
+                handler.respond([dataclasses.replace(heaviest) for _ in range(size)])
+
+            return served_time(model_cost(batch), size)
+
+        config = spec.model_config
+        if serves_on_a_gpu(config):
+            return  # the handler runs on the CPU here: its times would size a GPU's queue wrong
+        plans.append(plan_queue(budget_of(config), config.get("batchSize", 1), time_of, config.get("minWorkers", 1)))
+
+    summary = self_test(spec, on_started)
+    return summary, plans[0] if plans else None
+
+
+def _size_of(body: Any) -> int:
+    return len(body) if isinstance(body, (bytes, bytearray, str)) else len(repr(body))
+
+
+def serves_on_a_gpu(model_config: dict) -> bool:
+    """Whether TorchServe will run the model on an accelerator: its ``deviceType``, else (as
+    TorchServe does) whether this machine has CUDA."""
+    device = str(model_config.get("deviceType", "")).lower()
+    if device in ("gpu", "neuron"):
+        return True
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def sized_for_budget(spec: ArchiveSpec, plan: Optional[QueuePlan]) -> tuple:
+    """``(spec, lines)``: the spec with ``jobQueueSize`` and ``batchSize`` from ``plan`` written
+    into its model config, and one line per thing to tell the user (``warning: ...`` for a
+    warning). A ``jobQueueSize`` the config sets itself is kept; a warning says when it is longer
+    than the budget allows or shorter than a round of batches. No budget: the spec as it is."""
+    config, budget = spec.model_config, budget_of(spec.model_config)
+    if budget <= 0:
+        return spec, []
+    if plan is None:
+        if "jobQueueSize" in config:
+            return spec, []
+        why = ("TorchServe will run the model on a GPU and it is timed on the CPU here: set jobQueueSize (and "
+               "batchSize) in the config" if serves_on_a_gpu(config) else "no samples to time the model with: add samples:")
+        return spec, [f"warning: {spec.source}: {BUDGET_KEY} {budget:g} s, but jobQueueSize NOT written "
+                      f"(config.properties' job_queue_size applies): {why}"]
+    workers = config.get("minWorkers", 1)
+    explicit = config.get("jobQueueSize")
+    if explicit is not None:
+        round_size = config.get("batchSize", 1) * workers
+        wrong = [plan.note] if plan.note else []
+        if explicit > plan.job_queue_size:
+            wrong.append(f"its last requests would be answered after the budget ({BUDGET_KEY} {budget:g} s makes "
+                         f"it {plan.job_queue_size} with batches of {plan.batch_size})")
+        if explicit < round_size:
+            wrong.append(f"shorter than a round of batches ({round_size}): partial batches under load")
+        if wrong:
+            return spec, [f"warning: {spec.source}: model_config.jobQueueSize {explicit}, kept as the config sets it: "
+                          f"{'; '.join(wrong)}"]
+        return spec, [f"{spec.model_name}: jobQueueSize {explicit} as the config sets it (within {BUDGET_KEY} "
+                      f"{budget:g} s: at most {plan.job_queue_size})"]
+    sized = {**config, "batchSize": plan.batch_size, "jobQueueSize": plan.job_queue_size}
+    rounds = plan.job_queue_size // (plan.batch_size * workers)
+    lines = [f"{spec.model_name}: jobQueueSize {plan.job_queue_size} ({rounds} round(s) of {plan.batch_size * workers}) "
+             f"from {BUDGET_KEY} {budget:g} s, batches of {plan.batch_size} timed at {plan.batch_time_s:.2f} s"]
+    if plan.note:
+        lines.append(f"{spec.model_name}: {plan.note}")
+    return dataclasses.replace(spec, model_config=sized), lines
 
 
 def _raised_in(exc: BaseException, function: str) -> bool:
@@ -508,13 +603,16 @@ def _copy_into(path: Path, folder: Path) -> None:
 
 
 def archive_config(path: Path, model_store: Path, model_config_updates: Optional[dict] = None,
-                   root: Optional[Path] = None, **changes) -> Path:
+                   root: Optional[Path] = None, size_queue: bool = False, **changes) -> Path:
     """Check one config, build its artefacts if missing, archive it into ``model_store``. For a
     variant of a shipped model, ``changes`` replace fields of the spec (e.g. ``model_name``,
     ``handler``) and ``model_config_updates`` are merged into its model config. Returns the
-    path of the ``.mar``."""
+    path of the ``.mar``. ``size_queue``: ``jobQueueSize`` (and ``batchSize``) from the budget,
+    as ``python -m handlers.archive`` writes them (the model is started and timed)."""
     spec = load_spec(path, root)
     build_artefacts(spec)
+    if size_queue and budget_of(spec.model_config) > 0:
+        spec, _ = sized_for_budget(spec, time_batches(spec)[1])
     if model_config_updates:
         changes["model_config"] = {**spec.model_config, **model_config_updates}
     return archive(dataclasses.replace(spec, **changes), model_store)

@@ -471,3 +471,81 @@ def test_the_entry_serves_a_handle_function_and_refuses_in_one_line_what_torchse
         cannot_start = names["HandlerCannotStart"]()
         with pytest.raises((ValueError, SyntaxError)):
             cannot_start.initialize(type("Context", (), {"model_name": "x"})())
+
+
+def model_config_in(mar: Path) -> dict:
+    """The model config a ``.mar`` carries (what TorchServe reads: MANIFEST's configFile)."""
+    with zipfile.ZipFile(mar) as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        return yaml.safe_load(archive.read(manifest["model"]["configFile"]))
+
+
+def test_the_archive_carries_the_queue_and_batch_sized_from_the_budget(tmp_path):
+    """Issue 30: a config that declares handler.request_budget_s is archived with jobQueueSize (and
+    batchSize) from its model's timed batches: whole batches, at least one, within the budget."""
+    from handlers.packaging.archive import archive_config
+
+    config = yaml.safe_load((ROOT / "archiver_configs" / "tabular.yaml").read_text())
+    assert config["model_config"]["handler"]["request_budget_s"] == 1.0  # the shipped example declares one
+    mar = archive_config(ROOT / "archiver_configs" / "tabular.yaml", tmp_path / "store", root=ROOT, size_queue=True)
+    written = model_config_in(mar)
+    batch, queue = written["batchSize"], written["jobQueueSize"]
+    assert batch in (64, 32, 16, 8, 4, 2, 1) and queue >= batch and queue % batch == 0
+    assert written["handler"] == config["model_config"]["handler"]  # the rest as the config says
+    # Without size_queue (the tests' archives): the config's own keys, no queue written.
+    plain = model_config_in(archive_config(ROOT / "archiver_configs" / "tabular.yaml", tmp_path / "plain", root=ROOT))
+    assert "jobQueueSize" not in plain and plain["batchSize"] == 64
+
+
+def test_the_command_writes_the_queue_and_says_so(tmp_path, capsys):
+    assert main([str(ROOT / "archiver_configs" / "tabular.yaml"), "--root", str(ROOT),
+                 "--model-store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    written = model_config_in(tmp_path / "tabular.mar")
+    assert (f"tabular: jobQueueSize {written['jobQueueSize']} (" in out
+            and "from request_budget_s 1 s, batches of" in out), out
+
+
+@pytest.mark.parametrize("model_config, plan, expected_config, line", [
+    # No budget: nothing is written, nothing said.
+    ({"batchSize": 16, "handler": {}}, None, {"batchSize": 16, "handler": {}}, None),
+    # A budget, timed: the plan's queue and batch.
+    ({"batchSize": 16, "handler": {"request_budget_s": 1.0}}, (8, 8, 0.27, "batchSize 16 -> 8: why"),
+     {"batchSize": 8, "jobQueueSize": 8, "handler": {"request_budget_s": 1.0}},
+     "m: jobQueueSize 8 (1 round(s) of 8) from request_budget_s 1 s, batches of 8 timed at 0.27 s"),
+    # A budget, nothing to time the model with: not written, and a warning says why.
+    ({"batchSize": 16, "deviceType": "cpu", "handler": {"request_budget_s": 1.0}}, None,
+     {"batchSize": 16, "deviceType": "cpu", "handler": {"request_budget_s": 1.0}},
+     "warning: m.yaml: request_budget_s 1 s, but jobQueueSize NOT written (config.properties' job_queue_size "
+     "applies): no samples"),
+    # On a GPU: the CPU's times would be wrong; not written, and said.
+    ({"batchSize": 16, "deviceType": "gpu", "handler": {"request_budget_s": 1.0}}, None,
+     {"batchSize": 16, "deviceType": "gpu", "handler": {"request_budget_s": 1.0}},
+     "warning: m.yaml: request_budget_s 1 s, but jobQueueSize NOT written (config.properties' job_queue_size "
+     "applies): TorchServe will run the model on a GPU and it is timed on the CPU here"),
+    # The config's own queue is kept; a warning when the budget says otherwise.
+    ({"batchSize": 16, "jobQueueSize": 64, "handler": {"request_budget_s": 1.0}}, (16, 16, 0.24, None),
+     {"batchSize": 16, "jobQueueSize": 64, "handler": {"request_budget_s": 1.0}},
+     "warning: m.yaml: model_config.jobQueueSize 64, kept as the config sets it: its last requests would be answered "
+     "after the budget (request_budget_s 1 s makes it 16 with batches of 16)"),
+    ({"batchSize": 16, "jobQueueSize": 8, "handler": {"request_budget_s": 1.0}}, (16, 16, 0.24, None),
+     {"batchSize": 16, "jobQueueSize": 8, "handler": {"request_budget_s": 1.0}},
+     "warning: m.yaml: model_config.jobQueueSize 8, kept as the config sets it: shorter than a round of batches (16)"),
+    ({"batchSize": 16, "jobQueueSize": 64, "handler": {"request_budget_s": 1.0}}, (224, 16, 0.03, None),
+     {"batchSize": 16, "jobQueueSize": 64, "handler": {"request_budget_s": 1.0}},
+     "m: jobQueueSize 64 as the config sets it (within request_budget_s 1 s: at most 224)"),
+])
+def test_what_the_budget_writes_into_the_model_config(model_config, plan, expected_config, line):
+    from handlers.packaging.archive import ArchiveSpec, sized_for_budget
+    from handlers.packaging.queue_sizing import QueuePlan
+
+    spec = ArchiveSpec(source=Path("m.yaml"), root=ROOT, model_name="m", version="1", handler=Path("h.py"),
+                       model_config=model_config)
+    sized, lines = sized_for_budget(spec, QueuePlan(*plan) if plan else None)
+    assert sized.model_config == expected_config
+    if line is None:
+        assert lines == []
+    else:
+        assert lines[0].startswith(line), lines
+    if plan and plan[3] and "jobQueueSize" not in model_config:
+        assert lines[1] == "m: batchSize 16 -> 8: why"
