@@ -297,11 +297,14 @@ def test_the_routes_listing_every_model_needs_the_token_behind_haproxy(tmp_path,
         checked = tmp_path / "checked.cfg"
         checked.write_text("defaults\n    mode http\n" + "\n".join(seen) + "\n")
         subprocess.run([real, "-c", "-q", "-f", str(checked)], check=True, timeout=30)
-    # Without a key (--no-token-auth), nothing is added.
+    # Without a key (--no-token-auth), no such rule; the gate's rules only (haproxy_gate), once.
     config.write_text(ray_config)
     wrapper = node_environment("haproxy", str(tmp_path / "ray"))["RAY_SERVE_HAPROXY_BINARY_PATH"]
     subprocess.run([wrapper, "-f", str(config)], check=True, timeout=30)
-    assert (tmp_path / "seen.cfg").read_text() == ray_config
+    seen = (tmp_path / "seen.cfg").read_text()
+    assert "return status 401" not in seen and seen.count("# microbatch-gate") == 1
+    assert [line for line in seen.splitlines() if "microbatch-gate" not in line and "mb_" not in line] == \
+        ray_config.splitlines()
 
 
 def test_serve_run_takes_the_key_from_a_file_or_the_environment_not_only_from_argv_where_ps_shows_it(
