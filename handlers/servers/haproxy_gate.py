@@ -40,7 +40,7 @@ FRESH_S = 0.5
 # one that refuses less (a batch answered, the replica empty) at once: stale in that direction,
 # HAProxy refuses what the replica would admit.
 CLOSING_PERIOD_S = 0.02
-SOCKET_TIMEOUT_S = 0.5
+SOCKET_TIMEOUT_S = 0.2  # the replica's last answer waits on one (HAProxy answers in microseconds)
 
 # The message is the replica's (handlers.engine.admission), the numbers as of the last publish.
 _MESSAGE = ("overloaded: %[var(txn.mb_gate),field(4,:)] requests ahead at %[var(txn.mb_gate),field(5,:)] "
@@ -104,12 +104,19 @@ class GatePublisher:
         self._cond = threading.Condition()
         self._dirty = self._closed = False
         self._sent_ms, self._sent_at = 0, -math.inf
+        self._send_lock = threading.Lock()  # a value is computed and sent under it: the last sent is the latest
         self.published = 0  # values sent (for tests and operators)
         self._thread = threading.Thread(target=self._run, name=f"microbatch-gate-{key}", daemon=True)
         self._thread.start()
 
     def changed(self) -> None:
-        """Admission's state changed (a request admitted or answered, a batch measured)."""
+        """Admission's state changed (a request admitted or answered, a batch measured). The
+        replica's last request answered: 0 is published before this returns, so that the
+        answer, sent after, is never followed by a refusal from HAProxy for an idle replica."""
+        if self._sent_ms and self._admission.inside == 0:
+            with self._send_lock:
+                self._publish(self._clock())
+            return
         with self._cond:
             self._dirty = True
             self._cond.notify()
@@ -140,8 +147,10 @@ class GatePublisher:
                 continue
             if shortest_ms == self._sent_ms and (shortest_ms == 0 or now < self._sent_at + FRESH_S / 2):
                 continue
-            self._publish(now)
-        self._send("0")
+            with self._send_lock:
+                self._publish(now)
+        with self._send_lock:
+            self._send("0")
 
     def _publish(self, now: float) -> None:
         admission = self._admission
