@@ -30,9 +30,11 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-# Set by the local cluster in its processes' environment: the map file its HAProxy's rules read.
+# Set by the local cluster in its processes' environment: the map file its HAProxy's rules read,
+# and an admin socket of its own (Ray's, RAY_SERVE_HAPROXY_SOCKET_PATH, is moved by Ray 2.60 into
+# a folder named by a hash of the node).
 GATE_MAP = "MICROBATCH_HAPROXY_GATE_MAP"
-ADMIN_SOCKET = "RAY_SERVE_HAPROXY_SOCKET_PATH"  # Ray's HAProxy admin socket (level admin)
+GATE_SOCKET = "MICROBATCH_HAPROXY_GATE_SOCKET"
 # How long a published value holds in HAProxy; refreshed at half of it while it is not 0. A
 # replica that stops publishing (stuck, killed, replaced) is HAProxy's to refuse for no longer.
 FRESH_S = 0.5
@@ -68,6 +70,12 @@ GATE_RULES = "\n".join([
     + " if { var(txn.mb_short) -m int gt 0 }",
     "",
 ])
+
+
+def socket_rule(socket_path: str) -> str:
+    """The admin socket line the gate publishes through, put after Ray's in HAProxy's global
+    section (this user only)."""
+    return f"    stats socket {socket_path} mode 600 level admin\n"
 
 
 def gate_rules(map_path: str, api_key: Optional[str] = None) -> str:
@@ -106,6 +114,7 @@ class GatePublisher:
         self._sent_ms, self._sent_at = 0, -math.inf
         self._send_lock = threading.Lock()  # a value is computed and sent under it: the last sent is the latest
         self.published = 0  # values sent (for tests and operators)
+        self._warned = False
         self._thread = threading.Thread(target=self._run, name=f"microbatch-gate-{key}", daemon=True)
         self._thread.start()
 
@@ -165,7 +174,10 @@ class GatePublisher:
                 _command(self._socket_path, f"add map {self._map_path} {self._key} {value}")  # a new HAProxy
             self.published += 1
         except OSError as exc:  # HAProxy reloading or gone: its value expires, the replica decides
-            log.debug("gate for %s not published: %s", self._key, exc)
+            if not self._warned:
+                self._warned = True
+                log.warning("the HAProxy gate for %s could not publish (%s): the replica refuses alone until "
+                            "it can", self._key, exc)
 
 
 def _command(socket_path: str, line: str) -> str:
@@ -186,7 +198,7 @@ def gate_for(admission, key: Optional[str], budget_s: float = 0.0) -> Optional[G
     """A publisher for model ``key`` where the local cluster's HAProxy has the gate (the
     environment names its map and admin socket); None elsewhere, or without ``key`` (a model
     with several replicas: the map holds one value per model)."""
-    map_path, socket_path = os.environ.get(GATE_MAP), os.environ.get(ADMIN_SOCKET)
+    map_path, socket_path = os.environ.get(GATE_MAP), os.environ.get(GATE_SOCKET)
     if not key or not map_path or not socket_path or any(c.isspace() for c in key):
         return None
     return GatePublisher(admission, key, socket_path, map_path, budget_s)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from handlers.servers.haproxy_gate import GATE_MAP, gate_rules
+from handlers.servers.haproxy_gate import GATE_MAP, GATE_SOCKET, gate_rules, socket_rule
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the handlers package
 # as config.properties' max_request_size
@@ -32,7 +32,7 @@ WORKER_NICENESS = "RAY_worker_niceness"  # read by the raylet when it starts
 # The node's own ports that start_local_cluster picks, unless the environment names them.
 PORT_VARIABLES = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                   "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
-GATE_MAP_FILE = "gate.map"
+GATE_MAP_FILE, GATE_SOCKET_FILE = "gate.map", "gate.sock"
 HAPROXY_FOLDER = "haproxy"  # in the node's temp dir; short: HAProxy's unix sockets live there
 # Ray 2.60 writes HAProxy's metrics and stats listeners as "bind :PORT" and "bind *:PORT", all
 # interfaces, with no setting for the address (ray/serve/_private/haproxy_templates.py, the
@@ -54,7 +54,8 @@ if [ -n "$config" ]; then
         sed -i '/^[[:space:]]*acl routes path/r '{routes_rule} "$config" || exit 1
     fi
     if [ -f {gate_rules} ] && ! grep -q microbatch-gate "$config"; then
-        sed -i '/^[[:space:]]*acl routes path/r '{gate_rules} "$config" || exit 1
+        sed -i -e '/^[[:space:]]*acl routes path/r '{gate_rules} -e '/^[[:space:]]*stats socket/r '{gate_socket} \
+            "$config" || exit 1
     fi
 fi
 exec {haproxy} "$@"
@@ -235,6 +236,7 @@ def ingress_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": os.environ.get("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP") or "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder, api_key),
         GATE_MAP: os.path.join(folder, GATE_MAP_FILE),  # where the replicas publish (haproxy_gate)
+        GATE_SOCKET: os.path.join(folder, GATE_SOCKET_FILE),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
@@ -299,11 +301,14 @@ def _loopback_haproxy(folder: str, api_key: Optional[str] = None) -> str:
         file.write(gate_rules(os.path.join(folder, GATE_MAP_FILE), api_key))
     with open(os.path.join(folder, GATE_MAP_FILE), "w"):
         pass
+    with open(os.path.join(folder, "gate-socket.cfg"), "w") as file:
+        file.write(socket_rule(os.path.join(folder, GATE_SOCKET_FILE)))
     path = os.path.join(folder, "haproxy")
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(descriptor, "w") as file:
         file.write(LOOPBACK_HAPROXY.format(haproxy=shlex.quote(binary), routes_rule=shlex.quote(rule),
-                                           gate_rules=shlex.quote(gate)))
+                                           gate_rules=shlex.quote(gate),
+                                           gate_socket=shlex.quote(os.path.join(folder, "gate-socket.cfg"))))
     return path
 
 
