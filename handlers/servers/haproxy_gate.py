@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # a folder named by a hash of the node).
 GATE_MAP = "MICROBATCH_HAPROXY_GATE_MAP"
 GATE_SOCKET = "MICROBATCH_HAPROXY_GATE_SOCKET"
+GATE_SWITCH = "MICROBATCH_HAPROXY_GATE"  # "0" when the local cluster starts: no gate (the replica refuses alone)
 # How long a published value holds in HAProxy; refreshed at half of it while it is not 0. A
 # replica that stops publishing (stuck, killed, replaced) is HAProxy's to refuse for no longer.
 FRESH_S = 0.5

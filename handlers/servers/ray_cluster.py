@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from handlers.servers.haproxy_gate import GATE_MAP, GATE_SOCKET, gate_rules, socket_rule
+from handlers.servers.haproxy_gate import GATE_MAP, GATE_SOCKET, GATE_SWITCH, gate_rules, socket_rule
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the handlers package
 # as config.properties' max_request_size
@@ -221,6 +221,7 @@ def ingress_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     folder = os.path.join(temp_dir, HAPROXY_FOLDER)
     os.makedirs(folder, exist_ok=True)
+    gate = os.environ.get(GATE_SWITCH) != "0"
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # Ray's high-throughput mode, documented beside the HAProxy ingress: the handler's
@@ -234,9 +235,10 @@ def ingress_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None
         # Except one part of it: deployment handles keep their router on a loop of their own, so a
         # handle still works from plain (not async) code, this process's included.
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": os.environ.get("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP") or "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder, api_key),
-        GATE_MAP: os.path.join(folder, GATE_MAP_FILE),  # where the replicas publish (haproxy_gate)
-        GATE_SOCKET: os.path.join(folder, GATE_SOCKET_FILE),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder, api_key, gate),
+        # Where the replicas publish what HAProxy may refuse for them (haproxy_gate); "" when off.
+        GATE_MAP: os.path.join(folder, GATE_MAP_FILE) if gate else "",
+        GATE_SOCKET: os.path.join(folder, GATE_SOCKET_FILE) if gate else "",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
@@ -267,9 +269,10 @@ ROUTES_RULE = ("    # microbatch-routes-auth\n"
                "if routes !{{ req.hdr(authorization) -m str \"Bearer {key}\" }}\n")
 
 
-def _loopback_haproxy(folder: str, api_key: Optional[str] = None) -> str:
+def _loopback_haproxy(folder: str, api_key: Optional[str] = None, gate: bool = True) -> str:
     """:data:`LOOPBACK_HAPROXY` in ``folder``, around the HAProxy binary Ray would run; with
-    ``api_key``, :data:`ROUTES_RULE` beside it (readable by this user only, as the key file)."""
+    ``api_key``, :data:`ROUTES_RULE` beside it (readable by this user only, as the key file);
+    with ``gate``, the gate's rules and admin socket (``handlers.servers.haproxy_gate``)."""
     import shlex
 
     binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")  # the user's own, first, as Ray does
@@ -293,21 +296,22 @@ def _loopback_haproxy(folder: str, api_key: Optional[str] = None) -> str:
             file.write(ROUTES_RULE.format(key=api_key))
     # The gate: its rules (with the key, as they answer only requests that carry it) and its
     # map, empty: HAProxy reads it at each start, the replicas set its values at run time.
-    gate = os.path.join(folder, "gate.cfg")
-    if os.path.exists(gate):
-        os.unlink(gate)
-    descriptor = os.open(gate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(gate_rules(os.path.join(folder, GATE_MAP_FILE), api_key))
-    with open(os.path.join(folder, GATE_MAP_FILE), "w"):
-        pass
-    with open(os.path.join(folder, "gate-socket.cfg"), "w") as file:
-        file.write(socket_rule(os.path.join(folder, GATE_SOCKET_FILE)))
+    rules = os.path.join(folder, "gate.cfg")
+    if os.path.exists(rules):
+        os.unlink(rules)
+    if gate:
+        descriptor = os.open(rules, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(gate_rules(os.path.join(folder, GATE_MAP_FILE), api_key))
+        with open(os.path.join(folder, GATE_MAP_FILE), "w"):
+            pass
+        with open(os.path.join(folder, "gate-socket.cfg"), "w") as file:
+            file.write(socket_rule(os.path.join(folder, GATE_SOCKET_FILE)))
     path = os.path.join(folder, "haproxy")
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(descriptor, "w") as file:
         file.write(LOOPBACK_HAPROXY.format(haproxy=shlex.quote(binary), routes_rule=shlex.quote(rule),
-                                           gate_rules=shlex.quote(gate),
+                                           gate_rules=shlex.quote(rules),
                                            gate_socket=shlex.quote(os.path.join(folder, "gate-socket.cfg"))))
     return path
 

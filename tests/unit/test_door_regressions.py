@@ -409,3 +409,16 @@ def test_a_client_gone_before_its_body_is_read_is_not_queued_on_ray_serve():
     made.batches.submit = lambda request: submitted.append(request)
     answer = asyncio.run(made(http_request(Disconnecting(None))))
     assert answer.status_code == 499 and submitted == []
+
+
+def test_the_haproxy_gate_can_be_turned_off_for_a_local_cluster(tmp_path, monkeypatch):
+    """MICROBATCH_HAPROXY_GATE=0: no rules, and the replicas are told of no map to publish to."""
+    from handlers.servers.haproxy_gate import GATE_MAP, GATE_SOCKET, GATE_SWITCH
+    from handlers.servers.ray_cluster import node_environment
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/true")
+    on = node_environment("haproxy", str(tmp_path / "on"))
+    assert on[GATE_MAP] and on[GATE_SOCKET] and (tmp_path / "on" / "haproxy" / "gate.cfg").exists()
+    monkeypatch.setenv(GATE_SWITCH, "0")
+    off = node_environment("haproxy", str(tmp_path / "off"))
+    assert off[GATE_MAP] == off[GATE_SOCKET] == "" and not (tmp_path / "off" / "haproxy" / "gate.cfg").exists()
