@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 GATE_MAP = "MICROBATCH_HAPROXY_GATE_MAP"
 GATE_SOCKET = "MICROBATCH_HAPROXY_GATE_SOCKET"
 GATE_SWITCH = "MICROBATCH_HAPROXY_GATE"  # "0" when the local cluster starts: no gate (the replica refuses alone)
-# How long a published value holds in HAProxy; refreshed at half of it while it is not 0. A
-# replica that stops publishing (stuck, killed, replaced) is HAProxy's to refuse for no longer.
+# How long a published value holds in HAProxy; refreshed (by the publisher's thread) at half of it
+# while it is not 0. A replica killed or replaced is HAProxy's to refuse for no longer.
 FRESH_S = 0.5
 # A value that refuses more is published at most this often (every request admitted raises it);
 # one that refuses less (a batch answered, the replica empty) at once: stale in that direction,

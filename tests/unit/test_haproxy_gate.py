@@ -148,3 +148,12 @@ def test_a_budget_shorter_than_the_shortest_admitted_timeout_refuses_requests_wi
     haproxy_gate._command(admin, f"add map {gate_map} {MODEL} {gate_value(1.0, 7, 10.0, 0.5, time.time())}")
     refused = ask(port)
     assert refused.status_code == 503 and "(0.50 s left)" in refused.json()["message"]
+
+
+def test_only_a_model_with_exactly_one_replica_is_gated():
+    """The map holds one value per model: one replica's would refuse for the others."""
+    from handlers.servers.ray_serve import single_replica
+
+    assert single_replica({}) and single_replica({"num_replicas": 1, "max_ongoing_requests": 256})
+    assert not single_replica({"num_replicas": 2}) and not single_replica({"num_replicas": "auto"})
+    assert not single_replica({"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}})
