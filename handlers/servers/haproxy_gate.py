@@ -52,6 +52,10 @@ _MESSAGE = ("overloaded: %[var(txn.mb_gate),field(4,:)] requests ahead at %[var(
 _RETURN = ("    http-request return status 503 content-type application/json hdr Retry-After 1 "
            "hdr X-Refused-By haproxy lf-string "
            "\"{\\\"code\\\": 503, \\\"type\\\": \\\"ServiceUnavailable\\\", \\\"message\\\": \\\"" + _MESSAGE + "\\\"}\"")
+# A refusal answered before its body is in closes the connection (HAProxy 2.8): wait briefly for a
+# body that fits HAProxy's buffer (16 KiB as Ray sets it), so that the client's connection carries
+# its next request, as after the replica's refusal. A larger body still closes it.
+_WAIT = "    http-request wait-for-body time 50ms"
 # Put after Ray's "acl routes" line in HAProxy's config. txn.mb_gate: the model's value (path
 # /predictions/<model>/...; "0" when none); txn.mb_left: ms it still holds; txn.mb_ms: the
 # client's timeout in ms ("1" -> 1000, "0.25" -> 250; a form HAProxy cannot read is left to the
@@ -62,11 +66,14 @@ GATE_RULES = "\n".join([
     "    http-request set-var(txn.mb_now) date(0,ms) if { var(txn.mb_gate) -m found }",
     "    http-request set-var(txn.mb_left) var(txn.mb_gate),field(1,:),sub(txn.mb_now) if { var(txn.mb_gate) -m found }",
     "    acl mb_fresh var(txn.mb_left) -m int gt 0",
-    _RETURN.replace("@LEFT@", "%[var(txn.mb_gate),field(7,:)]") + " if mb_fresh { var(txn.mb_gate),field(3,:) -m str 1 }",
+    "    acl mb_all var(txn.mb_gate),field(3,:) -m str 1",
+    _WAIT + " if mb_fresh mb_all",
+    _RETURN.replace("@LEFT@", "%[var(txn.mb_gate),field(7,:)]") + " if mb_fresh mb_all",
     "    http-request set-var(txn.mb_ms) \"req.hdr(x-request-timeout-seconds),regsub('^([0-9]+)\\$','\\\\1.'),"
     "concat(,,000),regsub('^([0-9]*)[.]([0-9][0-9][0-9]).*\\$','\\\\1\\\\2')\" "
     "if mb_fresh { req.hdr(x-request-timeout-seconds) -m reg '^[0-9]+([.][0-9]*)?$' }",
     "    http-request set-var(txn.mb_short) var(txn.mb_gate),field(2,:),sub(txn.mb_ms) if { var(txn.mb_ms) -m int gt 0 }",
+    _WAIT + " if { var(txn.mb_short) -m int gt 0 }",
     _RETURN.replace("@LEFT@", "%[var(txn.mb_ms),div(1000)].%[var(txn.mb_ms),mod(1000),div(10),add(100),concat(,,),bytes(1,2)]")
     + " if { var(txn.mb_short) -m int gt 0 }",
     "",

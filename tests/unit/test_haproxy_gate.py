@@ -157,3 +157,22 @@ def test_only_a_model_with_exactly_one_replica_is_gated():
     assert single_replica({}) and single_replica({"num_replicas": 1, "max_ongoing_requests": 256})
     assert not single_replica({"num_replicas": 2}) and not single_replica({"num_replicas": "auto"})
     assert not single_replica({"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}})
+
+
+def test_a_refusal_of_a_small_body_keeps_the_connection_for_the_next_request(haproxy):
+    """As after the replica's refusal: a storm's client sends again on the same connection (an
+    answer given before the body was in closed it, and each retry paid a new connection)."""
+    import http.client
+
+    port, admin, gate_map = haproxy
+    haproxy_gate._command(admin, f"add map {gate_map} {MODEL} {gate_value(1.0, 7, 10.0, 0.0, time.time() + 5)}")
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(3):
+            connection.request("POST", f"/predictions/{MODEL}", body=b"x" * 10_000,
+                               headers={"x-request-timeout-seconds": "0.5", "Authorization": "Bearer k3y"})
+            answer = connection.getresponse()
+            answer.read()
+            assert answer.status == 503 and answer.getheader("Connection") != "close"
+    finally:
+        connection.close()
