@@ -75,6 +75,17 @@ class Admission:
             f"one in about {expected:.2f} s, too late for its deadline ({max(0.0, deadline - now):.2f} s left); "
             f"refused before any work, send it again later or to another replica")
 
+    def shortest_timeout(self) -> float:
+        """The shortest client timeout (seconds from arrival) that :meth:`enter` would admit now;
+        0 when it admits every deadline (idle, or no rate measured yet). A request that arrives
+        with a shorter one is refused (its predicted answer takes more than
+        :data:`ADMITTED_SHARE_OF_TIME_LEFT` of it); what a proxy in front may refuse for this
+        server (``handlers.servers.haproxy_gate``)."""
+        with self._lock:
+            if not self._rate or self._inside <= 0:
+                return 0.0
+            return (self._inside + 1) / self._rate / ADMITTED_SHARE_OF_TIME_LEFT
+
     def leave(self) -> None:
         with self._lock:
             self._inside = max(0, self._inside - 1)

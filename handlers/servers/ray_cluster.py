@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from handlers.servers.haproxy_gate import GATE_MAP, GATE_SOCKET, GATE_SWITCH, gate_rules, socket_rule
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the handlers package
 # as config.properties' max_request_size
 # Before Ray is imported: Ray's own ports on the node's address, which is then 127.0.0.1 (with
@@ -30,12 +32,15 @@ WORKER_NICENESS = "RAY_worker_niceness"  # read by the raylet when it starts
 # The node's own ports that start_local_cluster picks, unless the environment names them.
 PORT_VARIABLES = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                   "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+GATE_MAP_FILE, GATE_SOCKET_FILE = "gate.map", "gate.sock"
 HAPROXY_FOLDER = "haproxy"  # in the node's temp dir; short: HAProxy's unix sockets live there
 # Ray 2.60 writes HAProxy's metrics and stats listeners as "bind :PORT" and "bind *:PORT", all
 # interfaces, with no setting for the address (ray/serve/_private/haproxy_templates.py, the
 # prometheus frontend and "listen stats"). Ray runs the binary RAY_SERVE_HAPROXY_BINARY_PATH names
 # with "-f <its config>": this one puts those two on loopback in that config, then runs HAProxy
-# with Ray's arguments unchanged (same process, so Ray's reloads and stop work as before).
+# with Ray's arguments unchanged (same process, so Ray's reloads and stop work as before). It
+# also adds the gate's rules (handlers.servers.haproxy_gate: HAProxy refuses what a model's one
+# replica would refuse) and, with a key, the /-/routes rule.
 LOOPBACK_HAPROXY = """#!/bin/sh
 config=
 previous=
@@ -47,6 +52,10 @@ if [ -n "$config" ]; then
     sed -i -E 's/^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0)?:/\\1127.0.0.1:/' "$config" || exit 1
     if [ -f {routes_rule} ] && ! grep -q microbatch-routes-auth "$config"; then
         sed -i '/^[[:space:]]*acl routes path/r '{routes_rule} "$config" || exit 1
+    fi
+    if [ -f {gate_rules} ] && ! grep -q microbatch-gate "$config"; then
+        sed -i -e '/^[[:space:]]*acl routes path/r '{gate_rules} -e '/^[[:space:]]*stats socket/r '{gate_socket} \
+            "$config" || exit 1
     fi
 fi
 exec {haproxy} "$@"
@@ -212,6 +221,7 @@ def ingress_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     folder = os.path.join(temp_dir, HAPROXY_FOLDER)
     os.makedirs(folder, exist_ok=True)
+    gate = os.environ.get(GATE_SWITCH) != "0"
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # Ray's high-throughput mode, documented beside the HAProxy ingress: the handler's
@@ -225,7 +235,10 @@ def ingress_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None
         # Except one part of it: deployment handles keep their router on a loop of their own, so a
         # handle still works from plain (not async) code, this process's included.
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": os.environ.get("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP") or "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder, api_key),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": _loopback_haproxy(folder, api_key, gate),
+        # Where the replicas publish what HAProxy may refuse for them (haproxy_gate); "" when off.
+        GATE_MAP: os.path.join(folder, GATE_MAP_FILE) if gate else "",
+        GATE_SOCKET: os.path.join(folder, GATE_SOCKET_FILE) if gate else "",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
@@ -256,9 +269,10 @@ ROUTES_RULE = ("    # microbatch-routes-auth\n"
                "if routes !{{ req.hdr(authorization) -m str \"Bearer {key}\" }}\n")
 
 
-def _loopback_haproxy(folder: str, api_key: Optional[str] = None) -> str:
+def _loopback_haproxy(folder: str, api_key: Optional[str] = None, gate: bool = True) -> str:
     """:data:`LOOPBACK_HAPROXY` in ``folder``, around the HAProxy binary Ray would run; with
-    ``api_key``, :data:`ROUTES_RULE` beside it (readable by this user only, as the key file)."""
+    ``api_key``, :data:`ROUTES_RULE` beside it (readable by this user only, as the key file);
+    with ``gate``, the gate's rules and admin socket (``handlers.servers.haproxy_gate``)."""
     import shlex
 
     binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")  # the user's own, first, as Ray does
@@ -280,10 +294,25 @@ def _loopback_haproxy(folder: str, api_key: Optional[str] = None) -> str:
         descriptor = os.open(rule, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(ROUTES_RULE.format(key=api_key))
+    # The gate: its rules (with the key, as they answer only requests that carry it) and its
+    # map, empty: HAProxy reads it at each start, the replicas set its values at run time.
+    rules = os.path.join(folder, "gate.cfg")
+    if os.path.exists(rules):
+        os.unlink(rules)
+    if gate:
+        descriptor = os.open(rules, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(gate_rules(os.path.join(folder, GATE_MAP_FILE), api_key))
+        with open(os.path.join(folder, GATE_MAP_FILE), "w"):
+            pass
+        with open(os.path.join(folder, "gate-socket.cfg"), "w") as file:
+            file.write(socket_rule(os.path.join(folder, GATE_SOCKET_FILE)))
     path = os.path.join(folder, "haproxy")
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(descriptor, "w") as file:
-        file.write(LOOPBACK_HAPROXY.format(haproxy=shlex.quote(binary), routes_rule=shlex.quote(rule)))
+        file.write(LOOPBACK_HAPROXY.format(haproxy=shlex.quote(binary), routes_rule=shlex.quote(rule),
+                                           gate_rules=shlex.quote(rules),
+                                           gate_socket=shlex.quote(os.path.join(folder, "gate-socket.cfg"))))
     return path
 
 

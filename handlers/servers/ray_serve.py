@@ -104,7 +104,15 @@ def _application(name: str, options: Mapping[str, Any], model_config: dict, file
         user_config=batching_of(model_config), **deployment_options
     )
     return deployment.bind(files, handler_file, model_config, dataclasses.asdict(model_files),
-                           options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), api_key, manifest)
+                           options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), api_key, manifest,
+                           name if single_replica(deployment_options) else None)
+
+
+def single_replica(deployment_options: Mapping[str, Any]) -> bool:
+    """Whether the deployment always has exactly one replica (Ray's default): then the local
+    cluster's HAProxy may refuse for it what it would refuse (``handlers.servers.haproxy_gate``;
+    with several, one replica's value would refuse for all)."""
+    return deployment_options.get("num_replicas", 1) == 1 and not deployment_options.get("autoscaling_config")
 
 
 def default_max_ongoing_requests(model_config: Mapping[str, Any]) -> int:
@@ -295,9 +303,11 @@ def replica_class(max_concurrent_batches: int) -> type:
         """Holds one started handler; answers each HTTP request with its own status."""
 
         cannot_start: Optional[str] = None  # the one line, when the model cannot start
+        gate = None  # the GatePublisher to HAProxy, where there is one
 
         def __init__(self, files: dict, handler_file: str, model_config: dict, model_files: dict,
-                     max_request_bytes: int, api_key: Optional[str] = None, manifest: Optional[dict] = None):
+                     max_request_bytes: int, api_key: Optional[str] = None, manifest: Optional[dict] = None,
+                     gate_key: Optional[str] = None):
             # Absolute imports: this class travels to the replicas by value (it is made per app).
             from handlers.core.handler_file import load_handler_class
             from handlers.engine.batch_queue import BatchQueue
@@ -338,7 +348,7 @@ def replica_class(max_concurrent_batches: int) -> type:
                 self.cannot_start = startup_failure_line(_deployment_name(), exc)
                 log.error("%s", self.cannot_start, exc_info=True)
                 shutil.rmtree(self.model_dir, ignore_errors=True)
-                self.handler, self.api_key, self.batches = None, api_key, None
+                self.handler, self.api_key, self.batches, self.gate = None, api_key, None, None
                 return
             self.max_request_bytes = max_request_bytes
             self.api_key = api_key
@@ -346,6 +356,10 @@ def replica_class(max_concurrent_batches: int) -> type:
             self.executor = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix="microbatch-ray-batch")
             # Under overload, a request that would be answered after its deadline is refused on arrival.
             self.admission = Admission(max_concurrent_batches)
+            # What it refuses, HAProxy refuses before it (the local cluster, one replica only).
+            from handlers.servers.haproxy_gate import gate_for
+
+            self.gate = gate_for(self.admission, gate_key, self.handler.config.get("request_budget_s", 0.0))
             self.metrics = _RayMetrics()
             batching = batching_of(model_config)
             self.batches = BatchQueue(self.answer_batch, batching["max_batch_size"], batching["batch_wait_timeout_s"],
@@ -397,10 +411,16 @@ def replica_class(max_concurrent_batches: int) -> type:
             overloaded = self.admission.enter(deadline)
             if overloaded:
                 return _error_response(overloaded)
+            self._admission_changed()
             try:
                 return await self._answer(body, headers, deadline, receive)
             finally:
                 self.admission.leave()
+                self._admission_changed()
+
+        def _admission_changed(self) -> None:
+            if self.gate is not None:
+                self.gate.changed()
 
         async def _answer(self, body: bytes, headers: dict, deadline: Optional[float], receive=None) -> HTTPResponse:
             hung_up = threading.Event()
@@ -448,6 +468,7 @@ def replica_class(max_concurrent_batches: int) -> type:
             # microseconds, they read as throughput the model does not have.
             self.admission.finished(sum(1 for r in responses if r.status < 400), len(requests), started,
                                     time.monotonic())
+            self._admission_changed()
             self.metrics.record(report)
             return [(response, len(requests)) for response in responses]
 
@@ -466,6 +487,9 @@ def replica_class(max_concurrent_batches: int) -> type:
         def __del__(self):
             """Ray Serve calls this when it stops the replica (scaled down, replaced, deleted,
             shut down): the handler's threads end and its copy of the model files goes."""
+            gate = getattr(self, "gate", None)
+            if gate is not None:
+                gate.close()
             handler = getattr(self, "handler", None)
             if handler is not None:
                 handler.close()

@@ -176,3 +176,46 @@ def test_30_slow_uploads_do_not_stop_an_idle_replica_from_answering_others(door)
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_30_haproxy_refuses_for_a_busy_replica_with_its_own_503_and_never_for_an_idle_one(door):
+    """Issue 30's retry storm: a refusal costs the replica's event loop about 0.5 ms, HAProxy's
+    about 0.06 (handlers/servers/haproxy_gate.py). While the replica is busy, HAProxy refuses a
+    request whose timeout the replica would refuse, with the replica's own body and Retry-After
+    (X-Refused-By says who); after the burst, the idle replica's requests all go through."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    port, _ = door
+    pool = ThreadPoolExecutor(24)
+    try:
+        burst = [pool.submit(answer_of, port, {"id": f"s{i}", "x": [i, i, i, i], "fault": "slow_model"})
+                 for i in range(24)]  # three batches of 8, a second each
+        # 10 ms: refused by the replica with a few requests ahead at any rate it may have learned
+        # (the module's other tests teach it hundreds a second).
+        deadline, by_haproxy, seen = time.monotonic() + 10, None, []
+        while by_haproxy is None and time.monotonic() < deadline:
+            answer = answer_of(port, {"id": "short", "x": [1, 2, 3, 4]}, {"x-request-timeout-seconds": "0.01"})
+            seen.append((answer.status_code, answer.headers.get("X-Refused-By"), answer.text[:120]))
+            if answer.headers.get("X-Refused-By") == "haproxy":
+                by_haproxy = answer
+            time.sleep(0.02)
+        # 1e-2: the same timeout in a form HAProxy leaves to the replica, which refuses it itself.
+        by_replica = answer_of(port, {"id": "short", "x": [1, 2, 3, 4]}, {"x-request-timeout-seconds": "1e-2"})
+        assert [answer.status_code for answer in (f.result(timeout=120) for f in burst)] == [200] * 24
+    finally:
+        pool.shutdown()
+    assert by_haproxy is not None, f"HAProxy never refused for the busy replica: {seen[-5:]}"
+    print(f"\nHAProxy: {by_haproxy.text}\nreplica: {by_replica.text}")
+    assert by_haproxy.status_code == by_replica.status_code == 503, by_replica.text
+    assert "X-Refused-By" not in by_replica.headers
+    for header in ("Retry-After", "Content-Type"):
+        assert by_haproxy.headers[header] == by_replica.headers[header], header
+    number = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+    ours, theirs = by_haproxy.json(), by_replica.json()
+    assert ours.keys() == theirs.keys() and ours["code"] == theirs["code"] and ours["type"] == theirs["type"]
+    assert number.sub("#", ours["message"]) == number.sub("#", theirs["message"])
+    # The gate reopens: a timeout the busy replica refused (9 ahead at a few a second) is admitted.
+    for i in range(5):
+        answer = answer_of(port, {"id": f"after{i}", "x": [i, i, i, i]}, {"x-request-timeout-seconds": "1"})
+        assert answer.status_code == 200 and answer.json()["id"] == f"after{i}", answer.text

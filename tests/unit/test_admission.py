@@ -157,3 +157,31 @@ def test_an_idle_server_admits_even_a_request_it_predicts_late():
     admission.observe(answered=1, seconds=1.05)  # one call takes 1.05 s
     assert admission.enter(deadline=clock.now + 1.2) is None  # 1.05 s > 80% of 1.2 s, but idle
     assert admission.enter(deadline=clock.now + 1.2) is not None  # one ahead: 2.1 s
+
+
+@settings(max_examples=200, deadline=None)
+@given(inside=st.integers(1, 500), rate=st.floats(0.5, 5000.0))
+def test_the_shortest_timeout_it_publishes_is_where_admission_turns_from_refusing_to_admitting(inside, rate):
+    """What the replica publishes to HAProxy (handlers.servers.haproxy_gate): a client timeout
+    just under it is refused, one just over it admitted."""
+    clock = Clock()
+    admission = Admission(clock=clock)
+    admission.observe(answered=int(rate * 1000), seconds=1000.0)
+    for _ in range(inside):
+        admission.enter(deadline=None)
+    shortest = admission.shortest_timeout()
+    assert shortest > 0
+    assert admission.refusal(deadline=clock.now + shortest * 0.999) is not None
+    assert admission.refusal(deadline=clock.now + shortest * 1.001) is None
+
+
+def test_the_shortest_timeout_is_0_on_an_empty_replica_and_before_any_rate():
+    """0: HAProxy refuses nothing. A replica that empties says so, whatever it measured."""
+    clock = Clock()
+    admission = Admission(clock=clock)
+    admission.enter(deadline=None)
+    assert admission.shortest_timeout() == 0  # no rate yet
+    admission.observe(answered=10, seconds=1.0)
+    assert admission.shortest_timeout() == (1 + 1) / 10 / 0.8
+    admission.leave()
+    assert admission.shortest_timeout() == 0

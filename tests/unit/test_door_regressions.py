@@ -297,11 +297,14 @@ def test_the_routes_listing_every_model_needs_the_token_behind_haproxy(tmp_path,
         checked = tmp_path / "checked.cfg"
         checked.write_text("defaults\n    mode http\n" + "\n".join(seen) + "\n")
         subprocess.run([real, "-c", "-q", "-f", str(checked)], check=True, timeout=30)
-    # Without a key (--no-token-auth), nothing is added.
+    # Without a key (--no-token-auth), no such rule; the gate's rules only (haproxy_gate), once.
     config.write_text(ray_config)
     wrapper = node_environment("haproxy", str(tmp_path / "ray"))["RAY_SERVE_HAPROXY_BINARY_PATH"]
     subprocess.run([wrapper, "-f", str(config)], check=True, timeout=30)
-    assert (tmp_path / "seen.cfg").read_text() == ray_config
+    seen = (tmp_path / "seen.cfg").read_text()
+    assert "return status 401" not in seen and seen.count("# microbatch-gate") == 1
+    assert [line for line in seen.splitlines() if "microbatch-gate" not in line and "mb_" not in line] == \
+        ray_config.splitlines()
 
 
 def test_serve_run_takes_the_key_from_a_file_or_the_environment_not_only_from_argv_where_ps_shows_it(
@@ -406,3 +409,16 @@ def test_a_client_gone_before_its_body_is_read_is_not_queued_on_ray_serve():
     made.batches.submit = lambda request: submitted.append(request)
     answer = asyncio.run(made(http_request(Disconnecting(None))))
     assert answer.status_code == 499 and submitted == []
+
+
+def test_the_haproxy_gate_can_be_turned_off_for_a_local_cluster(tmp_path, monkeypatch):
+    """MICROBATCH_HAPROXY_GATE=0: no rules, and the replicas are told of no map to publish to."""
+    from handlers.servers.haproxy_gate import GATE_MAP, GATE_SOCKET, GATE_SWITCH
+    from handlers.servers.ray_cluster import node_environment
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/true")
+    on = node_environment("haproxy", str(tmp_path / "on"))
+    assert on[GATE_MAP] and on[GATE_SOCKET] and (tmp_path / "on" / "haproxy" / "gate.cfg").exists()
+    monkeypatch.setenv(GATE_SWITCH, "0")
+    off = node_environment("haproxy", str(tmp_path / "off"))
+    assert off[GATE_MAP] == off[GATE_SOCKET] == "" and not (tmp_path / "off" / "haproxy" / "gate.cfg").exists()
