@@ -137,8 +137,8 @@ def compile_buckets(handler, settings: CompileSettings, samples: list) -> Option
     try:
         compiled = _compile(handler, settings, samples, sizes)
     except Exception as exc:  # noqa: BLE001 - any failure to compile means eager, said once
-        log.warning("handler.compile: compiling %s (backend %s, mode %s) failed: %s: %s; this worker runs eager",
-                    type(handler).__name__, settings.backend, settings.mode, type(exc).__name__, _first_line(exc))
+        log.warning("handler.compile: compiling %s (backend %s, mode %s) failed: %s; this worker runs eager",
+                    type(handler).__name__, settings.backend, settings.mode, _describe(exc))
         return None
     if isinstance(compiled, str):
         log.warning("handler.compile: %s; this worker runs eager", compiled)
@@ -185,6 +185,18 @@ def _compile(handler, settings: CompileSettings, samples: list, sizes: tuple):
                         f"(tolerance rtol {rtol:g}, atol {atol:g})")
     # Served in run-only mode: the shapes compiled above, eager for any other; never a compile.
     return Compiled(sizes, torch._dynamo.run(compiled), settings, cudagraphs, 0.0)
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost cause (dynamo wraps a backend's error in its own), as ``Type: first line``."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
