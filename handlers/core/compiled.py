@@ -99,6 +99,28 @@ def read_compile(section: Any) -> Optional[CompileSettings]:
     return settings
 
 
+def with_pt2(section: Any, pt2: Any) -> Any:
+    """The ``handler:`` section with TorchServe's ``pt2:`` model-config section read as its
+    ``compile`` (``pt2: {compile: {enable: true, backend, mode}}``, or the older ``pt2: {backend,
+    mode}``), unless the section has a ``compile`` of its own. ``pt2.export`` (AOTInductor) is
+    not read: a warning says so."""
+    if not isinstance(pt2, Mapping) or isinstance(section, Mapping) and "compile" in section:
+        return section
+    if "export" in pt2:
+        log.warning("pt2.export (AOTInductor) is not supported: use handler.compile (torch.compile per bucket)")
+    if "compile" in pt2:
+        source = pt2["compile"]
+        if not isinstance(source, Mapping) or source.get("enable") is not True:
+            return section
+    elif "backend" in pt2:
+        source = pt2
+    else:
+        return section
+    compiled = {"enabled": True, **{key: source[key] for key in ("backend", "mode") if key in source}}
+    log.info("pt2: read as handler.compile %s", compiled)
+    return {**(section or {}), "compile": compiled}
+
+
 def cache_folder(settings: CompileSettings, model_dir: str) -> str:
     """Inductor's cache folder: ``cache_dir`` (relative to the model's folder), else
     ``compile_cache/`` in it, shared by every worker of the model and by its restarts; a

@@ -244,3 +244,16 @@ def test_reduce_overhead_on_a_gpu_replays_a_cuda_graph_per_bucket_and_answers_as
         for _ in range(3):  # replays overwrite the graphs' outputs: each batch still gets its own
             rows = [[float(i + j) for j in range(4)] for i in range(7)]
             assert close_to([r.body for r in server.send(rows)], rows)
+
+
+def test_torchserve_pt2_section_is_read_as_handler_compile_unless_the_handler_has_its_own():
+    from handlers.core.compiled import with_pt2
+
+    pt2 = {"compile": {"enable": True, "backend": "inductor", "mode": "reduce-overhead"}}
+    assert with_pt2({"micro_batch_size": 8}, pt2) == {
+        "micro_batch_size": 8, "compile": {"enabled": True, "backend": "inductor", "mode": "reduce-overhead"}}
+    assert with_pt2(None, {"backend": "inductor"}) == {"compile": {"enabled": True, "backend": "inductor"}}
+    assert with_pt2({"compile": {"buckets": [8]}}, pt2) == {"compile": {"buckets": [8]}}
+    assert with_pt2({}, {"compile": {"enable": False}}) == {}
+    assert with_pt2({"a": 1}, None) == {"a": 1}
+    assert read_compile(with_pt2(None, pt2)["compile"]).mode == "reduce-overhead"
