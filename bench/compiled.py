@@ -1,9 +1,11 @@
 """Eager against compiled (handler.compile) in one run: each example's archiver config served
 twice, as shipped (eager) and with ``handler.compile`` set, on TorchServe and on Ray Serve, at
-the same concurrency, in rounds that alternate which goes first (this machine's speed drifts).
-Prints req/s, p99 and each worker's start-up time, and the compiled over eager ratio per round.
+the same concurrency. Each variant's worker start-up is timed alone; then both are served at once
+and measured in alternating windows, round after round (which goes first alternates), so that
+a drift of this shared machine's speed hits both. Prints start-up times, req/s and p99 per
+window, and the compiled over eager ratio per round with the median.
 
-    python -m bench.compiled --examples image_classifier --concurrency 32 --seconds 20 --rounds 3
+    python -m bench.compiled --examples image_classifier --concurrency 32 --seconds 15 --rounds 4
 
 The compiled config shares one inductor cache (``--cache-dir``, default in the work folder) with
 every start, so that only the first compile is cold: what a restart of a worker costs.
@@ -65,68 +67,92 @@ def inputs(example: str) -> tuple:
     return [f.read_bytes() for f in files], [{"Content-Type": content_type_of(f.name)} for f in files]
 
 
-def measure(server: str, example: str, kind: str, url: str, auth: dict, args, started_s: float) -> dict:
-    bodies, headers = inputs(example)
-    print(f"{server}: {example} {kind} at concurrency {args.concurrency}", file=sys.stderr, flush=True)
-    load = run_closed_loop(url, bodies, auth, args.concurrency, args.seconds, body_headers=headers)
-    return {"server": server, "example": example, "kind": kind, "ready_s": round(started_s, 1), **load.summary()}
-
-
-def on_torchserve(work: Path, store: Path, names: dict, args, round_number: int) -> list:
-    """Each variant alone on a TorchServe of its own (so that its worker's start-up is its own)."""
+def on_torchserve(work: Path, store: Path, names: dict, args) -> list:
+    """Each variant's start-up on a TorchServe of its own (time to a READY worker), then both on
+    one TorchServe, measured in alternating windows, round after round."""
     rows = []
-    order = list(names.items()) if round_number % 2 else list(reversed(names.items()))
-    for (example, kind), name in order:
-        server = TorchServe(work / f"ts-{round_number}-{name}", store, ROOT / "config.properties", ports=Ports.free(),
+    for (example, kind), name in names.items():
+        server = TorchServe(work / f"ts-start-{name}", store, ROOT / "config.properties", ports=Ports.free(),
                             extra_properties={"load_models": f"{name}.mar"})
         started = time.monotonic()
         server.start()
         try:
             server.wait_ready([name], timeout=1200)
-            ready = time.monotonic() - started
-            rows.append(measure("TorchServe", example, kind, f"{server.inference_url}/predictions/{name}",
-                                server.auth(), args, ready))
+            rows.append({"server": "TorchServe", "example": example, "kind": kind, "ready_s":
+                         round(time.monotonic() - started, 1)})
         finally:
             server.stop()
+    server = TorchServe(work / "ts-load", store, ROOT / "config.properties", ports=Ports.free(),
+                        extra_properties={"load_models": ",".join(f"{n}.mar" for n in names.values())})
+    server.start()
+    try:
+        server.wait_ready(names.values(), timeout=1200)
+        urls = {key: f"{server.inference_url}/predictions/{name}" for key, name in names.items()}
+        rows += alternate("TorchServe", urls, server.auth(), args)
+    finally:
+        server.stop()
     return rows
 
 
-def on_ray_serve(configs: dict, args, round_number: int) -> list:
-    """Each variant deployed alone in turn on one private local Ray cluster."""
-    from ray import serve
-
+def on_ray_serve(configs: dict, args) -> list:
+    """Each variant deployed (time to ready), then both measured in alternating windows on one
+    private local Ray cluster."""
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
     from handlers.servers.ray_serve import serve_configs
 
-    rows = []
+    rows, urls = [], {}
     port = free_port()
-    order = list(configs.items()) if round_number % 2 else list(reversed(configs.items()))
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, port, num_cpus=max(os.cpu_count() or 1, args.cpus + 1))
+        start_local_cluster(temp_dir, port, num_cpus=max(os.cpu_count() or 1, 2 * args.cpus + 1))
         try:
-            for (example, kind), config in order:
+            for (example, kind), config in configs.items():
                 started = time.monotonic()
                 [name] = serve_configs([config])
-                rows.append(measure("Ray Serve", example, kind, f"http://127.0.0.1:{port}/predictions/{name}", {},
-                                    args, time.monotonic() - started))
-                serve.delete(name)
+                rows.append({"server": "Ray Serve", "example": example, "kind": kind,
+                             "ready_s": round(time.monotonic() - started, 1)})
+                urls[(example, kind)] = f"http://127.0.0.1:{port}/predictions/{name}"
+            rows += alternate("Ray Serve", urls, {}, args)
         finally:
             stop_local_cluster(temp_dir)
     return rows
 
 
+def alternate(server: str, urls: dict, auth: dict, args) -> list:
+    """Per example, eager and compiled in alternating windows of ``args.seconds`` (which goes
+    first alternates too), ``args.rounds`` times: a drift of the machine's speed hits both."""
+    rows = []
+    for example in args.examples:
+        for round_number in range(1, args.rounds + 1):
+            kinds = ["eager", "compiled"] if round_number % 2 else ["compiled", "eager"]
+            for kind in kinds:
+                rows.append({**measure(server, example, kind, urls[(example, kind)], auth, args), "round": round_number,
+                             "load_1min": round(os.getloadavg()[0], 1)})
+    return rows
+
+
+def measure(server: str, example: str, kind: str, url: str, auth: dict, args) -> dict:
+    bodies, headers = inputs(example)
+    print(f"{server}: {example} {kind} at concurrency {args.concurrency}", file=sys.stderr, flush=True)
+    load = run_closed_loop(url, bodies, auth, args.concurrency, args.seconds, body_headers=headers)
+    return {"server": server, "example": example, "kind": kind, **load.summary()}
+
+
 def table(rows: list) -> str:
-    lines = ["| round | server | example | path | ready s | req/s | p50 ms | p99 ms | errors | mean batch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | example | path | worker ready after (s) |", "|---|---|---|---|"]
+    lines += [f"| {r['server']} | {r['example']} | {r['kind']} | {r['ready_s']} |" for r in rows if "ready_s" in r]
+    lines += ["", "| round | server | example | path | load (1 min) | req/s | p50 ms | p99 ms | errors | mean batch |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['round']} | {r['server']} | {r['example']} | {r['kind']} | {r['ready_s']} | "
-                     f"{r['throughput_rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
-                     f"{r['mean_batch_size']} |")
+        if "round" in r:
+            lines.append(f"| {r['round']} | {r['server']} | {r['example']} | {r['kind']} | {r['load_1min']} | "
+                         f"{r['throughput_rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
+                         f"{r['mean_batch_size']} |")
     return "\n".join(lines)
 
 
 def ratios(rows: list) -> str:
     """Compiled over eager, per server, example and round (req/s and p99), and their medians."""
+    rows = [r for r in rows if "round" in r]
     eager = {(r["server"], r["example"], r["round"]): r for r in rows if r["kind"] == "eager"}
     groups: dict = {}
     for r in rows:
@@ -151,8 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--buckets", nargs="*", type=int, default=[4, 8])
     parser.add_argument("--mode", default="default")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating windows of each path, per example")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs per Ray replica")
     parser.add_argument("--cache-dir", type=Path, default=WORK / "compiled_cache")
     parser.add_argument("--out", type=Path)
@@ -171,11 +197,8 @@ def main(argv=None) -> int:
     speed_before = matmul_gflops()
     load_before = os.getloadavg()
     rows = []
-    for round_number in range(1, args.rounds + 1):
-        for server in args.servers:
-            found = (on_torchserve(work, store, names, args, round_number) if server == "torchserve"
-                     else on_ray_serve(configs, args, round_number))
-            rows += [{**row, "round": round_number} for row in found]
+    for server in args.servers:
+        rows += on_torchserve(work, store, names, args) if server == "torchserve" else on_ray_serve(configs, args)
     load_after = os.getloadavg()
     text = "\n\n".join([table(rows), ratios(rows), speed_line(speed_before, matmul_gflops()),
                         f"Load average (1, 5, 15 min): {load_before} before, {load_after} after, on "
