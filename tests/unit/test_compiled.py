@@ -257,3 +257,27 @@ def test_torchserve_pt2_section_is_read_as_handler_compile_unless_the_handler_ha
     assert with_pt2({}, {"compile": {"enable": False}}) == {}
     assert with_pt2({"a": 1}, None) == {"a": 1}
     assert read_compile(with_pt2(None, pt2)["compile"]).mode == "reduce-overhead"
+
+
+def test_through_torchserves_adapter_pt2_compiles_and_a_bad_request_fails_alone_in_every_position(tmp_path):
+    """The batch contract on the compiled, padded path, with TorchServe's own pt2: section."""
+    import json
+
+    from handlers.core.self_test import SAMPLES_DIR, SAMPLES_INDEX
+    from handlers.testing import assert_isolates_bad_request, start_handler
+
+    folder = tmp_path / SAMPLES_DIR
+    folder.mkdir()
+    for i, row in enumerate(ROWS):
+        (folder / f"{i}.json").write_text(json.dumps(row))
+    (folder / SAMPLES_INDEX).write_text(json.dumps([{"file": f"{i}.json"} for i in range(len(ROWS))]))
+    handler = start_handler(Recording, model_dir=str(tmp_path), handler_config={"micro_batch_size": 4, "audit_share": 0.0},
+                            model_config={"pt2": {"compile": {"enable": True, "backend": "eager"}}})
+    try:
+        assert handler.compiled is not None and handler.compiled.sizes == (4,)
+        before = len(handler.collated)
+        error = assert_isolates_bad_request(handler, [json.dumps(row) for row in ROWS], "not json", 400)
+        assert error["code"] == 400
+        assert 4 in served_sizes(handler, before)  # three good ones padded to the bucket
+    finally:
+        handler.close()
