@@ -1,17 +1,28 @@
-# make serve: venv, install, build every example and archive, start TorchServe (Ctrl-C stops it)
-# make test:  venv, install, unit tests and integration tests against a real TorchServe
+# make serve: venv, install, build every example and archive, start TorchServe (Ctrl-C stops it);
+#             SERVE_ARGS="--free-ports" (or --model-store DIR, --workdir DIR) go to scripts/serve.py
+# make test:  venv, install, unit tests and integration tests against a real TorchServe; then
+#             tests/vision (TorchServe's stock vision handlers) in .venv-vision
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# torchvision needs its own torch release: the stock vision handlers' tests get a venv of their own.
+VISION_VENV ?= .venv-vision
+VISION_PY := $(VISION_VENV)/bin/python
+VISION_INSTALLED := $(VISION_VENV)/.installed
 
-.PHONY: serve test unit archives venv java clean bench
+.PHONY: serve test test-vision unit archives venv vision-venv java clean bench
 
 serve: archives java
-	$(PY) -m scripts.serve
+	$(PY) -m scripts.serve $(SERVE_ARGS)
 
-test: venv java
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: venv vision-venv java
+	$(PY) -m pytest --ignore=tests/vision $(PYTEST_ARGS)
+	$(MAKE) test-vision
+
+# Required, not skipped: a vision venv that lacks torchvision fails the run (tests/vision/conftest.py).
+test-vision: vision-venv java
+	MBH_VISION_TESTS=required $(VISION_PY) -m pytest tests/vision $(PYTEST_ARGS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -28,6 +39,14 @@ $(INSTALLED): pyproject.toml constraints.txt scripts/deps.py
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) scripts/deps.py serve ray text examples bench test > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -c constraints.txt -r $(VENV)/requirements.txt
+	touch $@
+
+vision-venv: $(VISION_INSTALLED)
+
+$(VISION_INSTALLED): pyproject.toml constraints-vision.txt scripts/deps.py
+	test -x $(VISION_PY) || $(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_PY) scripts/deps.py serve vision test > $(VISION_VENV)/requirements.txt
+	$(VISION_PY) -m pip install -q -c constraints-vision.txt -r $(VISION_VENV)/requirements.txt
 	touch $@
 
 java:

@@ -4,6 +4,14 @@ closed-loop load generator at several concurrency levels.
 
     python -m bench.e2e --workloads photo-12mp photo-vga --concurrency 1 8 32 64 --seconds 20 --out bench/results
 
+TorchServe's own stock handler against the same handler upgraded in one line (contenders
+``stock``: ``--handler image_classifier``, unmodified; ``upgraded``:
+``bench/serve_handlers/upgraded_image.py``), which need torchvision in the worker: serve from
+the vision venv (``make vision-venv``), in turns::
+
+    python -m bench.e2e --workloads photo-12mp --contenders stock upgraded ours --concurrency 32 \
+        --repeats 2 --python-bin .venv-vision/bin --name e2e_stock --out bench/results
+
 For photo-vga it also measures the limit in the same run: the model alone (in-process) at the
 batch size TorchServe actually served. For ours, every point also has the worker's model busy
 share: the time its model calls took (the handler's ``StageTimeMs{Stage="inference"}`` counter
@@ -16,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +52,8 @@ def build_archive(workload_name: str, contender: str, store: Path, batch_size: i
     model_dir = workload.model_dir()
     name = model_name(workload_name, contender)
     kind = KIND[workload_name]
+    if contender == "stock":
+        return build_stock_archive(workload, name, store, batch_size, max_delay_ms, workers)
     extra = [ROOT / "bench" / "baselines.py"]
     if workload.model_file is None:  # a Hugging Face folder
         extra += [model_dir / f for f in ("config.json", "model.safetensors", "tokenizer.json")]
@@ -64,6 +76,32 @@ def build_archive(workload_name: str, contender: str, store: Path, batch_size: i
     return name
 
 
+def build_stock_archive(workload, name: str, store: Path, batch_size: int, max_delay_ms: int, workers: int) -> str:
+    """TorchServe's stock handler by name (``--handler image_classifier``), as its docs archive it:
+    the same model file, weights and labels as the other contenders, no package of ours."""
+    if workload.model_file is None or KIND[workload.name] != "image":
+        raise SystemExit(f"the stock contender is TorchServe's image_classifier: not for {workload.name}")
+    model_dir = workload.model_dir()
+    config = store.parent / f"{name}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"batchSize": batch_size, "maxBatchDelay": max_delay_ms, "minWorkers": workers,
+                                  "maxWorkers": workers, "responseTimeout": 120}))  # JSON is YAML
+    store.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [archiver(), "--model-name", name, "--version", "1.0", "--handler", "image_classifier",
+         "--model-file", str(model_dir / workload.model_file.name), "--serialized-file", str(model_dir / "weights.pt"),
+         "--extra-files", str(model_dir / "index_to_name.json"), "--config-file", str(config),
+         "--export-path", str(store), "--force"],
+        check=True,
+    )
+    return name
+
+
+def archiver() -> str:
+    beside = Path(sys.executable).with_name("torch-model-archiver")
+    return str(beside) if beside.exists() else "torch-model-archiver"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="*", default=["photo-12mp", "photo-vga"])
@@ -74,6 +112,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-delay-ms", type=int, default=50)
     parser.add_argument("--handler-config", default="{}", help="JSON merged into ours' handler settings")
     parser.add_argument("--workers", type=int, default=1, help="TorchServe workers per model")
+    parser.add_argument("--repeats", type=int, default=1, help="turns of every contender, interleaved")
+    parser.add_argument("--python-bin", type=Path, help="bin/ of the venv TorchServe and its workers run from "
+                        "(default: this Python's); the stock and upgraded contenders need torchvision there")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default="e2e", help="file name of the results in --out")
     args = parser.parse_args(argv)
@@ -89,29 +130,37 @@ def main(argv=None) -> int:
                 workload, contender, store, args.batch_size, args.max_delay_ms, json.loads(args.handler_config),
                 args.workers,
             )
-    server = TorchServe(work / "server", store, ROOT / "config.properties", ports=Ports.free())
+    server = TorchServe(work / "server", store, ROOT / "config.properties", ports=Ports.free(),
+                        python_bin=args.python_bin.resolve() if args.python_bin else None)
     server.start()
     results = []
     try:
         server.wait_ready(models.values())
-        total = len(models) * len(args.concurrency)
-        for (workload, contender), name in models.items():
+        total = len(models) * len(args.concurrency) * args.repeats
+        inputs = {}
+        for turn, ((workload, contender), name) in ((t, m) for t in range(args.repeats) for m in models.items()):
             spec = WORKLOADS[workload]()
-            bodies = spec.make_inputs(max(64, spec.batch_size))
+            if workload not in inputs:
+                inputs[workload] = spec.make_inputs(max(64, spec.batch_size))
+            bodies = inputs[workload]
             headers = {"Content-Type": spec.content_type, **server.auth()}
             for concurrency in args.concurrency:
                 print(f"[{len(results) + 1}/{total}] {workload} / {contender} at concurrency {concurrency}",
                       file=sys.stderr, flush=True)
-                inference_ms = (lambda: stage_ms(server, name, "inference")) if contender == "ours" else None
+                inference_ms = (lambda: stage_ms(server, name, "inference")) if contender in ("ours", "upgraded") else None
                 load = run_closed_loop(
                     f"{server.inference_url}/predictions/{name}", bodies, headers, concurrency, args.seconds,
                     server_counter=inference_ms,
                 )
-                row = {"workload": workload, "contender": contender, **load.summary()}
+                row = {"workload": workload, "contender": contender, "turn": turn + 1,
+                       "load_average": [round(x, 2) for x in os.getloadavg()], **load.summary()}
                 if load.server_counter_delta is not None:
                     row["model_busy_share"] = round(load.server_counter_delta / (load.seconds * 1000), 3)
                 results.append(row)
         for workload in args.workloads:
+            if (workload, "stock") in models and (workload, "upgraded") in models:
+                results.append(same_answers(server, workload, models[(workload, "stock")],
+                                            models[(workload, "upgraded")], inputs[workload][:4]))
             if workload == "photo-vga":
                 results.extend(model_limits(workload, results))
     finally:
@@ -119,6 +168,23 @@ def main(argv=None) -> int:
     report = table(results)
     publish(args.out, args.name, results, report)
     return 0
+
+
+def same_answers(server: TorchServe, workload: str, stock: str, upgraded: str, bodies: list) -> dict:
+    """Stock's and the upgraded handler's answers to the same photos, one at a time: the same
+    classes in the same order, probabilities within float noise (a row of the table)."""
+    import requests
+
+    worst, same_classes = 0.0, True
+    for body in bodies:
+        answers = [requests.post(f"{server.inference_url}/predictions/{model}", data=body, timeout=120,
+                                 headers={"Content-Type": WORKLOADS[workload]().content_type, **server.auth()}).json()
+                   for model in (stock, upgraded)]
+        same_classes &= list(answers[0]) == list(answers[1])
+        worst = max([worst, *(abs(answers[0][k] - answers[1].get(k, float("inf"))) for k in answers[0])])
+    return {"workload": workload, "contender": "check: upgraded vs stock",
+            "concurrency": "", "throughput_rps": f"{len(bodies)} photos: same classes {same_classes}, "
+                                                   f"largest probability difference {worst:.2g}"}
 
 
 def stage_ms(server: TorchServe, model: str, stage: str) -> float:
@@ -151,13 +217,13 @@ def model_limits(workload: str, results: list) -> list:
 
 def table(results: list) -> str:
     lines = [
-        "| workload | contender | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors | mean batch | batches by size "
+        "| workload | contender | turn | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors | mean batch | batches by size "
         "| client CPU | model busy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['workload']} | {r['contender']} | {r['concurrency']} | {r['throughput_rps']} "
+            f"| {r['workload']} | {r['contender']} | {r.get('turn', '')} | {r['concurrency']} | {r['throughput_rps']} "
             f"| {r.get('p50_ms', '')} | {r.get('p90_ms', '')} | {r.get('p99_ms', '')} | {r.get('errors', '')} "
             f"| {r.get('mean_batch_size', '')} | {r.get('batches_by_size', '')} | {r.get('client_cpu_share', '')} "
             f"| {r.get('model_busy_share', '')} |"

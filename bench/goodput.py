@@ -32,13 +32,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench.cpu_split import cpu_snapshot, idle_share, machine_times, split
 from bench.loadgen import run_closed_loop, run_open_loop
 from bench.machine import matmul_gflops, speed_line
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
 from handlers.engine.admission import queue_size_for
 from handlers.packaging.archive import archive_config, load_spec
-from scripts.torchserve_instance import Ports, TorchServe, free_port
+from scripts.torchserve_instance import Ports, TorchServe
 
 CONFIG = ROOT / "archiver_configs" / "image_classifier.yaml"
 LOADS = (1, 2, 4)
@@ -119,9 +120,8 @@ def on_ray_serve(config: Path = CONFIG):
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
     from handlers.servers.ray_serve import serve_configs
 
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, port, num_cpus=(os.cpu_count() or 2) + 1)
+        port = start_local_cluster(temp_dir, 0, num_cpus=(os.cpu_count() or 2) + 1).port
         try:
             [name] = serve_configs([config])
             yield f"http://127.0.0.1:{port}/predictions/{name}"
@@ -195,18 +195,24 @@ def run_retry_storm(url: str, bodies, headers: dict, clients: int, seconds: floa
     for thread in threads:
         thread.start()
     stop.wait(warmup_s)  # a timed window: the clients' own loops do the waiting on responses
+    cpu_before, stat_before = cpu_snapshot(), machine_times()
     measuring.set()
     started = time.perf_counter()
     stop.wait(seconds)
     stop.set()
     elapsed = time.perf_counter() - started
+    processes, _ = split(cpu_before, cpu_snapshot(), elapsed)
+    idle = idle_share(stat_before, machine_times())
     for thread in threads:
         thread.join(client_timeout_s + 5)
     refusals = sum(count for status, count in statuses.items() if status not in (200, 599))
     return {"seconds": round(elapsed, 1), "sent": sum(statuses.values()), "in_time": in_time[0],
             "in_time_rps": round(in_time[0] / elapsed, 1), "refusals": refusals,
             "refusals_rps": round(refusals / elapsed, 1), "gave_up": statuses[599],
-            "statuses": dict(sorted(statuses.items()))}
+            "statuses": dict(sorted(statuses.items())), "machine_idle": round(idle, 3),
+            # Where the CPU went meanwhile (one core = 1.0), the load generator (this process) included.
+            "cpu": [(("load generator" if pid == os.getpid() else name), pid, round(share, 2))
+                    for (pid, name), share in processes.most_common(6) if share >= 0.02]}
 
 
 def storm_table(rows: list) -> str:
@@ -217,6 +223,11 @@ def storm_table(rows: list) -> str:
         statuses = ", ".join(f"{status}: {count}" for status, count in row["statuses"].items())
         lines.append(f"| {row['server']} | {row['clients']} | {row['capacity_rps']} | {row['in_time_rps']} | "
                      f"{row['in_time_share']:.0%} | {row['refusals_rps']} | {row['gave_up']} | {statuses} |")
+    lines += ["", "Where the CPU went (cores; the machine's 2 cores are 2.0), and the machine's idle share:", ""]
+    for row in rows:
+        if "cpu" in row:
+            busiest = "; ".join(f"{name} {share}" for name, pid, share in row["cpu"])
+            lines.append(f"- {row['server']}, {row['clients']} clients: {busiest}; idle {row['machine_idle']:.0%}")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
 from handlers.packaging.archive import archive_config
 from handlers.servers.ray_serve import DEFAULT_MAX_CONCURRENT_BATCHES
-from scripts.torchserve_instance import Ports, TorchServe, free_port
+from scripts.torchserve_instance import Ports, TorchServe
 
 
 # The model-bound workload: make serve's image classifier as shipped (ResNet-18, its own config).
@@ -173,10 +173,9 @@ def on_ray_serve(work: Path, args, measure_load: Callable) -> list:
     from handlers.servers.ray_serve import serve_configs
 
     rows = []
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
-        start_local_cluster(temp_dir, port, num_cpus=max(os.cpu_count() or 1, args.replica_cpus + 1),
-                            proxy=args.ray_proxy)
+        port = start_local_cluster(temp_dir, 0, num_cpus=max(os.cpu_count() or 1, args.replica_cpus + 1),
+                                   proxy=args.ray_proxy).port
         try:
             for workload in args.workloads:
                 for batches in args.concurrent_batches:

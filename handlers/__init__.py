@@ -19,6 +19,7 @@ import warnings
 from handlers import _old_paths
 from handlers.core.client_data import parsing_client_data
 from handlers.core.request import Request
+from handlers.core.responses import RawAnswer
 from handlers.engine.errors import BadRequest, PayloadTooLarge, RequestError, UnsupportedMediaType
 from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles
 from handlers.engine.sizing import MicroBatchSizing, register_sizing
@@ -69,6 +70,7 @@ __all__ = sorted([
     "MicroBatchSizing",
     "ModelFiles",
     "PayloadTooLarge",
+    "RawAnswer",
     "Request",
     "RequestError",
     "UnsupportedMediaType",

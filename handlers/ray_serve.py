@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Optional
 
 from handlers.packaging.archive import ArchiveConfigError, load_spec
-from handlers.servers.ray_cluster import (NoHAProxy, metrics_url, set_ray_environment, start_local_cluster,
-                                          stop_local_cluster)
+from handlers.servers.ray_cluster import (NoHAProxy, PortInUse, metrics_url, set_ray_environment,
+                                          start_local_cluster, stop_local_cluster)
 from handlers.servers.ray_serve import (ModelCannotStart, build_app, ray_missing, reserved_cpus, serve_specs,
                                        startup_failures)
 
@@ -96,7 +96,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("configs", nargs="*", type=Path, help="archiver configs (default: archiver_configs/*.yaml)")
     parser.add_argument("--root", type=Path, default=None,
                         help="where every config's paths start (default: each config's root: key, else its folder)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
+    parser.add_argument("--port", type=_port, default=8000,
+                        help="HTTP port on 127.0.0.1 (0: a free one, picked and printed)")
     parser.add_argument("--key-file", type=Path, default=Path(KEY_FILE),
                         help=f"where the inference key is written (default: ./{KEY_FILE}); removed at stop")
     parser.add_argument("--no-token-auth", action="store_true",
@@ -129,9 +130,9 @@ def main(argv: Optional[list] = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
             try:
-                proxy = start_local_cluster(temp_dir, args.port, num_cpus, "python" if args.python_proxy else None,
-                                            api_key=api_key)
-            except NoHAProxy as exc:
+                proxy, port = start_local_cluster(temp_dir, args.port, num_cpus,
+                                                  "python" if args.python_proxy else None, api_key=api_key)
+            except (NoHAProxy, PortInUse) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
             # After Ray starts: its own SIGTERM handler would end this process before the clean-up.
@@ -147,7 +148,7 @@ def main(argv: Optional[list] = None) -> int:
                 if api_key:
                     print(f"token authorisation on: the inference key is in {args.key_file}", flush=True)
                 for name in names:
-                    print(f"{name}: curl {auth}-X POST http://127.0.0.1:{args.port}/predictions/{name} -T <input> -w '\\n'",
+                    print(f"{name}: curl {auth}-X POST http://127.0.0.1:{port}/predictions/{name} -T <input> -w '\\n'",
                           flush=True)
                 metrics = metrics_url()
                 if metrics:
@@ -156,7 +157,8 @@ def main(argv: Optional[list] = None) -> int:
                 if failed:
                     print(f"not serving {', '.join(failed)} (cannot start, see above; its requests get 503 "
                           f"with the reason)", flush=True)
-                print(f"serving on Ray Serve, {ingress} in front; Ctrl-C stops it", flush=True)
+                print(f"serving on Ray Serve at http://127.0.0.1:{port}, {ingress} in front; Ctrl-C stops it",
+                      flush=True)
                 serving.set()
                 stop.wait()
             except ModelCannotStart as exc:
@@ -173,6 +175,17 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {', '.join(failed)} could not start (exit status 1)", file=sys.stderr)
         return 1
     return 0
+
+
+def _port(text: str) -> int:
+    """``--port``: 1-65535, or 0 for a free one (refused in one line otherwise, before anything starts)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1-65535, or 0 for a free one; got {text!r}")
+    return port
 
 
 def _on_sigterm(stop: threading.Event, serving: threading.Event) -> None:

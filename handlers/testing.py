@@ -250,13 +250,26 @@ def assert_batch_contract(responses: Sequence[Any], context: FakeContext, batch_
                 raise AssertionError(f"request {idx} failed with {code} but its body is {response!r:.200}")
 
 
+def _within_tolerance(handler) -> Callable[[Any, Any], bool]:
+    """Whether two answers agree as the start-up self-test compares them: numbers within the
+    handler's ``invariance_rtol``/``invariance_atol`` (wider on a GPU in half precision or TF32),
+    everything else exactly. A batch computes in other kernels than one request alone, so float
+    answers may differ in their last bits (about 1e-7 in float32)."""
+    from handlers.core.self_test import first_difference, tolerance
+
+    rtol, atol = tolerance(handler)
+    return lambda a, b: first_difference(a, b, rtol, atol) is None
+
+
 def assert_matches_alone(
     handler,
     bodies: Sequence[Any],
-    same: Callable[[Any, Any], bool] = lambda a, b: a == b,
+    same: Optional[Callable[[Any, Any], bool]] = None,
 ) -> list:
     """Each request's response in one batch equals its response when sent alone (order and
-    batch invariance). Returns the batch's responses."""
+    batch invariance), within the self-test's tolerance unless ``same`` says how to compare
+    (``operator.eq``: exactly). Returns the batch's responses."""
+    same = same or _within_tolerance(handler)
     batched, context = run_batch(handler, bodies)
     for idx, body in enumerate(bodies):
         alone, alone_context = run_batch(handler, [body])
@@ -272,10 +285,13 @@ def assert_isolates_bad_request(
     good_bodies: Sequence[Any],
     bad_body: Any,
     expected_status: int,
-    same: Callable[[Any, Any], bool] = lambda a, b: a == b,
+    same: Optional[Callable[[Any, Any], bool]] = None,
 ) -> dict:
     """A bad request in every position among good ones gets ``expected_status`` and a JSON error;
-    the good ones get 200 and the answer they get without it. Returns the bad one's error body."""
+    the good ones get 200 and the answer they get without it, within the self-test's tolerance
+    (``invariance_rtol``/``invariance_atol``) unless ``same`` says how to compare (``operator.eq``: exactly).
+    Returns the bad one's error body."""
+    same = same or _within_tolerance(handler)
     expected, _ = run_batch(handler, good_bodies)
     error = None
     for position in range(len(good_bodies) + 1):

@@ -23,7 +23,8 @@ A model neither ready nor failed after ``READY_TIMEOUT_S`` (or a TorchServe that
 starting) ends the command with status 1 and the tail of TorchServe's log.
 
 ``--model-store``, ``--workdir`` and ``--free-ports`` serve other archives from another folder on
-free ports (two instances side by side, tests); the defaults are ``make serve``'s.
+free ports (two instances side by side, tests); the defaults are ``make serve``'s, and ``make serve
+SERVE_ARGS="--free-ports"`` passes them.
 """
 
 from __future__ import annotations
@@ -47,16 +48,42 @@ def sample_request(model: str):
     return samples[0] if samples else None
 
 
+def archived_sample(mar: Path, folder: Path):
+    """The first sample request an archive carries (``samples:`` of its config, see
+    handlers.core.self_test), copied into ``folder``: ``(path, content type)``, or None."""
+    import json
+    import zipfile
+
+    from handlers.core.self_test import SAMPLES_DIR, SAMPLES_INDEX
+
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            entry = json.loads(archive.read(f"{SAMPLES_DIR}/{SAMPLES_INDEX}"))[0]
+            path = folder / Path(entry["file"]).name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(archive.read(f"{SAMPLES_DIR}/{entry['file']}"))
+    except (KeyError, IndexError, TypeError, ValueError, OSError, zipfile.BadZipFile):  # none, or unreadable
+        return None
+    return path, entry.get("content_type")
+
+
 def curl_for(server: TorchServe, model: str) -> str:
-    sample = sample_request(model)
+    """A curl command that sends the model a sample request: the example's, else the first the
+    archive carries, else YOUR_INPUT. It always names a Content-Type: without one curl posts a
+    form, and TorchServe answers a binary body (PNG, .npy) with a 500."""
     key = server.keys().get("inference", "<inference key from .serve/key_file.json>")
     url = f"{server.inference_url}/predictions/{model}"
+    sample, content_type = sample_request(model), None
     if sample is None:
-        return f"curl -H 'Authorization: Bearer {key}' {url} --data-binary @YOUR_INPUT -w '\\n'"
-    content_type = mimetypes.guess_type(sample.name)[0] or "application/octet-stream"
+        sample, content_type = archived_sample(server.model_store / f"{model}.mar", server.workdir / "samples" / model) \
+            or (None, None)
+    if sample is None:
+        return (f"curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/octet-stream' "
+                f"--data-binary @YOUR_INPUT {url} -w '\\n'")
+    content_type = content_type or mimetypes.guess_type(sample.name)[0] or "application/octet-stream"
     return (
         f"curl -H 'Authorization: Bearer {key}' -H 'Content-Type: {content_type}' "
-        f"--data-binary @{sample.relative_to(ROOT)} {url} -w '\\n'"  # -w: the answer ends its line
+        f"--data-binary @{shown(sample)} {url} -w '\\n'"  # -w: the answer ends its line
     )
 
 

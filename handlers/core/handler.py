@@ -22,7 +22,7 @@ from handlers.core.derived_inputs import derived_inputs
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
 from handlers.core.responses import JSON, Encoded, encoded, error_answer
-from handlers.core.self_test import first_difference, load_samples, run_self_test, tolerance
+from handlers.core.self_test import SUMMARY_RECORD, first_difference, load_samples, run_self_test, tolerance
 from handlers.engine.audit import DEFAULT_SHARE, Audit
 from handlers.engine.batch_engine import BatchEngine, BatchReport
 from handlers.engine.buckets import Buckets
@@ -164,33 +164,39 @@ class MicroBatchHandler:
         raise :class:`ConfigError` naming the key, the rule and the value. Runs at start-up and
         in ``python -m handlers.archive --check``, so a subclass that overrides it (calling
         ``super().check_options(options)``) gets its rules checked before anything is served."""
+        found = []  # every problem at once
         if options["precision"] not in PRECISIONS:
-            raise ConfigError(f"handler.precision must be one of {', '.join(PRECISIONS)}, got {options['precision']!r}")
+            found.append(f"handler.precision must be one of {', '.join(PRECISIONS)}, got {options['precision']!r}")
         if options["torch_threads"] < 0:
-            raise ConfigError(f"handler.torch_threads must be >= 0 (0: torch's default), got {options['torch_threads']!r}")
+            found.append(f"handler.torch_threads must be >= 0 (0: torch's default), got {options['torch_threads']!r}")
         for path, dim in options["batch_dims"].items():
             if not isinstance(path, str) or not path.startswith("output") or not (
                 dim in (ITEMS, SHARED) or isinstance(dim, int) and not isinstance(dim, bool)
                 or declared_special(dim) is not None
             ):
-                raise ConfigError(f"handler.batch_dims maps an output path ('output', 'output[0]', "
-                                  f"\"output['logits']\") to a dimension, 'items', 'shared', {{'index_column': c}} "
-                                  f"or {{'counts': \"output['counts']\"}}, got {path!r}: {dim!r}")
+                found.append(f"handler.batch_dims maps an output path ('output', 'output[0]', "
+                             f"\"output['logits']\") to a dimension, 'items', 'shared', {{'index_column': c}} "
+                             f"or {{'counts': \"output['counts']\"}}, got {path!r}: {dim!r}")
         if not 0 <= options["audit_share"] <= 0.5:
-            raise ConfigError(f"handler.audit_share must be between 0 (off) and 0.5, got {options['audit_share']!r}")
+            found.append(f"handler.audit_share must be between 0 (off) and 0.5, got {options['audit_share']!r}")
         for key in ("invariance_rtol", "invariance_atol", "request_budget_s"):
             if options[key] < 0:
-                raise ConfigError(f"handler.{key} must be >= 0, got {options[key]!r}")
-        read_compile(options["compile"])
+                found.append(f"handler.{key} must be >= 0, got {options[key]!r}")
+        try:
+            read_compile(options["compile"])
+        except ConfigError as exc:
+            found.append(str(exc))
+        if found:
+            raise ConfigError("\n".join(found))
 
     @classmethod
     def read_config(cls, section: Optional[Mapping[str, Any]], server_timeout_s: Optional[float] = None,
                     server_timeout_name: str = "the server's timeout") -> tuple[EngineSettings, dict]:
         """The engine settings and this handler's checked options from a ``handler:`` section:
-        the one schema that start-up and the archive check both use."""
-        settings, options = read_handler_settings(section, cls.all_options(), server_timeout_s, server_timeout_name)
-        cls.check_options(options)
-        return settings, options
+        the one schema that start-up and the archive check both use. Every problem of the
+        section is reported at once (one line each), ``check_options``' with the others."""
+        return read_handler_settings(section, cls.all_options(), server_timeout_s, server_timeout_name,
+                                     check_options=cls.check_options)
 
     # -- life cycle (called by a server adapter) --------------------------------------------------
 
@@ -239,7 +245,7 @@ class MicroBatchHandler:
             self.self_test = run_self_test(self, samples, default_split=type(self).split is MicroBatchHandler.split)
             # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
             level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
-            log.log(level, "%s %s", type(self).__name__, self.self_test.summary())
+            log.log(level, "%s %s", type(self).__name__, self.self_test.summary(), extra={SUMMARY_RECORD: True})
         compile_settings = read_compile(self.config["compile"])
         if compile_settings is not None:
             self.compiled = compile_buckets(self, compile_settings, samples)

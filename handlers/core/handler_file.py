@@ -61,12 +61,30 @@ def classes_defined_in(module: ModuleType) -> list:
                    if isinstance(value, type) and value.__module__ == module.__name__), key=lambda c: c.__name__)
 
 
+def handler_class_of(module: ModuleType, file_name: str) -> type:
+    """The handler class a handler file's module defines: its one class, or, beside helper
+    classes (a ``@dataclass`` for the per-request item, the model), its one subclass of
+    ``MicroBatchHandler``. TorchServe's own rule (exactly one class in the file) binds the
+    archive's entry module, which subclasses this one, not the user's file. Raises ConfigError
+    for no class, or several and not exactly one handler among them."""
+    classes = classes_defined_in(module)
+    if len(classes) == 1:
+        return classes[0]
+    names = ", ".join(c.__name__ for c in classes) or "none"
+    # Imported already when the file subclasses it (this module stays torch-free).
+    base = getattr(sys.modules.get("handlers.core.handler"), "MicroBatchHandler", None)
+    handlers = [c for c in classes if base is not None and issubclass(c, base)]
+    if len(handlers) == 1:
+        return handlers[0]
+    if len(handlers) > 1:
+        raise ConfigError(f"{file_name} defines {len(handlers)} handler classes ({', '.join(c.__name__ for c in handlers)}) "
+                          f"and must define exactly one: move a base class of your own into another module "
+                          f"(in extra_files) and import it")
+    raise ConfigError(f"{file_name} must define exactly one class (TorchServe's rule), or one MicroBatchHandler "
+                      f"subclass beside helper classes; found {names}")
+
+
 def load_handler_class(path: str) -> type:
-    """The one class the handler file at ``path`` defines (TorchServe's rule). Raises
-    ConfigError when the file is missing or defines no class or several."""
-    classes = classes_defined_in(load_python_file(path))
-    if len(classes) != 1:
-        names = ", ".join(c.__name__ for c in classes) or "none"
-        raise ConfigError(f"{os.path.basename(path)} must define exactly one class (TorchServe's rule), found "
-                          f"{names}: move the others (e.g. the model) into model_file or another module")
-    return classes[0]
+    """The handler class the handler file at ``path`` defines (:func:`handler_class_of`). Raises
+    ConfigError when the file is missing or defines no class, or several and not one handler."""
+    return handler_class_of(load_python_file(path), os.path.basename(path))

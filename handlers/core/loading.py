@@ -74,16 +74,22 @@ def _load_exported(path: str) -> Any:
 
 def build_module(path: str) -> torch.nn.Module:
     """Instantiate the one public ``nn.Module`` subclass defined in the Python file at ``path``
-    (helpers named with a leading underscore may sit beside it)."""
+    (helpers named with a leading underscore may sit beside it). A file that defines none may
+    import its model instead (``from my_models import Net``): the one public ``nn.Module``
+    subclass it imports from outside torch."""
     module = load_python_file(path)
-    classes = [
-        cls
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__ and not cls.__name__.startswith("_")
-    ]
+    public = {cls: name for name, cls in inspect.getmembers(module, inspect.isclass)
+              if issubclass(cls, torch.nn.Module) and not name.startswith("_") and not cls.__name__.startswith("_")}
+    classes = [cls for cls in public if cls.__module__ == module.__name__]
+    imported = [cls for cls in public if cls.__module__.partition(".")[0] != "torch" and cls not in classes]
+    if not classes and len(imported) == 1:
+        return imported[0]()
     if len(classes) != 1:
-        found = ", ".join(c.__name__ for c in classes) or "none"
-        raise RuntimeError(f"{path} must define exactly one public torch.nn.Module class, found {found}")
+        found = ", ".join(sorted(c.__name__ for c in classes)) or "none"
+        hint = (f" (it imports {', '.join(sorted(public[c] for c in imported))}: import only the model, or define "
+                f"it: class Model({public[imported[0]]}): pass)") if not classes and imported else ""
+        raise RuntimeError(f"{path} must define (or import) exactly one public torch.nn.Module class, found "
+                           f"{found}{hint}")
     return classes[0]()
 
 

@@ -26,13 +26,47 @@ class Encoded:
     content_type: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RawAnswer:
+    """An answer sent as these bytes with this Content-Type (a PNG, a WAV, a CSV), on every
+    server: what ``postprocess_one`` returns when plain ``bytes`` (``application/octet-stream``)
+    would not say what they are.
+
+    Example::
+
+        def postprocess_one(self, output, item):
+            return RawAnswer(png_bytes(output), "image/png")
+
+    Raises:
+        TypeError: ``data`` is not bytes, or ``content_type`` not a string.
+        ValueError: ``content_type`` is not one header value (``type/subtype[; parameters]``).
+    """
+
+    data: bytes
+    content_type: str
+
+    def __post_init__(self):
+        if not isinstance(self.data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"RawAnswer.data must be bytes, got {type(self.data).__name__}")
+        if not isinstance(self.content_type, str):
+            raise TypeError(f"RawAnswer.content_type must be a string, got {type(self.content_type).__name__}")
+        kind = self.content_type.split(";")[0].strip()
+        if kind.count("/") != 1 or not all(kind.split("/")) or any(c in self.content_type for c in "\r\n\0"):
+            raise ValueError(f"RawAnswer.content_type must be a media type such as 'image/png', got "
+                             f"{self.content_type!r}")
+        object.__setattr__(self, "data", bytes(self.data))
+
+
 def encoded(value: Any) -> Encoded:
-    """``value`` encoded once, to the bytes a client receives: ``bytes`` as they are (binary),
-    ``str`` as UTF-8 text, anything else as strict JSON (see :func:`json_ready`).
+    """``value`` encoded once, to the bytes a client receives: a :class:`RawAnswer`'s bytes with
+    its Content-Type, ``bytes`` as they are (binary), ``str`` as UTF-8 text, anything else as
+    strict JSON (see :func:`json_ready`).
 
     Raises:
         TypeError: a part of ``value`` has no JSON form.
     """
+    if isinstance(value, RawAnswer):
+        return Encoded(value.data, value.data, value.content_type)
     if isinstance(value, (bytes, bytearray)):
         return Encoded(value, bytes(value), BINARY)
     if isinstance(value, str):

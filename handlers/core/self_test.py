@@ -17,7 +17,9 @@ test kit and ``python -m handlers.archive --check`` all run the same test.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -39,6 +41,27 @@ BINARY = "application/octet-stream"
 # Micro-batch sizes the samples run together at (plus the configured micro_batch_size, up to the cap).
 TOGETHER_SIZES = (2, 3)
 LARGEST_SIZE_TRIED = 64
+
+
+SUMMARY_RECORD = "self_test_summary"  # set on the log record of a start's summary (summary_not_logged)
+
+
+@contextlib.contextmanager
+def summary_not_logged():
+    """Starts meanwhile do not log their self-test's summary: a command that prints the summary
+    itself (``python -m handlers.archive --check``) would show it twice."""
+    logger = logging.getLogger("handlers.core.handler")
+    muted = _NotTheSummary()
+    logger.addFilter(muted)
+    try:
+        yield
+    finally:
+        logger.removeFilter(muted)
+
+
+class _NotTheSummary(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, SUMMARY_RECORD, False)
 
 
 class SelfTestFailed(ConfigError):

@@ -49,19 +49,31 @@ class Admission:
         of the time left to ``deadline`` (``time.monotonic()``; None: no deadline, always
         admitted; so is everything until a rate has been measured, and on an idle server)."""
         with self._lock:
-            # An idle server admits: refusing then spares no one's time, and the margin below would
-            # refuse every request to a model whose one call takes most of the budget.
-            if deadline is not None and self._rate and self._inside > 0:
-                now = self._clock()
-                expected = (self._inside + 1) / self._rate
-                if expected > ADMITTED_SHARE_OF_TIME_LEFT * (deadline - now):
-                    return ServiceUnavailable(
-                        f"overloaded: {self._inside} requests ahead at {self._rate:.3g} requests/s would answer this "
-                        f"one in about {expected:.2f} s, too late for its deadline "
-                        f"({max(0.0, deadline - now):.2f} s left); "
-                        f"refused before any work, send it again later or to another replica")
-            self._inside += 1
+            refused = self._refusal(deadline)
+            if refused is None:
+                self._inside += 1
+            return refused
+
+    def refusal(self, deadline: Optional[float]) -> Optional[ServiceUnavailable]:
+        """The 503 :meth:`enter` would return now, without admitting anything: asked before a
+        request's body is read, so that under overload a refusal costs no upload (the request
+        is counted by :meth:`enter` once its body is in, and may still be refused then)."""
+        with self._lock:
+            return self._refusal(deadline)
+
+    def _refusal(self, deadline: Optional[float]) -> Optional[ServiceUnavailable]:
+        # An idle server admits: refusing then spares no one's time, and the margin below would
+        # refuse every request to a model whose one call takes most of the budget.
+        if deadline is None or not self._rate or self._inside <= 0:
             return None
+        now = self._clock()
+        expected = (self._inside + 1) / self._rate
+        if expected <= ADMITTED_SHARE_OF_TIME_LEFT * (deadline - now):
+            return None
+        return ServiceUnavailable(
+            f"overloaded: {self._inside} requests ahead at {self._rate:.3g} requests/s would answer this "
+            f"one in about {expected:.2f} s, too late for its deadline ({max(0.0, deadline - now):.2f} s left); "
+            f"refused before any work, send it again later or to another replica")
 
     def leave(self) -> None:
         with self._lock:

@@ -221,7 +221,8 @@ def startup_failure_line(model_name: str, exc: BaseException) -> str:
     """``microbatch-handlers: model <name> cannot start: <message>``, on one line. A ConfigError's
     message says it all; any other exception is named (``KeyError: 'labels'`` says more than
     ``'labels'``)."""
-    message = " ".join(str(exc).split())
+    # A ConfigError's several problems, one per line, become "; "-separated.
+    message = "; ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip())
     if not isinstance(exc, ConfigError) or not message:
         message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return f"{STARTUP_FAILURE_PREFIX}{model_name} cannot start: {message}"

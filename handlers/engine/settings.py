@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from handlers.engine.sizing import sizing_names
 
@@ -16,7 +16,33 @@ DEFAULT_DEADLINE_S = 60.0
 
 
 class ConfigError(ValueError):
-    """A setting in the model config is missing, of the wrong type or out of range."""
+    """A setting in the model config is missing, of the wrong type or out of range; one line per
+    problem when a section has several (they are reported at once)."""
+
+    @property
+    def problems(self) -> list:
+        """The message's problems, one per line."""
+        return [line for line in str(self).splitlines() if line.strip()] or [str(self)]
+
+
+class ConfigProblems:
+    """Every problem of a config section, collected so that they are reported at once rather
+    than one per run."""
+
+    def __init__(self):
+        self.lines: list = []
+
+    def check(self, check, *args, **kwargs):
+        """``check(*args, **kwargs)``, or None with its ConfigError's problems recorded."""
+        try:
+            return check(*args, **kwargs)
+        except ConfigError as exc:
+            self.lines += exc.problems
+            return None
+
+    def raise_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
 
 
 def usable_cores() -> int:
@@ -47,15 +73,17 @@ class EngineSettings:
     deadline_s: float = DEFAULT_DEADLINE_S
 
     def __post_init__(self):
-        _check_int("micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        found = ConfigProblems()
+        found.check(_check_int, "micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
         if self.micro_batch_strategy not in sizing_names():
-            raise ConfigError(
+            found.lines.append(
                 f"{SECTION}.micro_batch_strategy must be one of {', '.join(sizing_names())}, "
                 f"got {self.micro_batch_strategy!r} (a strategy of your own: handlers.register_sizing)"
             )
-        _check_int("pool_size", self.pool_size, minimum=1)
-        _check_int("inference_workers", self.inference_workers, minimum=1)
-        _check_number("deadline_s", self.deadline_s, exclusive_minimum=0)
+        found.check(_check_int, "pool_size", self.pool_size, minimum=1)
+        found.check(_check_int, "inference_workers", self.inference_workers, minimum=1)
+        found.check(_check_number, "deadline_s", self.deadline_s, exclusive_minimum=0)
+        found.raise_any()
 
 
 @dataclass(frozen=True)
@@ -76,8 +104,10 @@ def read_handler_settings(
     option_defaults: Mapping[str, Any] = {},
     server_timeout_s: Optional[float] = None,
     server_timeout_name: str = "the server's timeout",
+    check_options: Optional[Callable[[dict], None]] = None,
 ) -> tuple[EngineSettings, dict]:
-    """Read the engine settings and a handler's own options from a ``handler:`` section.
+    """Read the engine settings and a handler's own options from a ``handler:`` section; every
+    problem of the section is reported at once.
 
     Args:
         section: the ``handler:`` mapping of the model config; may be None.
@@ -87,24 +117,25 @@ def read_handler_settings(
             if it has such a limit: the default deadline leaves it room to send the answers, and
             a deadline at or past it is refused.
         server_timeout_name: that limit's name in the server's config, for messages.
+        check_options: the handler's own rules for its options (``MicroBatchHandler.check_options``),
+            run on the options (a value of the wrong type replaced by its default) and reported
+            with the section's other problems.
 
     Returns:
         ``(engine_settings, options)``, where ``options`` holds every key of
         ``option_defaults``, overridden by the config.
 
     Raises:
-        ConfigError: naming the key, the rule and the bad value.
+        ConfigError: naming the key, the rule and the bad value, one line per problem.
     """
     section = section or {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"{SECTION} must be a mapping of settings, got {section!r}")
-    unknown = sorted(set(section) - set(ENGINE_KEYS) - set(option_defaults))
-    if unknown:
-        names = sorted([*ENGINE_KEYS, *option_defaults])
-        raise ConfigError(
-            f"{SECTION}.{unknown[0]} is not a known setting; known settings: {', '.join(names)}"
-            f"{did_you_mean(unknown[0], names)}"
-        )
+    found = ConfigProblems()
+    names = sorted([*ENGINE_KEYS, *option_defaults])
+    for key in sorted(set(section) - set(ENGINE_KEYS) - set(option_defaults), key=str):
+        found.lines.append(f"{SECTION}.{key} is not a known setting; known settings: {', '.join(names)}"
+                           f"{did_you_mean(key, names)}")
 
     engine_values = {key: section[key] for key in ENGINE_KEYS if key in section}
     if engine_values.get("micro_batch_size") == "whole":
@@ -113,9 +144,9 @@ def read_handler_settings(
     if server_timeout_s is not None:
         default_deadline = min(DEFAULT_DEADLINE_S, DEADLINE_SHARE_OF_SERVER_TIMEOUT * server_timeout_s)
     engine_values.setdefault("deadline_s", default_deadline)
-    settings = EngineSettings(**engine_values)
-    if server_timeout_s is not None and settings.deadline_s >= server_timeout_s:
-        raise ConfigError(
+    settings = found.check(EngineSettings, **engine_values)
+    if settings is not None and server_timeout_s is not None and settings.deadline_s >= server_timeout_s:
+        found.lines.append(
             f"{SECTION}.deadline_s must be shorter than {server_timeout_name} ({server_timeout_s:g} s) "
             f"so that late requests get an answer before the server gives up on the worker, "
             f"got {settings.deadline_s!r}"
@@ -124,7 +155,11 @@ def read_handler_settings(
     options = dict(option_defaults)
     for key, default in option_defaults.items():
         if key in section:
-            options[key] = _typed_like(key, section[key], default)
+            typed = found.check(_typed_like, key, section[key], default)
+            options[key] = default if typed is None and section[key] is not None else typed
+    if check_options is not None:
+        found.check(check_options, options)
+    found.raise_any()
     return settings, options
 
 

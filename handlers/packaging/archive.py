@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
-from handlers.core.handler_file import classes_defined_in, load_handler_class, load_python_file
+from handlers.core.handler_file import classes_defined_in, handler_class_of, load_handler_class, load_python_file
 from handlers.engine.settings import ConfigError, ModelFiles, did_you_mean
 from handlers.packaging.server_sections import check_model_config, check_ray_section, read_settings, response_timeout
 from handlers.packaging.torchserve_entry import entry_file_name, entry_source
@@ -154,7 +154,7 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
     # would have run: its own error says so).
     built_later = build is not None
     handler_ok, handler = path_of("handler", raw["handler"], True) if "handler" in raw else (False, None)
-    serialized_ok, serialized = path_of("serialized_file", raw["serialized_file"], not built_later) \
+    _, serialized = path_of("serialized_file", raw["serialized_file"], not built_later) \
         if raw.get("serialized_file") else (True, None)
     model_file_ok, model_file = path_of("model_file", raw["model_file"], True) if raw.get("model_file") else (True, None)
     extra = [path_of("extra_files", f, not built_later) for f in raw.get("extra_files") or []]
@@ -164,11 +164,11 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
                                         f"--handler, which loads {handler.name}): rename it")
     config_ok, model_config = problems.attempt(_checked_model_config, raw["model_config"], problems) \
         if "model_config" in raw else (False, None)
-    _, ray_serve = problems.attempt(_checked_ray_section, raw.get("ray_serve"), fail)
+    _, ray_serve = problems.attempt(_checked_ray_section, raw.get("ray_serve"), problems)
     samples = _checked_samples(raw.get("samples"), path_of, not built_later, problems) if root_ok else []
 
-    if not (handler_ok and serialized_ok and model_file_ok and all(ok for ok, _ in extra)):
-        raise ArchiveConfigError("\n".join(problems.lines))  # the handler's import needs its files
+    if not (handler_ok and model_file_ok and all(ok for ok, _ in extra)):
+        raise ArchiveConfigError("\n".join(problems.lines))  # the handler's import needs its files (not the weights)
     spec = ArchiveSpec(
         source=path,
         root=root,
@@ -184,14 +184,17 @@ def load_spec(path: Path, root: Optional[Path] = None) -> ArchiveSpec:
         samples=samples,
     )
     class_ok, handler_class = problems.attempt(_handler_class, spec, fail)
-    if class_ok and config_ok:
+    if class_ok and isinstance(raw["model_config"], dict):
+        # The handler: section is checked even when TorchServe's keys have errors: all at once.
+        checked = model_config if config_ok else _handler_part(raw["model_config"])
         try:
             if handler_class is not None:  # the checks start-up makes: one schema for both
-                check_model_config(spec.model_config, handler_class)
+                check_model_config(checked, handler_class)
             else:
-                read_settings(spec.model_config)
+                read_settings(checked)
         except ConfigError as exc:
-            problems.add("model_config", str(exc))
+            for line in exc.problems:
+                problems.add("model_config", line)
     if problems.lines:
         raise ArchiveConfigError("\n".join(problems.lines))
     return spec
@@ -269,11 +272,23 @@ def ineffective_settings(spec: ArchiveSpec) -> list:
     return notes
 
 
-def _checked_ray_section(section: Any, fail) -> dict:
+def _checked_ray_section(section: Any, problems: _Problems) -> dict:
     try:
         return check_ray_section(section)
     except ValueError as exc:
-        fail("ray_serve", str(exc))
+        for line in str(exc).splitlines():
+            problems.add("ray_serve", line)
+        raise _Skip from None
+
+
+def _handler_part(config: dict) -> dict:
+    """The parts of a model config with errors that the ``handler:`` section's check reads: the
+    section, and ``responseTimeout`` where it is valid (its own error is reported already)."""
+    part = {key: config[key] for key in ("handler",) if key in config}
+    timeout = config.get("responseTimeout")
+    if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 1:
+        part["responseTimeout"] = timeout
+    return part
 
 
 def _checked_model_config(config: Any, problems: _Problems) -> dict:
@@ -303,25 +318,26 @@ def _checked_model_config(config: Any, problems: _Problems) -> dict:
 
 def _handler_class(spec: ArchiveSpec, fail):
     """The handler class defined in the spec's handler file, imported as the worker will import
-    it: beside the archive's other files and nothing else of the project's folder. A file with
-    more than one class fails: TorchServe refuses it ("Expected only one class in custom service
-    code") and the worker crash-loops. None for a file with no class (a module-level ``handle``
-    function, which TorchServe also accepts) or a class that is not ours."""
+    it: beside the archive's other files and nothing else of the project's folder. Helper classes
+    may sit beside the one handler class (the archive's entry module, which TorchServe loads,
+    defines one class); a file with several and not exactly one handler fails, as the worker
+    would. None for a file with no class (a module-level ``handle`` function, which TorchServe
+    also accepts) or a class that is not ours."""
     handler_file = spec.handler
     with staged_model_dir(spec) as staged:
         try:
-            classes = classes_defined_in(load_python_file(str(Path(staged) / handler_file.name)))
+            module = load_python_file(str(Path(staged) / handler_file.name))
         except Exception as exc:  # noqa: BLE001 - any import error of a user's file, in one line
             fail("handler", f"{handler_file.name} cannot be imported as the archive will hold it "
                             f"({type(exc).__name__}: {exc}); a module it imports must be in extra_files "
                             f"(or installed in TorchServe's Python)")
-    if len(classes) > 1:
-        names = ", ".join(c.__name__ for c in classes)
-        fail("handler", f"{handler_file.name} defines {len(classes)} classes ({names}); TorchServe needs exactly one "
-                        f"class in a handler file: move the others (e.g. the model) into model_file or another module")
-    if len(classes) != 1 or not hasattr(classes[0], "read_config"):
-        return None
-    return classes[0]
+        if not classes_defined_in(module):
+            return None
+        try:  # the archive's entry module serves it: helper classes may sit beside the handler
+            handler_class = handler_class_of(module, handler_file.name)
+        except ConfigError as exc:
+            fail("handler", str(exc))
+    return handler_class if hasattr(handler_class, "read_config") else None
 
 
 @contextlib.contextmanager

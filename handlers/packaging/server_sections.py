@@ -46,15 +46,19 @@ def check_model_config(model_config: Optional[Mapping[str, Any]], handler_class)
 
 
 def check_ray_section(section: Any) -> dict:
-    """The ``ray_serve:`` section of an archiver config, checked: a ValueError names the key."""
+    """The ``ray_serve:`` section of an archiver config, checked: a ValueError names the key (one
+    line per wrong key, all at once)."""
     section = section or {}
     if not isinstance(section, Mapping):
         raise ValueError(f"{RAY_SECTION} must be a mapping, got {section!r}")
+    found = []
     for key, value in section.items():
         if key not in DEPLOYMENT_KEYS + OWN_KEYS:
-            raise ValueError(f"{RAY_SECTION}.{key} is not a known setting; known: {', '.join(DEPLOYMENT_KEYS + OWN_KEYS)}")
-        if key in ("max_concurrent_batches", "max_request_bytes", "num_replicas", "max_ongoing_requests") and (
+            found.append(f"{RAY_SECTION}.{key} is not a known setting; known: {', '.join(DEPLOYMENT_KEYS + OWN_KEYS)}")
+        elif key in ("max_concurrent_batches", "max_request_bytes", "num_replicas", "max_ongoing_requests") and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
-            raise ValueError(f"{RAY_SECTION}.{key} must be an integer >= 1, got {value!r}")
+            found.append(f"{RAY_SECTION}.{key} must be an integer >= 1, got {value!r}")
+    if found:
+        raise ValueError("\n".join(found))
     return dict(section)

@@ -8,7 +8,8 @@ TorchServe 0.12 (``ts/model_loader.py``) imports the handler module by name (the
 on the worker's path), then serves its module-level ``handle`` function if it has one, else the
 one class the module itself defines (``list_classes_from_module``: exactly one class whose
 ``__module__`` is the module's). The entry module gives it the same: the user's ``handle``, or a
-subclass of the user's class with the user's class name; for a file that cannot be loaded, one
+subclass of the user's handler class with its name (so the user's file may hold helper classes
+beside it, see ``handler_class_of``); for a file that cannot be loaded, one
 class whose ``initialize`` logs the line (with the model name TorchServe registered) and raises
 the loading error. The user's file is loaded by ``handlers.core.handler_file``, as on every other
 path. Only the standard library and torch-free modules of this package are imported here: the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 
-from handlers.core.handler_file import classes_defined_in, load_python_file
+from handlers.core.handler_file import classes_defined_in, handler_class_of, load_python_file
 from handlers.engine.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,11 @@ def entry_points(entry_module: str, entry_file: str, handler_file: str) -> dict:
         module = load_python_file(path)
         if hasattr(module, "handle"):  # TorchServe prefers a handle function, as here
             return {"handle": module.handle}
-        classes = classes_defined_in(module)
-        if len(classes) != 1:
-            names = ", ".join(sorted(c.__name__ for c in classes)) or "none"
-            raise ConfigError(f"{handler_file} must define exactly one class (TorchServe's rule) or a handle "
-                              f"function; it defines {names}")
+        if not classes_defined_in(module):
+            raise ConfigError(f"{handler_file} must define a handler class or a handle function; it defines neither")
+        user_class = handler_class_of(module, handler_file)  # the handler, helper classes beside it allowed
     except Exception as exc:  # noqa: BLE001 - reported by the worker in one line, then raised
         return {"HandlerCannotStart": _cannot_start(entry_module, exc)}
-    [user_class] = classes
     # Defined in the entry module (TorchServe's rule), named as the user's class (in logs).
     served = type(user_class.__name__, (user_class,), {"__module__": entry_module, "__doc__": user_class.__doc__})
     return {user_class.__name__: served}

@@ -36,11 +36,26 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """Resize the shorter side to ``resize``, then take the centre ``crop`` × ``crop``."""
+    """Resize the shorter side to ``resize``, then take the centre ``crop`` × ``crop``.
 
-    resize: int = 256
-    crop: int = 224
+    ``crop=None`` keeps the whole resized frame (its aspect ratio too); ``resize=None`` keeps the
+    decoded size. Both None, :meth:`full_frame`: the whole image as sent, only made upright and RGB.
+    """
+
+    resize: Optional[int] = 256
+    crop: Optional[int] = 224
     draft: bool = True  # decode JPEGs at a reduced scale when the target is smaller
+
+    def __post_init__(self):
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ImageGeometry.{name} must be a whole number of pixels >= 1 or None, got {value!r}")
+
+    @classmethod
+    def full_frame(cls) -> "ImageGeometry":
+        """The whole image, neither resized nor cropped (upright, RGB)."""
+        return cls(resize=None, crop=None)
 
 
 SEND_AN_IMAGE = 'send the image bytes (e.g. Content-Type: image/jpeg) or JSON {"image": "<base64>"}'
@@ -143,17 +158,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, geometry: ImageGeometry, limits: ImageLimits) -> np.ndarray:
-    """Bytes → a uint8 (crop, crop, 3) RGB array: upright (EXIF), resized, centre-cropped.
+def decode_image(data: bytes, geometry: ImageGeometry = ImageGeometry(),
+                 limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Bytes → a writable uint8 (height, width, 3) RGB array: upright (EXIF), resized and
+    centre-cropped as ``geometry`` says ((crop, crop, 3) by default; the whole frame with
+    ``ImageGeometry.full_frame()``). ``torch.from_numpy`` takes it as it is.
 
     Raises BadRequest (400), PayloadTooLarge (413) or UnsupportedMediaType (415).
+
+    Example::
+
+        pixels = decode_image(request.body, ImageGeometry.full_frame())  # (H, W, 3) as sent
     """
     image = open_image(data, limits)
     # Pillow reports corrupt data with whatever the failing step raises (OSError, SyntaxError,
     # struct.error, TypeError, ...): the client's 400, whether in the pixels or the metadata.
     # Only the steps that read the client's bytes are wrapped; the rest works on decoded pixels.
     with parsing_client_data("the image data is corrupt or truncated", too_large=DECOMPRESSION_BOMB):
-        if geometry.draft and image.format == "JPEG":
+        if geometry.draft and geometry.resize is not None and image.format == "JPEG":
             # The decoder scales by 1/2, 1/4 or 1/8 while keeping both sides >= resize.
             image.draft("RGB", (geometry.resize, geometry.resize))
         image.load()
@@ -163,15 +185,18 @@ def decode_image(data: bytes, geometry: ImageGeometry, limits: ImageLimits) -> n
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
     image = to_rgb(image)
     image = resize_and_center_crop(image, geometry.resize, geometry.crop)
-    return np.asarray(image, dtype=np.uint8)
+    # np.array, not asarray: Pillow's array is read-only, and torch.from_numpy warns on those.
+    return np.array(image, dtype=np.uint8)
 
 
-def resize_and_center_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
+def resize_and_center_crop(image: Image.Image, resize: Optional[int], crop: Optional[int]) -> Image.Image:
     """Resize the shorter side to ``resize``, then take the centre ``crop`` × ``crop``: in one
     resample of only the cropped region (the same sampling grid as resizing the whole image and
-    cropping it, at a fraction of the work)."""
+    cropping it, at a fraction of the work). None: no resize, no crop."""
     width, height = image.size
-    scale = resize / min(width, height)
+    if crop is None:
+        crop = max(width, height) if resize is None else max(width, height) * resize // min(width, height) + 1
+    scale = 1.0 if resize is None else resize / min(width, height)
     resized = (max(1, round(width * scale)), max(1, round(height * scale)))
     out = (min(crop, resized[0]), min(crop, resized[1]))
     left, top = (resized[0] - out[0]) // 2, (resized[1] - out[1]) // 2

@@ -8,9 +8,10 @@ only when used.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the handlers package
 # as config.properties' max_request_size
@@ -25,6 +26,10 @@ PROXIES = ("haproxy", "python")
 # Set in the environment of the private local cluster's processes: its replicas keep every port
 # on loopback (keep_replica_grpc_on_loopback).
 LOOPBACK_ONLY = "MICROBATCH_RAY_LOOPBACK_ONLY"
+WORKER_NICENESS = "RAY_worker_niceness"  # read by the raylet when it starts
+# The node's own ports that start_local_cluster picks, unless the environment names them.
+PORT_VARIABLES = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                  "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
 HAPROXY_FOLDER = "haproxy"  # in the node's temp dir; short: HAProxy's unix sockets live there
 # Ray 2.60 writes HAProxy's metrics and stats listeners as "bind :PORT" and "bind *:PORT", all
 # interfaces, with no setting for the address (ray/serve/_private/haproxy_templates.py, the
@@ -55,8 +60,20 @@ def set_ray_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] = None,
-                        proxy: Optional[str] = None, api_key: Optional[str] = None) -> str:
+# Starts tried when a port picked here turns out taken by the time its server binds it.
+START_ATTEMPTS = 3
+
+
+class LocalCluster(NamedTuple):
+    """What :func:`start_local_cluster` started: the proxy in front of the replicas and the HTTP
+    port it listens on (the one picked, when asked for port 0)."""
+
+    proxy: str
+    port: int
+
+
+def start_local_cluster(temp_dir: str, http_port: int = 0, num_cpus: Optional[int] = None,
+                        proxy: Optional[str] = None, api_key: Optional[str] = None) -> LocalCluster:
     """Start a Ray node owned by this process, on loopback, dashboard off, with its own temp dir
     (keep the path short: Ray's unix sockets live there), the ``handlers`` package shipped to
     its workers, and Ray Serve's HTTP ingress on ``127.0.0.1:http_port``: HAProxy (``proxy=
@@ -64,18 +81,47 @@ def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] =
     also the default when the environment says ``RAY_SERVE_ENABLE_HA_PROXY=0``). With ``api_key``,
     HAProxy answers Ray's ``/-/routes`` (every model's name) only to ``Authorization: Bearer
     <api_key>``, as the models do (Ray's Python proxy offers no hook: there it stays open).
-    :func:`stop_local_cluster` ends both. Returns the proxy used.
+    :func:`stop_local_cluster` ends both. Returns the proxy and the HTTP port.
+
+    ``http_port`` 0 picks a free port (outside the ephemeral range, see :func:`_free_port`). A port
+    picked here (that one, and the node's own: metrics, stats, fallback proxy) is bound later by
+    another process; should one be taken by then, the node is stopped and started again on
+    fresh picks, :data:`START_ATTEMPTS` times in all. A port the caller named is not picked again.
 
     Raises:
-        ValueError: an unknown ``proxy``.
+        ValueError: an unknown ``proxy``, or ``http_port`` outside 0-65535.
         NoHAProxy: HAProxy asked for, and no HAProxy binary found (the message says what to do).
+        PortInUse: ``http_port`` (or a port the environment names) is taken.
     """
     set_ray_environment()
     if proxy is None:
         proxy = "python" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0" else "haproxy"
     if proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, got {proxy!r}")
+    if not 0 <= http_port <= 65535:
+        raise ValueError(f"http_port must be a TCP port, 1-65535, or 0 (pick a free one), got {http_port}")
     os.makedirs(temp_dir, exist_ok=True)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port = http_port or _free_port()
+        try:
+            _start(temp_dir, port, num_cpus, proxy, api_key)
+            return LocalCluster(proxy, port)
+        except Exception as exc:
+            taken = port_taken(exc)
+            picked = taken is not None and (taken != port or not http_port) and taken not in _ports_set_by_user()
+            stop_local_cluster(temp_dir)
+            if taken is None:
+                raise
+            if not picked:
+                raise PortInUse(f"port {taken} on 127.0.0.1 is in use: stop what listens there, or name another "
+                                f"port (0: a free one)") from exc
+            if attempt == START_ATTEMPTS:
+                raise PortInUse(f"port {taken} on 127.0.0.1, picked free, was taken before it was bound, "
+                                f"{START_ATTEMPTS} starts in a row") from exc
+    raise AssertionError("unreachable")
+
+
+def _start(temp_dir: str, http_port: int, num_cpus: Optional[int], proxy: str, api_key: Optional[str]) -> None:
     # Ray Serve's processes read these when they start: they inherit this process's environment
     # through the node that ray.init starts below. Restored by stop_local_cluster.
     environment = node_environment(proxy, temp_dir, api_key)
@@ -88,7 +134,42 @@ def start_local_cluster(temp_dir: str, http_port: int, num_cpus: Optional[int] =
              namespace="microbatch", log_to_driver=False,
              runtime_env={"py_modules": [str(PACKAGE_DIR)]})  # the replicas need this package, not installed
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    return proxy
+
+
+class PortInUse(RuntimeError):
+    """The ingress could not bind a port: one the caller named is taken, or picked ones kept
+    being taken before they were bound."""
+
+
+# A listener's port taken, as Ray 2.60 raises it: HAProxy's line ("HAProxy crashed during startup:
+# ... cannot bind socket (Address already in use) for [127.0.0.1:8000]") or its Python proxy's
+# ("Failed to bind to address '127.0.0.1:8000'.").
+_BIND_FAILED = re.compile(r"cannot bind socket \(Address already in use\) for \[[^\]]*:(\d+)\]"
+                          r"|Failed to bind to address '[^']*:(\d+)'")
+
+
+def port_taken(error: BaseException) -> Optional[int]:
+    """The port a failed start could not bind because it was taken (HAProxy's message, anywhere in
+    ``error``'s chain); None for any other failure."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found = _BIND_FAILED.search(str(error))
+        if found:
+            return int(found.group(1) or found.group(2))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _ports_set_by_user() -> set:
+    """The node's ports the environment named before :func:`start_local_cluster` set any (kept as
+    given: not picked again)."""
+    ports = set()
+    for key in PORT_VARIABLES:
+        value = _saved_environment[key] if key in _saved_environment else os.environ.get(key)
+        if value and value.isdigit():
+            ports.add(int(value))
+    return ports
 
 
 class NoHAProxy(RuntimeError):
@@ -100,11 +181,18 @@ _saved_environment: dict = {}  # what start_local_cluster changed in os.environ,
 
 def node_environment(proxy: str, temp_dir: str, api_key: Optional[str] = None) -> dict:
     """The environment of a local node's processes, for ``proxy`` in front of the replicas: its
+    workers (the replicas) not niced, its
     replicas' gRPC servers on loopback (:func:`keep_replica_grpc_on_loopback`), free ports for
     the metrics of Ray's autoscaler and dashboard processes (Ray's defaults, 44217 and 44227, are
     fixed: a second node on the machine could not have them), and :func:`ingress_environment`."""
     environment = {
         LOOPBACK_ONLY: "1",
+        # Ray starts its workers, the replicas among them, at nice 15 (its worker_niceness), so that
+        # its own daemons come first. HAProxy in front, the clients and every other process run at
+        # 0: wherever they want the cores (a retry storm's refusals, a busy machine), the kernel
+        # gives the replica, which runs the model, 36 parts to their 1024 each. The replicas are
+        # the server here: at 0, as TorchServe's workers. A value in the environment is kept.
+        WORKER_NICENESS: os.environ.get(WORKER_NICENESS) or "0",
         "AUTOSCALER_METRIC_PORT": os.environ.get("AUTOSCALER_METRIC_PORT") or str(_free_port()),
         "DASHBOARD_METRIC_PORT": os.environ.get("DASHBOARD_METRIC_PORT") or str(_free_port()),
     }
@@ -277,7 +365,8 @@ def stop_local_cluster(temp_dir: Optional[str] = None, deadline_s: float = 5.0) 
     from ray import serve
 
     try:
-        serve.shutdown()
+        if ray.is_initialized():  # else serve.shutdown() starts a Ray node of its own, to find nothing
+            serve.shutdown()
     finally:
         try:
             ray.shutdown()
@@ -359,8 +448,6 @@ def _signal(pid: int, number: int) -> None:
 def _uses(process: Path, root: str) -> bool:
     # The folder itself, not a prefix of it: /tmp/ray-ab must not pick /tmp/ray-abc's processes
     # (another cluster's). A path in the command line ends at "/", an argument's end, or a delimiter.
-    import re
-
     if re.search(re.escape(root.encode()) + rb"(?=[/\0\s\"',:;]|$)", (process / "cmdline").read_bytes()):
         return True
     for fd in (process / "fd").iterdir():

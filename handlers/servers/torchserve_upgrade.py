@@ -24,6 +24,8 @@ around its hooks (settings from the ``handler:`` section, the self-test on shipp
 
 from __future__ import annotations
 
+import binascii
+import json
 import logging
 import sys
 import threading
@@ -35,7 +37,7 @@ import torch
 
 from handlers.core.handler import MicroBatchHandler
 from handlers.core.request import Request
-from handlers.engine.errors import PostprocessFailed, RequestError
+from handlers.engine.errors import BadRequest, PayloadTooLarge, PostprocessFailed, RequestError, describe
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,38 @@ def _own_status(exc: BaseException) -> BaseException:
     if type(exc).__name__ == "PredictionException" and code is not None:
         return RequestFailed(str(getattr(exc, "message", exc)), code)
     return exc
+
+
+# What TorchServe's own handlers raise when a request's bytes are not what they parse: the
+# client's 400 (413 for a decompression bomb). Only these: any other exception of a hook is the
+# handler's bug, a 500, never blamed on the client.
+_CLIENT_DATA_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, binascii.Error)
+
+
+def _preprocess_status(exc: BaseException) -> BaseException:
+    """:func:`_own_status`, and a parser's refusal of the request's data as that request's 4xx:
+    an image Pillow cannot read (``UnidentifiedImageError``, or an ``OSError``/``ValueError``
+    raised inside Pillow, e.g. a truncated file), JSON, UTF-8 or base64 that does not decode."""
+    exc = _own_status(exc)
+    if isinstance(exc, RequestError):
+        return exc
+    if type(exc).__name__ == "DecompressionBombError" and _raised_in_pillow(exc):
+        return PayloadTooLarge(f"the image is too large: {describe(exc)}")
+    if isinstance(exc, _CLIENT_DATA_ERRORS) or (
+            isinstance(exc, (OSError, ValueError, SyntaxError)) and _raised_in_pillow(exc)):
+        return BadRequest(f"the request's data could not be read: {describe(exc)}")
+    return exc
+
+
+def _raised_in_pillow(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by Pillow's own code (its innermost frame is in the PIL package)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return module == "PIL" or module.startswith("PIL.")
 
 
 def leading_one(value: Any) -> bool:
@@ -188,6 +222,10 @@ class Microbatched(MicroBatchHandler):
         MicroBatchHandler.__init__(self)
         self.context = context
         self._row_by_row = RowByRow()
+        # Whether inference returns a list, one entry per row (torchvision's detection models: a
+        # dict per image): postprocess then gets a list of this request's entry, as on stock.
+        # A property of the model, set by each micro-batch's inference before its postprocess.
+        self._list_output = False
 
     # -- TorchServe's calls -------------------------------------------------------------------
 
@@ -242,7 +280,7 @@ class Microbatched(MicroBatchHandler):
         try:
             value = self.preprocess([row])
         except Exception as exc:  # noqa: BLE001 - the request's own error, with its own status
-            raise _own_status(exc) from exc
+            raise _preprocess_status(exc) from exc
         if not leading_one(value):
             self._row_by_row.refute(f"preprocess([row]) gave {_shape_of(value)}, not one row")
             return Prepared(None, row)
@@ -270,17 +308,20 @@ class Microbatched(MicroBatchHandler):
             try:
                 return self.preprocess([item.row for item in items])
             except Exception as exc:  # noqa: BLE001 - its own status for a lone request
-                raise _own_status(exc) from exc
+                raise _preprocess_status(exc) from exc
         return joined([item.value for item in items])
 
     def infer(self, batch: Any) -> Any:
         """The handler's own ``inference``."""
-        return self.inference(batch)
+        output = self.inference(batch)
+        self._list_output = isinstance(output, list)
+        return output
 
     def postprocess_one(self, output: Any, item: Any) -> Any:
-        """The handler's own ``postprocess`` on this request's part (leading size 1): its one answer."""
+        """The handler's own ``postprocess`` on this request's part (leading size 1; a list of
+        its one entry when ``inference`` returns a list): its one answer."""
         try:
-            answers = self.postprocess(one_row(output))
+            answers = self.postprocess([output] if self._list_output else one_row(output))
         except Exception as exc:  # noqa: BLE001 - its own status, if it gave one
             raise _own_status(exc) from exc
         if not isinstance(answers, (list, tuple)) or len(answers) != 1:

@@ -71,8 +71,10 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     try:
         result = run_script(script_of(blocks), tmp_path, env, timeout=1200)
     finally:
-        if (temp / ".model_server.pid").exists():  # the script failed before its `torchserve --stop`
-            subprocess.run([str(project / ".venv" / "bin" / "torchserve"), "--stop"], cwd=project, env=env, timeout=120)
+        own_tmp = project / "tmp"  # the walkthrough's TMPDIR for its TorchServe
+        if (own_tmp / ".model_server.pid").exists():  # the script failed before its `torchserve --stop`
+            subprocess.run([str(project / ".venv" / "bin" / "torchserve"), "--stop"], cwd=project,
+                           env={**env, "TMPDIR": str(own_tmp), "TEMP": str(own_tmp)}, timeout=120)
     print(f"\nwalkthrough: {time.monotonic() - started:.0f} s")
     assert_printed(blocks, result)
 

@@ -47,7 +47,7 @@ def test_the_cli_serves_on_loopback_only_and_stops_clean_within_10_s(tmp_path, i
     flags, printed, listener = INGRESSES[ingress]
     port = free_port()
     with served(tmp_path, ["quickstart"], ["--port", str(port), *flags]) as (cli, output, started):
-        output.wait_for(re.escape(f"serving on Ray Serve, {printed} in front"), timeout=480)
+        output.wait_for(re.escape(f"serving on Ray Serve at http://127.0.0.1:{port}, {printed} in front"), timeout=480)
         key = json.loads((tmp_path / "key.json").read_text())["inference"]["key"]
         answer = answer_of(port, key)
         assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, answer.text
@@ -83,6 +83,61 @@ def test_a_sigterm_while_models_are_still_deploying_stops_clean_within_10_s(tmp_
         started.update(processes_started(cli.pid, ray_dir))
         assert_stops_clean(cli, output, started, ray_dir, tmp_path)
     assert "serving on Ray Serve" not in output.text
+
+
+# Another process churning the ephemeral range: it holds HOLD ports bound there (bind to port 0,
+# as every outgoing connection's local port is picked), 100 new ones every 20 ms, the oldest let go.
+CHURN = """
+import collections, socket, sys, time
+held, taken = collections.deque(), 0
+while True:
+    for _ in range(100):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        probe.listen()
+        held.append(probe)
+        taken += 1
+    while len(held) > int(sys.argv[1]):
+        held.popleft().close()
+    if taken % 5000 == 0:
+        print(taken, flush=True)
+    time.sleep(0.02)
+"""
+CHURN_HOLD = 3000  # of the 28,232 ports of Linux's default range: a port picked there and bound
+# seconds later would be taken by then about one time in ten, and each start binds five.
+STARTS = 3  # 40 to 60 s each on the 2-core machine
+
+
+def test_starts_on_port_0_never_fail_by_chance_while_another_process_churns_ephemeral_ports(tmp_path):
+    """Issue 30: ports picked free from the ephemeral range and bound later by HAProxy were taken
+    first by chance; --port 0 made HAProxy die on "bind 127.0.0.1:0". Now the command picks its
+    ports outside that range, prints the one it serves on, and picks again should a bind fail."""
+    low, high = (int(word) for word in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    churn = subprocess.Popen([sys.executable, "-c", CHURN, str(CHURN_HOLD)], stdout=subprocess.PIPE, text=True)
+    ports = []
+    try:
+        for start in range(STARTS):
+            folder = tmp_path / f"start{start}"
+            folder.mkdir()
+            with served(folder, ["quickstart"], ["--port", "0"]) as (cli, output, started):
+                output.wait_for(r"serving on Ray Serve at http://127\.0\.0\.1:\d+, HAProxy in front", timeout=480)
+                port = int(re.search(r"serving on Ray Serve at http://127\.0\.0\.1:(\d+),", output.text).group(1))
+                assert not low <= port <= high, f"port {port} picked from the ephemeral range {low}-{high}"
+                assert f"http://127.0.0.1:{port}/predictions/quickstart" in output.text  # the curl line names it
+                key = json.loads((folder / "key.json").read_text())["inference"]["key"]
+                answer = answer_of(port, key)
+                assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, answer.text
+                ray_dir = ray_temp_dir(cli.pid)
+                started.update(processes_started(cli.pid, ray_dir))
+                assert_stops_clean(cli, output, started, ray_dir, folder)
+                ports.append(port)
+            assert churn.poll() is None, "the churning process ended early"
+    finally:
+        churn.terminate()
+        taken = churn.communicate(timeout=30)[0].split()
+    print(f"{STARTS} starts on ports {ports}; the other process bound {taken[-1] if taken else '<5000'} "
+          f"ephemeral ports meanwhile, {CHURN_HOLD} held at a time")
+    assert len(ports) == STARTS
 
 
 @contextlib.contextmanager

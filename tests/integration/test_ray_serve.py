@@ -18,7 +18,6 @@ import requests
 import yaml
 
 from handlers.servers.ray_cluster import set_ray_environment
-from scripts.torchserve_instance import free_port
 
 from ..corpus.bad_inputs import corpus
 from ..good_inputs import good_request
@@ -44,17 +43,10 @@ def ray_serve(model_store, readme_handler_config, flat_detector_declared):
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
-    for attempt in range(3):  # a free port can be taken by another process before Ray binds it
-        port = free_port()
-        try:
-            # Logical CPUs: the replicas reserve 9 (two examples 2 each, the rest 1), beside the
-            # test's own deployments (one at a time); they share the machine's cores.
-            start_local_cluster(temp_dir, port, num_cpus=12)
-            break
-        except Exception:  # noqa: BLE001 - retried with another port, re-raised on the last try
-            stop_local_cluster()
-            if attempt == 2:
-                raise
+    # Port 0: the cluster picks its port and binds it, picking again should it be taken meanwhile.
+    # Logical CPUs: the replicas reserve 9 (two examples 2 each, the rest 1), beside the test's own
+    # deployments (one at a time); they share the machine's cores.
+    port = start_local_cluster(temp_dir, 0, num_cpus=12).port
     try:
         configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in (*MODELS, "flat_detector")]
         configs.append(readme_handler_config)

@@ -99,6 +99,25 @@ def test_slow_uploads_do_not_count_for_admission_until_their_bodies_are_in():
     assert [answer.status_code for answer in answers] == [200] * 30
 
 
+def test_an_overloaded_replica_decides_before_the_body_and_lets_it_through_unkept_with_retry_after():
+    """Under a retry storm every refusal read and joined the whole upload first (admission was
+    asked once the body was in, for the slow uploads' sake): now it is asked before too, without
+    counting, and a refused body is let through, never held, and never past the limit (read to
+    its end, the connection can carry the client's next request)."""
+    admission = Admission(1)
+    admission.observe(answered=1, seconds=1.0)  # 1 request/s, one inside: a 1 s deadline is too late
+    assert admission.enter(None) is None
+    for size, declared in ((4 * CHUNK, 4 * CHUNK), (20 * LIMIT, None)):
+        upload = Upload(size)
+        answer = asyncio.run(replica(admission)(http_request(upload, content_length=declared)))
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert json.loads(answer.body)["type"] == "ServiceUnavailable"
+        assert upload.taken == min(size, LIMIT + CHUNK) and admission.inside == 1  # nothing counted
+    upload = Upload(200 * LIMIT)  # too large by its Content-Length: a 413 at once, overloaded or not
+    answer = asyncio.run(replica(admission)(http_request(upload, content_length=200 * LIMIT)))
+    assert answer.status_code == 413 and upload.taken == 0
+
+
 class Clock:
     def __init__(self):
         self.now = 100.0

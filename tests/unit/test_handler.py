@@ -204,7 +204,7 @@ def test_a_model_file_with_two_modules_is_refused_by_name(tmp_path):
     (tmp_path / "two.py").write_text(
         "import torch\nclass A(torch.nn.Module): pass\nclass B(torch.nn.Module): pass\n"
     )
-    with pytest.raises(RuntimeError, match="exactly one public torch.nn.Module class, found A, B"):
+    with pytest.raises(RuntimeError, match=r"exactly one public torch.nn.Module class, found A, B"):
         start_handler(MicroBatchHandler, model_dir=tmp_path, manifest={"model": {"modelFile": "two.py"}})
 
 

@@ -14,7 +14,8 @@ def test_public_names_are_pinned():
     that turns a parser's errors into them, settings, the sizing extension point, input parsers."""
     assert sorted(handlers.__all__) == [
         "BadRequest", "ConfigError", "EngineSettings", "ImageClassifierHandler", "ImageGeometry", "ImageLimits",
-        "MicroBatchHandler", "MicroBatchSizing", "Microbatched", "ModelFiles", "PayloadTooLarge", "Request", "RequestError",
+        "MicroBatchHandler", "MicroBatchSizing", "Microbatched", "ModelFiles", "PayloadTooLarge", "RawAnswer", "Request",
+        "RequestError",
         "Response", "SentenceEmbeddingHandler", "TensorHandler", "TensorSpec", "TextClassifierHandler",
         "TextHandler", "UnsupportedMediaType", "decode_image", "pad_to_longest", "parse_array",
         "parsing_client_data", "register_sizing", "request_text", "upgrade",

@@ -87,3 +87,13 @@ def test_ray_runs_in_its_high_throughput_mode_unless_the_environment_says_otherw
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
     assert node_environment("haproxy", str(tmp_path / "ray2"))["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in node_environment("python", str(tmp_path / "ray3"))
+
+
+def test_the_replicas_are_not_niced_below_haproxy_and_the_clients(fake_haproxy, tmp_path, monkeypatch):
+    """Ray starts its workers at nice 15: the replica running the model got 36 parts of the cores
+    to HAProxy's 1024 (and every client's) whenever they wanted them. A value set is kept."""
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert node_environment("haproxy", str(tmp_path / "ray"))["RAY_worker_niceness"] == "0"
+    assert node_environment("python", str(tmp_path / "ray"))["RAY_worker_niceness"] == "0"
+    monkeypatch.setenv("RAY_worker_niceness", "5")
+    assert node_environment("haproxy", str(tmp_path / "ray"))["RAY_worker_niceness"] == "5"

@@ -271,3 +271,86 @@ def test_a_handler_file_that_upgrades_an_imported_handler_defines_one_class(tmp_
     monkeypatch.syspath_prepend(str(tmp_path))
     handler_class = load_handler_class(str(tmp_path / "new_handler.py"))
     assert issubclass(handler_class, Microbatched) and handler_class.__name__ in ("OldHandler", "NewHandler")
+
+
+class PillowHandler(RowHandler):
+    """Reads each row as an image with Pillow, as TorchServe's VisionHandler does (without torchvision)."""
+
+    def preprocess(self, data):
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        rows = []
+        for row in data:
+            image = Image.open(io.BytesIO(row.get("data") or row.get("body")))
+            pixels = np.asarray(image.convert("RGB").resize((2, 1)), dtype=np.float32)  # loads the whole file
+            rows.append(torch.from_numpy(pixels[0, :, 0].copy()))
+        return torch.stack(rows)
+
+
+def jpeg(colour) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_data_a_parser_refuses_is_that_requests_400_not_a_500(tmp_path):
+    """What TorchServe's own parsers raise on a client's bytes (Pillow on a non-image or a
+    truncated file, json on broken JSON) is the client's 400; stock TorchServe fails the batch."""
+    handler = started(upgrade(PillowHandler), tmp_path, {"micro_batch_size": 4})
+    try:
+        good = jpeg((200, 10, 10))
+        headers = [{"Content-Type": "application/octet-stream"}] * 3
+        responses, context = run_batch(handler, [good, b"not an image", good[: len(good) // 2]], headers)
+        assert context.statuses() == [200, 400, 400]
+        assert "UnidentifiedImageError" in responses[1]["message"]
+        assert "truncated" in responses[2]["message"].lower()
+        assert responses[0] == stock_answer_of(PillowHandler, tmp_path, [good])[0]
+        with pytest.raises(OSError):
+            stock_answer_of(PillowHandler, tmp_path, [good, b"not an image"])
+    finally:
+        handler.close()
+    handler = started(upgrade(RowHandler), tmp_path)
+    try:
+        headers = [{"Content-Type": "application/octet-stream"}] * 2
+        responses, context = run_batch(handler, [b'{"x": [1.0, 2.0]}', b'{"x": [1.0,'], headers)
+        assert context.statuses() == [200, 400]
+        assert "JSONDecodeError" in responses[1]["message"]
+    finally:
+        handler.close()
+
+
+def stock_answer_of(handler_class, model_dir, bodies):
+    write_model(model_dir)
+    stock = handler_class()
+    stock.initialize(context_for(model_dir))
+    return stock.handle([{"body": body} for body in bodies], FakeContext.for_batch(len(bodies)))
+
+
+class ListOutputHandler(RowHandler):
+    """Like torchvision's detection models under TorchServe's ObjectDetector: inference returns a
+    list with one dict of tensors per row, and postprocess iterates over that list."""
+
+    def inference(self, data, *args, **kwargs):
+        output = super().inference(data)
+        return [{"y": row, "top": row.argmax(dim=0, keepdim=True)} for row in output]
+
+    def postprocess(self, data):
+        return [{"y": row["y"].tolist(), "top": int(row["top"][0])} for row in data]
+
+
+def test_a_list_output_reaches_postprocess_as_a_list_of_the_requests_entry(tmp_path):
+    handler = started(upgrade(ListOutputHandler), tmp_path)
+    try:
+        responses, context = run_batch(handler, BODIES)
+        assert context.statuses() == [200] * 4
+        assert responses == stock_answer_of(ListOutputHandler, tmp_path, BODIES)
+        assert responses[0] == {"y": [3.0, 5.0], "top": 1}
+    finally:
+        handler.close()
