@@ -281,3 +281,33 @@ def test_through_torchserves_adapter_pt2_compiles_and_a_bad_request_fails_alone_
         assert 4 in served_sizes(handler, before)  # three good ones padded to the bucket
     finally:
         handler.close()
+
+
+class RanksNearTies(AffineHandler):
+    """Answers y and, for the log only, the full ranking of y's near-tied features: like a random
+    ResNet's argsort over 1000 near-equal probabilities, the ranking's tail follows differences
+    of 1e-7 that no answer shows."""
+
+    def infer(self, batch):
+        y = super().infer(batch)
+        tie_break = (-1.0) ** batch.shape[0] * torch.arange(4.0)  # the ties break one way alone, another way by 4
+        return {"y": y, "ranking": torch.argsort(y + 1e-7 * tie_break, dim=1)}
+
+    def postprocess_one(self, output, item):
+        return output["y"].tolist()
+
+
+def test_regression_the_audit_compares_answers_not_the_raw_ranking_a_compiled_batch_reorders(tmp_path):
+    """A compiled ResNet-18 batch of 8 against eager alone reordered the tail of its 1000-class
+    ranking; the audit compared raw parts, refuted the layout, and every request was then answered
+    alone (0.8x eager). The client's answers agreed."""
+    rows = [[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+    config = {"micro_batch_size": 4, "audit_share": 0.5}
+    with LocalServer.start(RanksNearTies, model_dir=str(tmp_path), handler_config=config, samples=ROWS) as server:
+        for _ in range(10):
+            responses = server.send(rows)
+            server.handler._engine._model.submit(lambda: None).result(5)  # the audit queued after the batch ran
+        audit = server.handler._engine._model_call.audit
+        assert not server.handler._scatter.answers_alone
+    assert audit.audits >= 1 and audit.disagreements == 0
+    assert [r.body for r in responses] == [affine(row) for row in rows]
