@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 import torch
 
 from handlers.core.accelerator_errors import breaks_device
+from handlers.core.compiled import Compiled, compile_buckets, read_compile
 from handlers.core.derived_inputs import derived_inputs
 from handlers.core.loading import PRECISIONS, load_model_files, model_dtype, prepare_model
 from handlers.core.request import NO_BODY, Request, deadline_of, decoded_body
@@ -24,6 +25,7 @@ from handlers.core.responses import JSON, Encoded, encoded, error_answer
 from handlers.core.self_test import SUMMARY_RECORD, first_difference, load_samples, run_self_test, tolerance
 from handlers.engine.audit import DEFAULT_SHARE, Audit
 from handlers.engine.batch_engine import BatchEngine, BatchReport
+from handlers.engine.buckets import Buckets
 from handlers.engine.errors import BadRequest, InternalError, UnsupportedMediaType
 from handlers.engine.model_call import ModelCall
 from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, declared_special, leaves_of, map_arrays
@@ -120,12 +122,14 @@ class MicroBatchHandler:
     # beside other requests must be to its answer alone, in the start-up self-test.
     # audit_share: the most of the model's time spent re-running a served request alone, on idle
     # model time, to compare with its batched answer (handlers.engine.audit); 0 turns it off.
+    # compile: infer compiled at fixed micro-batch sizes, warmed and checked at start-up (see
+    # handlers.core.compiled); empty: eager.
     # request_budget_s: seconds from a request's arrival after which its answer is no longer
     # awaited (0: only the client's x-request-timeout-seconds, if it sends one); a request the
     # model has not reached by then gets a 503 with Retry-After at once and costs no model time.
     options: ClassVar[dict] = {"precision": "float32", "channels_last": False, "torch_threads": 0,
                                "batch_dims": {}, "invariance_rtol": 1e-3, "invariance_atol": 1e-4,
-                               "request_budget_s": 0.0, "audit_share": DEFAULT_SHARE}
+                               "request_budget_s": 0.0, "audit_share": DEFAULT_SHARE, "compile": {}}
 
     def __init__(self):
         self.initialized = False
@@ -142,6 +146,7 @@ class MicroBatchHandler:
         self._scatter = Scatter()
         self.input_dtype = torch.float32  # floating inputs are cast to the model's precision
         self.self_test: Any = None  # the start-up self-test's report, when samples ran
+        self.compiled: Optional[Compiled] = None  # what start-up compiled (handler.compile), if anything
 
     # -- settings -------------------------------------------------------------------------------
 
@@ -177,6 +182,10 @@ class MicroBatchHandler:
         for key in ("invariance_rtol", "invariance_atol", "request_budget_s"):
             if options[key] < 0:
                 found.append(f"handler.{key} must be >= 0, got {options[key]!r}")
+        try:
+            read_compile(options["compile"])
+        except ConfigError as exc:
+            found.append(str(exc))
         if found:
             raise ConfigError("\n".join(found))
 
@@ -237,6 +246,9 @@ class MicroBatchHandler:
             # One sample (or copies of one) cannot show a model that mixes its batch: say so loudly.
             level = logging.INFO if self.self_test.distinct >= 2 else logging.WARNING
             log.log(level, "%s %s", type(self).__name__, self.self_test.summary(), extra={SUMMARY_RECORD: True})
+        compile_settings = read_compile(self.config["compile"])
+        if compile_settings is not None:
+            self.compiled = compile_buckets(self, compile_settings, samples)
         if self.device.type == "cuda":
             # The self-test's activations stay in torch's cache, reserved for the worker's life.
             torch.cuda.synchronize(self.device)
@@ -244,7 +256,7 @@ class MicroBatchHandler:
         # A split of the user's own may still hand its output to the scatter (super().split).
         model_call = ModelCall(self._forward, self._split_on_host, breaks_device=breaks_device,
                                derive=derived_inputs, answers_alone=lambda: self._scatter.answers_alone,
-                               audit=self._audit())
+                               audit=self._audit(), buckets=self._buckets())
         self._engine = BatchEngine(
             self._preprocess_request, model_call, self._postprocess_one_encoded, self.settings,
             inference_on_cpu=self.device.type == "cpu",
@@ -371,6 +383,24 @@ class MicroBatchHandler:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _buckets(self) -> Buckets:
+        """The compiled sizes, if any. A short micro-batch is padded up to one only while the
+        self-test has proven the model batch-invariant (two different samples or more, a layout
+        trusted, nothing answered alone): the pad rows then cannot change the real rows' answers."""
+        if self.compiled is None:
+            return Buckets()
+
+        def proven() -> bool:
+            report = self.self_test
+            return (report is not None and report.distinct >= 2 and report.alone_reason is None
+                    and not self._scatter.answers_alone)
+
+        if not proven():
+            log.info("handler.compile: batch invariance is not proven by the self-test, so micro-batches are not "
+                     "padded: the compiled model serves exactly %s, eager every other size",
+                     ", ".join(map(str, self.compiled.sizes)))
+        return Buckets(self.compiled.sizes, may_pad=proven, min_fill=self.compiled.settings.min_fill)
+
     def _audit(self) -> Optional[Audit]:
         """Now and then a request of a micro-batch runs again alone and is compared (see
         :mod:`handlers.engine.audit`); a disagreement refutes the layout for good."""
@@ -383,8 +413,14 @@ class MicroBatchHandler:
             log.error("%s: some answers given in micro-batches may have held the wrong data", reason)
             self._scatter.answer_alone(reason, for_one=self._scatter.layout)
 
-        return Audit(lambda item: self._split_on_host(self._forward([item]), 1)[0],
-                     lambda alone, batched: first_difference(alone, batched, rtol, atol), refute, share)
+        def compare(alone: Any, batched: Any, item: Any) -> Optional[str]:
+            # The answers as the client gets them, as the self-test compares them: a full ranking
+            # of 1000 near-tied classes (argsort of a random ResNet's softmax) reorders its tail
+            # on differences of 1e-7 (a compiled batch against eager alone), which no answer shows.
+            return first_difference(self._postprocess_one_encoded(alone, item).value,
+                                    self._postprocess_one_encoded(batched, item).value, rtol, atol)
+
+        return Audit(lambda item: self._split_on_host(self._forward([item]), 1)[0], compare, refute, share)
 
     def _preprocess_request(self, request: Request) -> Any:
         if request.body is NO_BODY:  # no hook can read it: say what the client should send
@@ -404,21 +440,30 @@ class MicroBatchHandler:
         # Encoded here, on the pool, once: the server's main thread only forwards the bytes.
         return encoded(answer)
 
-    def _forward(self, items: list) -> Any:
-        """collate → infer for one micro-batch, on the model thread that runs it."""
+    def _forward(self, items: list, infer: Any = None, new_graph_step: bool = False) -> Any:
+        """collate → infer for one micro-batch, on the model thread that runs it: the compiled
+        ``infer`` at a compiled size, else the hook itself (``infer``: this one instead)."""
+        if infer is None:
+            compiled = self.compiled
+            infer = self.infer
+            if compiled is not None and len(items) in compiled.sizes:
+                infer, new_graph_step = compiled.infer, compiled.cudagraphs
         tensors = [leaf for leaf in leaves_of(items).values() if isinstance(leaf, torch.Tensor)]
         versions = [tensor._version for tensor in tensors]  # they move on every in-place change
         # inference_mode is thread-local: enter it on the model thread that runs this.
         with torch.inference_mode(), self._own_stream() as stream:
             if stream is not None:
                 _take_over(tensors, stream, torch.cuda.default_stream(self.device))
-            output = self.infer(self.collate(items))
+            batch = self.collate(items)
+            if new_graph_step:  # a CUDA graph's outputs are overwritten by its next replay: copied below
+                torch.compiler.cudagraph_mark_step_begin()
+            output = infer(batch)
         if versions != [tensor._version for tensor in tensors]:
             # A retry, a probe or an audit sends the same items again: changed, they would get
             # another answer, in a 200.
             raise InputChangedInPlace("collate or infer changed a request's preprocessed tensor in place; a retry "
                                       "or a lone call would see the changed input: work on a copy (x = x.clone())")
-        if self._output_buffers.note(output):
+        if self._output_buffers.note(output) or new_graph_step:
             with torch.inference_mode():
                 output = map_arrays(output, _copy_tensor)
         return output

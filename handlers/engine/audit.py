@@ -33,12 +33,13 @@ class Audit:
 
     Args:
         run_alone: ``item -> part``: the model on the item alone, cut for a micro-batch of one.
-        compare: ``(alone, batched) -> difference in words, or None`` (the self-test's tolerance).
+        compare: ``(alone, batched, item) -> difference in words, or None`` (the self-test's
+            tolerance; ``item``: the request's, to compare answers as its client gets them).
         on_disagreement: ``reason -> None``.
         share: the most of the model's time audits may take (0 turns them off).
     """
 
-    def __init__(self, run_alone: Callable[[Any], Any], compare: Callable[[Any, Any], Optional[str]],
+    def __init__(self, run_alone: Callable[[Any], Any], compare: Callable[[Any, Any, Any], Optional[str]],
                  on_disagreement: Callable[[str], None], share: float = DEFAULT_SHARE, seed: int = 0):
         self._run_alone = run_alone
         self._compare = compare
@@ -96,7 +97,7 @@ class Audit:
         started = time.perf_counter()
         try:
             alone = self._run_alone(item)
-            difference = self._compare(alone, batched)
+            difference = self._compare(alone, batched, item)
         except Exception:  # noqa: BLE001 - e.g. out of memory while another call ran: no verdict
             log.debug("an audit's lone call failed; no verdict", exc_info=True)
             return None

@@ -21,7 +21,12 @@ around it, owned here so that the engine only schedules:
   by the data is not taken for the batch. A lone request whose probe runs out of memory is
   answered by its own call, whole, as if answered alone (the layout stays unknown);
 - **answering alone**: where no layout can be trusted (:class:`AnswerAlone`), each request gets
-  a model call of its own, whose whole output is its answer; each such call fails alone too.
+  a model call of its own, whose whole output is its answer; each such call fails alone too;
+- **buckets** (a model compiled at fixed sizes, :class:`Buckets`): the micro-batch size, once
+  capped, is brought down to a bucket, and a short micro-batch is padded up to one (with copies
+  of its last request, while the model is proven batch-invariant) and the pad rows' outputs
+  dropped. Padding never goes above the out-of-memory cap, and the parts of a failed micro-batch
+  are retried unpadded, so that a retry is never as large as what failed.
 
 Plain Python: the model's steps come in as functions; it imports neither torch nor a server.
 """
@@ -35,6 +40,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from handlers.engine.audit import Audit
+from handlers.engine.buckets import Buckets
 from handlers.engine.clocks import Deadline, StageTimes
 from handlers.engine.errors import (DeadlineExceeded, InferenceFailed, OutOfMemory, RequestError, ServiceUnavailable, SplitFailed,
                       inference_error, is_out_of_memory)
@@ -75,6 +81,7 @@ class ModelCall:
             each request is then sent alone, without a wasted call on them all first.
         audit: offered a request of each micro-batch of several now and then, to run alone on
             idle model time (:meth:`run_audit`) and compare.
+        buckets: the fixed sizes the model is compiled at (:class:`Buckets`; none by default).
 
     Example::
 
@@ -84,8 +91,10 @@ class ModelCall:
 
     def __init__(self, forward: Forward, split: Optional[Split] = None, breaks_device: Callable = never,
                  health: Optional[WorkerHealth] = None, derive: Callable[[list], list] = lambda items: [],
-                 answers_alone: Callable[[], bool] = lambda: False, audit: Optional[Audit] = None):
+                 answers_alone: Callable[[], bool] = lambda: False, audit: Optional[Audit] = None,
+                 buckets: Buckets = Buckets()):
         self._forward = forward
+        self.buckets = buckets
         self.audit = audit
         self._split = split
         self._breaks_device = breaks_device
@@ -108,11 +117,15 @@ class ModelCall:
         if self._broken is not None:
             refused = Failure(_unavailable(self._broken))
             return [(position, refused) for position, _ in ready]
-        return self._isolate(ready, deadline, times, None, top=True)
+        return self._isolate(ready, deadline, times, self._call(ready, times, pad=True), top=True)
 
     def cap(self, size: Optional[int]) -> Optional[int]:
-        """The micro-batch size to use instead of ``size`` (None: the whole batch) while out of
-        memory caps it; every :data:`PROBE_CAPPED_SIZE_EVERY` capped batches, ``size`` itself."""
+        """The micro-batch size to use instead of ``size`` (None: the whole batch): capped while
+        out of memory caps it (every :data:`PROBE_CAPPED_SIZE_EVERY` capped batches, ``size``
+        itself), then brought down to a bucket, if the model has buckets."""
+        return self.buckets.micro_batch_size(self._capped(size))
+
+    def _capped(self, size: Optional[int]) -> Optional[int]:
         with self._lock:
             safe = self._safe_size
             if safe is None or (size is not None and size <= safe):
@@ -176,9 +189,9 @@ class ModelCall:
             return False
         return error.retry_may_cure
 
-    def _call(self, ready: list, times: StageTimes) -> Outcome:
+    def _call(self, ready: list, times: StageTimes, pad: bool = False) -> Outcome:
         """One model call on ``ready``'s items (plus a probe of its first half, if the split asks
-        for one); the outcome holds one output per item."""
+        for one), padded up to a bucket when ``pad``; the outcome holds one output per item."""
         items = [item for _, item in ready]
         if self._broken is not None:
             return Failure(_unavailable(self._broken))
@@ -187,12 +200,13 @@ class ModelCall:
         started = time.perf_counter()
         try:
             self._gate.overlapped = False
-            outcome = attempt(self._outputs, self._classify, items, times)
+            size = self.buckets.padded(len(items), self._safe_size) if pad else len(items)
+            outcome = attempt(self._outputs, self._classify, items, times, size)
             if not outcome.ok and isinstance(outcome.error, OutOfMemory) and self._gate.overlapped:
                 # Another thread's micro-batch ran beside it: the same one again, alone, before
                 # splitting it or capping the size for a memory use that was not its own.
                 with self._gate.exclusive():
-                    outcome = attempt(self._outputs, self._classify, items, times)
+                    outcome = attempt(self._outputs, self._classify, items, times, size)
         finally:
             seconds = time.perf_counter() - started
             times.add_call(len(items), seconds)
@@ -208,8 +222,13 @@ class ModelCall:
             with self._gate.shared():
                 self.audit.run()
 
-    def _outputs(self, items: list, times: StageTimes) -> Any:
-        """One output per item, or :data:`_ANSWER_ALONE` when the split cannot cut this output."""
+    def _outputs(self, items: list, times: StageTimes, size: Optional[int] = None) -> Any:
+        """One output per item, or :data:`_ANSWER_ALONE` when the split cannot cut this output.
+        ``size``: the bucket to pad ``items`` up to (copies of the last one), whose extra outputs
+        are dropped."""
+        real = items
+        if size is not None and size > len(items):
+            items = items + [items[-1]] * (size - len(items))
         with self._gate.shared():
             output = self._forward(items)
         if self._split is None:
@@ -226,6 +245,7 @@ class ModelCall:
             # A contract bug in the model step; a real check, not an assert (python -O drops those).
             raise SplitFailed(f"inference returned {len(outputs)} outputs for a micro-batch of {len(items)}: "
                               f"split(output, count) must return one output per item")
+        outputs, items = outputs[:len(real)], real  # the pad rows' outputs go
         if self.audit is not None and len(items) > 1:
             self.audit.offer(items, outputs)
         return outputs

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from handlers.core.compiled import with_pt2
 from handlers.core.metrics import batch_metrics
 from handlers.core.request import NO_BODY, Request
 from handlers.core.responses import JSON, error_answer
@@ -334,7 +335,8 @@ def replica_class(max_concurrent_batches: int) -> type:
                     self.handler = handler_class_for(self.model_dir, manifest)()
                 # An upgraded TorchServe handler's initialize(context) reads TorchServe's context.
                 attach_context(self.handler, name, self.model_dir, manifest, model_config, device)
-                self.handler.start(model_dir=self.model_dir, section=model_config.get(SECTION), device=device,
+                section = with_pt2(model_config.get(SECTION), model_config.get("pt2"))  # TorchServe's pt2: too
+                self.handler.start(model_dir=self.model_dir, section=section, device=device,
                                    model_files=ModelFiles(**model_files), cpus=cpus or None,
                                    # The same deadline as on TorchServe, inside the config's
                                    # responseTimeout (Ray has no such limit: it was 60 s whatever it said).

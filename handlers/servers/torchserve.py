@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from handlers.core.compiled import with_pt2
 from handlers.core.metrics import batch_metrics
 from handlers.core.request import NO_BODY, Request
 from handlers.core.responses import JSON, error_answer
@@ -97,7 +98,7 @@ def initialize(handler, context) -> None:
         handler.manifest = context.manifest or {}
         handler.start(
             model_dir=context.system_properties.get("model_dir", "."),
-            section=model_config.get(SECTION),
+            section=with_pt2(model_config.get(SECTION), model_config.get("pt2")),
             device=device_for(context.system_properties),
             model_files=model_files_from_manifest(handler.manifest),
             server_timeout_s=response_timeout(model_config),
