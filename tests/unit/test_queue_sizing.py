@@ -146,7 +146,7 @@ def test_what_the_wait_does_not_show_goes_with_the_fastest_batch(cost, slowed, q
 
 @pytest.mark.parametrize("cost, waited, timed", [
     (0.001, 0.0, MOST_TIMED),      # a fast model: many batches, in milliseconds
-    (0.5, 0.0, 4),                 # until they cost TIMING_S: 4 × 0.5 s
+    (0.3, 0.0, 4),                 # until they cost TIMING_S: 4 × 0.3 s
     (3.0, 0.0, TIMED_BATCHES),     # a slow one: the fewest
     (0.4, 9.6, TIMED_BATCHES),     # a crowded machine: 10 s a batch, past TIMING_WALL_S after the fewest
 ])
