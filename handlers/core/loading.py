@@ -44,7 +44,7 @@ def load_model_files(model_dir: str, files: ModelFiles, device: torch.device) ->
 def _load_state_dict(path: str, device: torch.device) -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         if not _written_by_torch_save(path):  # garbage is refused by the same unpickler
             raise RuntimeError(f"cannot read the weights {path}: it is not a file torch.save wrote (neither "
                                f"a zip archive nor a pickle); save them with torch.save(model.state_dict(), ...)") from None

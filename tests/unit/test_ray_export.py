@@ -4,7 +4,6 @@ models/<name>.mar, code/requirements.txt) from a .mar or an archiver config, wit
 
 import tarfile
 
-import pytest
 import yaml
 
 from handlers.export_ray import export, main, serve_config, write_tar
