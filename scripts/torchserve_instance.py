@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Optional
 
 READY_TIMEOUT_S = 240
 POLL_S = 0.25  # how often to look at a separate process's HTTP API and log: nothing to wait on instead
+READY_LOG_GRACE_S = 1.0  # how long after a worker is READY its worker's last lines may reach the log
 # After TorchServe logs a worker's death, how long its last stdout lines may still take to arrive.
 DEATH_GRACE_S = 1.0
 WORKER_EXIT_S = 10  # how long stopped workers may take to end before they are killed
@@ -337,7 +338,16 @@ class TorchServe:
                 failed[model] = reason
                 if on_failure is not None:
                     on_failure(model, reason)
-            pending = [m for m in pending if m not in failed and not self.model_ready(m)]
+            ready = [m for m in pending if m not in failed and self.model_ready(m)]
+            if ready:
+                # A worker that cannot start stays up: READY just after logging its line, which
+                # TorchServe writes from another thread. The log is read again after READY is seen.
+                time.sleep(READY_LOG_GRACE_S)
+                for model, reason in watch.failures(ready).items():
+                    failed[model] = reason
+                    if on_failure is not None:
+                        on_failure(model, reason)
+            pending = [m for m in pending if m not in failed and m not in ready]
             if not pending:
                 return failed
             if not self.running():
