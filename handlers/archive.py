@@ -14,8 +14,10 @@ The work is done in :mod:`handlers.packaging.archive`; this module is the comman
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,6 +25,7 @@ from typing import Optional
 from handlers.packaging.archive import (ArchiveConfigError, ArchiveSpec, archive, archive_config, build_artefacts,
                                         ineffective_settings, load_spec, self_test, sized_for_budget, time_batches,
                                         SELF_TEST_NOT_RUN)
+from handlers.packaging.aot_packages import aot_settings, with_aot_packages
 from handlers.packaging.queue_sizing import budget_of
 
 __all__ = ["ArchiveConfigError", "ArchiveSpec", "archive", "archive_config", "load_spec", "main"]
@@ -95,6 +98,14 @@ def main(argv: Optional[list] = None) -> int:
             return 3
         print(f"{len(specs)} config(s) OK{' (configs only, no self-test)' if args.configs_only else ''}: {names}")
         return 0
+    aot_folder = Path(tempfile.mkdtemp(prefix="mbh-aot-"))  # the packages, until archived
+    try:
+        return _archive_all(specs, args, aot_folder)
+    finally:
+        shutil.rmtree(aot_folder, ignore_errors=True)
+
+
+def _archive_all(specs: list, args, aot_folder: Path) -> int:
     for number, spec in enumerate(specs, 1):
         started = time.monotonic()
         prefix = f"[{number}/{len(specs)}] {spec.model_name}"
@@ -102,6 +113,10 @@ def main(argv: Optional[list] = None) -> int:
         try:
             if build_artefacts(spec, args.rebuild):
                 print(f"{prefix}: built artefacts with {' '.join(spec.build)}", flush=True)
+            if aot_settings(spec) is not None:  # before timing: the batches are timed as the packages run them
+                print(f"{prefix}: compiling AOTInductor packages (handler.compile.aot)", flush=True)
+            spec, lines = with_aot_packages(spec, aot_folder / spec.model_name)
+            _print_lines(lines, f"{prefix}: ")
             if budget_of(spec.model_config) > 0:  # the queue from the budget: the model is started and timed
                 print(f"{prefix}: timing the model's batches for its queue", flush=True)
                 spec, lines = sized_for_budget(spec, time_batches(spec)[1])

@@ -23,11 +23,13 @@ import argparse
 import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
+from handlers.packaging.aot_packages import with_aot_packages
 from handlers.packaging.archive import PACKAGE_DIR, ArchiveConfigError, archive, build_artefacts, load_spec
 from handlers.packaging.mar import MarError, is_mar, load_mar
 from handlers.packaging.requirements import requirements_for
@@ -76,7 +78,11 @@ def export(source: Path, out: Path, host: str = "127.0.0.1", port: int = 8000, s
     else:
         config = load_spec(source, root)
         build_artefacts(config)
-        mar = archive(config, models)
+        with tempfile.TemporaryDirectory(prefix="mbh-aot-") as aot_folder:
+            config, lines = with_aot_packages(config, Path(aot_folder))
+            for line in lines:
+                print(line, file=sys.stderr if line.startswith("warning: ") else sys.stdout, flush=True)
+            mar = archive(config, models)
         spec = load_mar(mar)
     shutil.copytree(PACKAGE_DIR, out / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (out / "deployment.py").write_text(DEPLOYMENT)

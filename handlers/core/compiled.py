@@ -22,6 +22,8 @@ Settings (``handler.compile``; an empty mapping, the default, leaves it off)::
                          # relative paths start there)
       min_fill: 0.5      # a short micro-batch is padded to a bucket only when it fills at
                          # least this share of it (and only when batch invariance is proven)
+      aot: false         # AOTInductor: python -m handlers.archive compiles each bucket ahead of
+                         # time into the archive (handlers.core.aot); workers load, not compile
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from handlers.engine.settings import ConfigError
 log = logging.getLogger(__name__)
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-KEYS = ("enabled", "mode", "backend", "buckets", "cache_dir", "min_fill")
+KEYS = ("enabled", "mode", "backend", "buckets", "cache_dir", "min_fill", "aot")
 AUTO_LARGEST = 16
 CACHE_FOLDER = "compile_cache"
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -53,6 +55,7 @@ class CompileSettings:
     buckets: Any = "auto"
     cache_dir: str = ""
     min_fill: float = 0.5
+    aot: bool = False
 
     def sizes(self, micro_batch_size: Optional[int]) -> tuple:
         """The buckets: the configured list, or auto's powers of two from 4 up to
@@ -96,18 +99,22 @@ def read_compile(section: Any) -> Optional[CompileSettings]:
     fill = settings.min_fill
     if not isinstance(fill, (int, float)) or isinstance(fill, bool) or not 0 < fill <= 1:
         raise ConfigError(f"handler.compile.min_fill must be a number in (0, 1], got {fill!r}")
+    if not isinstance(settings.aot, bool):
+        raise ConfigError(f"handler.compile.aot must be true or false, got {settings.aot!r}")
     return settings
 
 
 def with_pt2(section: Any, pt2: Any) -> Any:
     """The ``handler:`` section with TorchServe's ``pt2:`` model-config section read as its
     ``compile`` (``pt2: {compile: {enable: true, backend, mode}}``, or the older ``pt2: {backend,
-    mode}``), unless the section has a ``compile`` of its own. ``pt2.export`` (AOTInductor) is
-    not read: a warning says so."""
+    mode}``), unless the section has a ``compile`` of its own; ``pt2: {export: {aot_compile: true}}``
+    as ``compile: {aot: true}`` (AOTInductor packages per bucket, built by the archive tool)."""
     if not isinstance(pt2, Mapping) or isinstance(section, Mapping) and "compile" in section:
         return section
-    if "export" in pt2:
-        log.warning("pt2.export (AOTInductor) is not supported: use handler.compile (torch.compile per bucket)")
+    export = pt2.get("export")
+    if isinstance(export, Mapping) and export.get("aot_compile") is True:
+        log.info("pt2.export.aot_compile: read as handler.compile {aot: true}")
+        return {**(section or {}), "compile": {"enabled": True, "aot": True}}
     if "compile" in pt2:
         source = pt2["compile"]
         if not isinstance(source, Mapping) or source.get("enable") is not True:
@@ -147,36 +154,62 @@ class Compiled:
 
 
 def compile_buckets(handler, settings: CompileSettings, samples: list) -> Optional[Compiled]:
-    """Compile ``handler.infer`` at each bucket, warmed on copies of the samples' items, and
-    check its answers against eager's; None (and one line in the log) when there are no
-    samples, compiling fails, or an answer differs beyond the self-test's tolerance."""
-    sizes = settings.sizes(handler.settings.micro_batch_size)
+    """Compile ``handler.infer`` at each bucket (or, with ``aot``, load the archive's AOTInductor
+    packages), warmed on copies of the samples' items, and check its answers against eager's;
+    None (and one line in the log) when there are no samples, compiling or loading fails, or an
+    answer differs beyond the self-test's tolerance."""
     if not samples:
         log.warning("handler.compile: no samples to warm and check the compiled model on: this worker runs eager "
                     "(ship samples: in the archiver config)")
         return None
     started = time.perf_counter()
     try:
-        compiled = _compile(handler, settings, samples, sizes)
-    except Exception as exc:  # noqa: BLE001 - any failure to compile means eager, said once
-        log.warning("handler.compile: compiling %s (backend %s, mode %s) failed: %s; this worker runs eager",
-                    type(handler).__name__, settings.backend, settings.mode, _describe(exc))
+        built = _aot_packages(handler) if settings.aot else None
+        if built is None:
+            built = _compile(handler, settings, settings.sizes(handler.settings.micro_batch_size))
+        difference = _differs_from_eager(handler, samples, built)
+    except Exception as exc:  # noqa: BLE001 - any failure to compile or load means eager, said once
+        from handlers.core.aot import AotUnusable
+
+        if isinstance(exc, AotUnusable):
+            log.warning("handler.compile.aot: %s; this worker runs eager", exc)
+        else:
+            log.warning("handler.compile: compiling %s (backend %s, mode %s) failed: %s; this worker runs eager",
+                        type(handler).__name__, settings.backend, settings.mode, _describe(exc))
         return None
-    if isinstance(compiled, str):
-        log.warning("handler.compile: %s; this worker runs eager", compiled)
+    if difference:
+        log.warning("handler.compile: %s; this worker runs eager", difference)
         return None
-    compiled.seconds = time.perf_counter() - started
-    log.info("handler.compile: %s compiled (backend %s, mode %s) at micro-batch sizes %s, checked against eager, "
-             "in %.1f s; inductor's cache: %s", type(handler).__name__, settings.backend, settings.mode,
-             ", ".join(map(str, sizes)), compiled.seconds, os.environ.get(CACHE_ENV, "-"))
-    return compiled
+    seconds = time.perf_counter() - started
+    log.info("handler.compile: %s %s at micro-batch sizes %s, checked against eager, in %.1f s", type(handler).__name__,
+             built.how, ", ".join(map(str, built.sizes)), seconds)
+    return Compiled(built.sizes, built.serve, settings, built.cudagraphs, seconds)
 
 
-def _compile(handler, settings: CompileSettings, samples: list, sizes: tuple):
+@dataclass
+class _Built:
+    sizes: tuple
+    check: Any  # the infer the start-up check warms and compares (compiling on its first call)
+    serve: Any  # the infer requests get: never compiles
+    cudagraphs: bool
+    how: str  # for the log line
+
+
+def _aot_packages(handler) -> Optional[_Built]:
+    """The archive's AOTInductor packages, or None when it holds none (then compiled here)."""
+    from handlers.core.aot import load_packages
+
+    loaded = load_packages(handler)
+    if loaded is None:
+        log.warning("handler.compile.aot: the model's folder holds no AOTInductor packages (python -m handlers.archive "
+                    "builds them into the .mar): compiling at start-up instead")
+        return None
+    return _Built(loaded.sizes, loaded.strict, loaded, False, f"loaded AOTInductor packages ({loaded.built_with})")
+
+
+def _compile(handler, settings: CompileSettings, sizes: tuple) -> _Built:
     import torch
     import torch._dynamo
-
-    from handlers.core.self_test import _answer, first_difference, tolerance
 
     # Always ours (torch itself sets the variable once inductor has run): handler.compile.cache_dir
     # names another folder.
@@ -188,13 +221,25 @@ def _compile(handler, settings: CompileSettings, samples: list, sizes: tuple):
     mode = None if settings.mode == "default" else settings.mode
     compiled = torch.compile(handler.infer, backend=settings.backend, mode=mode, dynamic=False)
     cudagraphs = handler.device.type == "cuda" and settings.mode == "reduce-overhead"
+    # Served in run-only mode: the shapes compiled by the check, eager for any other; never a compile.
+    return _Built(sizes, compiled, torch._dynamo.run(compiled), cudagraphs,
+                  f"compiled (backend {settings.backend}, mode {settings.mode}; inductor's cache: "
+                  f"{os.environ.get(CACHE_ENV, '-')})")
+
+
+def _differs_from_eager(handler, samples: list, built: _Built) -> Optional[str]:
+    """Run ``built.check`` at each of its sizes on copies of the samples' items (compiling it
+    there, for torch.compile) and compare its answers, as clients get them, with eager's at the
+    self-test's tolerance: the first difference, or None."""
+    from handlers.core.self_test import _answer, first_difference, tolerance
+
     items = [handler._preprocess_request(sample.request) for sample in samples]
     rtol, atol = tolerance(handler)
-    for size in sizes:
+    for size in built.sizes:
         batch = [items[i % len(items)] for i in range(size)]
         eager = handler._split_on_host(handler._forward(batch), size)
-        for _ in range(3 if cudagraphs else 1):  # CUDA graphs record on the third call
-            output = handler._forward(batch, infer=compiled, new_graph_step=cudagraphs)
+        for _ in range(3 if built.cudagraphs else 1):  # CUDA graphs record on the third call
+            output = handler._forward(batch, infer=built.check, new_graph_step=built.cudagraphs)
         parts = handler._split_on_host(output, size)
         for slot, (alone, part) in enumerate(zip(eager, parts)):
             sample = samples[slot % len(samples)]
@@ -205,8 +250,7 @@ def _compile(handler, settings: CompileSettings, samples: list, sizes: tuple):
                 return (f"the compiled model's answer to sample {sample.name} at micro-batch size {size} differs from "
                         f"eager's: {difference.replace(' alone ', ' eager ').replace(' together', ' compiled')} "
                         f"(tolerance rtol {rtol:g}, atol {atol:g})")
-    # Served in run-only mode: the shapes compiled above, eager for any other; never a compile.
-    return Compiled(sizes, torch._dynamo.run(compiled), settings, cudagraphs, 0.0)
+    return None
 
 
 def _describe(exc: BaseException) -> str:

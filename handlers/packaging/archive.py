@@ -609,13 +609,21 @@ def archive_config(path: Path, model_store: Path, model_config_updates: Optional
     ``handler``) and ``model_config_updates`` are merged into its model config. Returns the
     path of the ``.mar``. ``size_queue``: ``jobQueueSize`` (and ``batchSize``) from the budget,
     as ``python -m handlers.archive`` writes them (the model is started and timed)."""
+    from handlers.packaging.aot_packages import with_aot_packages  # it builds on this module
+
     spec = load_spec(path, root)
     build_artefacts(spec)
-    if size_queue and budget_of(spec.model_config) > 0:
-        spec, _ = sized_for_budget(spec, time_batches(spec)[1])
     if model_config_updates:
-        changes["model_config"] = {**spec.model_config, **model_config_updates}
-    return archive(dataclasses.replace(spec, **changes), model_store)
+        spec = dataclasses.replace(spec, model_config={**spec.model_config, **model_config_updates})
+    with tempfile.TemporaryDirectory(prefix="mbh-aot-") as aot_folder:
+        spec, lines = with_aot_packages(spec, Path(aot_folder))
+        for line in lines:
+            print(line, file=sys.stderr if line.startswith("warning: ") else sys.stdout, flush=True)
+        if size_queue and budget_of(spec.model_config) > 0:
+            spec, _ = sized_for_budget(spec, time_batches(spec)[1])
+        if model_config_updates:  # over what sizing wrote, as given
+            changes["model_config"] = {**spec.model_config, **model_config_updates}
+        return archive(dataclasses.replace(spec, **changes), model_store)
 
 
 def _archiver() -> str:
