@@ -9,6 +9,12 @@ window, and the compiled over eager ratio per round with the median.
 
 The compiled config shares one inductor cache (``--cache-dir``, default in the work folder) with
 every start, so that only the first compile is cold: what a restart of a worker costs.
+
+``--aot``: the compiled variant is AOTInductor packages (``handler.compile.aot``), built into its
+``.mar`` by the archive (timed: ``archive_s``) and loaded by its workers; both servers serve the
+``.mar`` files (Ray Serve through ``handlers.ray_serve``'s ``.mar`` path)::
+
+    python -m bench.compiled --examples image_classifier --aot --rounds 2
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ def on_ray_serve(configs: dict, args) -> list:
     """Each variant deployed (time to ready), then both measured in alternating windows on one
     private local Ray cluster."""
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
-    from handlers.servers.ray_serve import serve_configs
+    from handlers.packaging.mar import is_mar, load_mar
+    from handlers.servers.ray_serve import serve_configs, serve_specs
 
     rows, urls = [], {}
     port = free_port()
@@ -107,7 +114,7 @@ def on_ray_serve(configs: dict, args) -> list:
         try:
             for (example, kind), config in configs.items():
                 started = time.monotonic()
-                [name] = serve_configs([config])
+                [name] = serve_specs([load_mar(config)]) if is_mar(config) else serve_configs([config])
                 rows.append({"server": "Ray Serve", "example": example, "kind": kind,
                              "ready_s": round(time.monotonic() - started, 1)})
                 urls[(example, kind)] = f"http://127.0.0.1:{port}/predictions/{name}"
@@ -138,7 +145,9 @@ def measure(server: str, example: str, kind: str, url: str, auth: dict, args) ->
 
 
 def table(rows: list) -> str:
-    lines = ["| server | example | path | worker ready after (s) |", "|---|---|---|---|"]
+    lines = ["| example | path | archived in (s) |", "|---|---|---|"]
+    lines += [f"| {r['example']} | {r['kind']} | {r['archive_s']} |" for r in rows if "archive_s" in r]
+    lines += ["", "| server | example | path | worker ready after (s) |", "|---|---|---|---|"]
     lines += [f"| {r['server']} | {r['example']} | {r['kind']} | {r['ready_s']} |" for r in rows if "ready_s" in r]
     lines += ["", "| round | server | example | path | load (1 min) | req/s | p50 ms | p99 ms | errors | mean batch |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -181,6 +190,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="alternating windows of each path, per example")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs per Ray replica")
     parser.add_argument("--cache-dir", type=Path, default=WORK / "compiled_cache")
+    parser.add_argument("--aot", action="store_true", help="AOTInductor packages in the .mar instead of torch.compile")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default="compiled")
     args = parser.parse_args(argv)
@@ -188,15 +198,21 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    compiled = {"buckets": args.buckets, "mode": args.mode, "cache_dir": str(args.cache_dir.resolve())}
+    compiled = {"buckets": args.buckets, "mode": args.mode, "cache_dir": str(args.cache_dir.resolve()),
+                **({"aot": True} if args.aot else {})}
     configs = {(example, kind): variant(example, compiled if kind == "compiled" else {}, work, args.cpus)
                for example in args.examples for kind in ("eager", "compiled")}
     store = work / "model_store"
-    names = ({key: archive_config(path, store).stem for key, path in configs.items()}
-             if "torchserve" in args.servers else {})
+    names, rows = {}, []
+    if "torchserve" in args.servers or args.aot:
+        for key, path in configs.items():
+            started = time.monotonic()
+            names[key] = archive_config(path, store).stem
+            rows.append({"example": key[0], "kind": key[1], "archive_s": round(time.monotonic() - started, 1)})
+    if args.aot:  # Ray Serve serves the .mar files: the packages are in them
+        configs = {key: store / f"{name}.mar" for key, name in names.items()}
     speed_before = matmul_gflops()
     load_before = os.getloadavg()
-    rows = []
     for server in args.servers:
         rows += on_torchserve(work, store, names, args) if server == "torchserve" else on_ray_serve(configs, args)
     load_after = os.getloadavg()

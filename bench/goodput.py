@@ -5,12 +5,14 @@ real ones do, and say so in ``x-request-timeout-seconds``.
     python -m bench.goodput --seconds 20 --out bench/results
 
 The model is ``make serve``'s image classifier (archiver_configs/image_classifier.yaml: ResNet-18,
-batches of 16), fed 640×480 JPEGs. For each server: its capacity (closed loop, 32 clients, or as many as its queue holds), then
-Poisson arrivals at 1x, 2x and 4x that capacity. TorchServe runs twice: as shipped (archived as
-``python -m handlers.archive`` does: ``jobQueueSize`` and ``batchSize`` sized from the config's
-``request_budget_s``, the model timed), and without a budget (config.properties' job_queue_size=64;
-``--shipped-only`` skips it). Ray Serve runs once: its replica admits on arrival what it can answer
-in time.
+batches of 16), fed 640×480 JPEGs. For each server: the model's capacity there (closed loop, 32
+clients, the config served without its budget, so nothing is refused: with it, refused clients
+send again at once and the loop measures a storm), then Poisson arrivals at 1x, 2x and 4x that
+capacity to the server as shipped. TorchServe as shipped is archived as ``python -m
+handlers.archive`` does (``jobQueueSize`` and ``batchSize`` sized from the config's
+``request_budget_s``, the model timed; its capacity is measured at that batch size); the
+server without a budget (config.properties' job_queue_size=64) gets the loads too unless
+``--shipped-only``. Ray Serve's replica admits on arrival what it can answer in time.
 
 ``--retry-storm``: the same servers, closed loop at 64 and 128 clients (``--clients``), each
 giving up after the client timeout and sending again ``--retry-after-ms`` (50 ms) after a refusal
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -32,6 +35,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from bench.cpu_split import cpu_snapshot, idle_share, machine_times, split
 from bench.loadgen import run_closed_loop, run_open_loop
@@ -72,26 +76,32 @@ def main(argv=None) -> int:
     rows = []
     speed_before = matmul_gflops()
 
+    # Capacity: what the model answers per second on that server with no budget (nothing
+    # refused: with it, a closed loop's refused clients send again at once and measure a storm),
+    # 32 closed-loop clients, the shipped batch size. Every share below is of that.
+    unbudgeted = {k: v for k, v in spec.model_config["handler"].items() if k != BUDGET_KEY}
     if "torchserve" in args.servers:
         # As `make serve` archives it: jobQueueSize (and batchSize) from the config's budget.
-        with torchserve_serving(work / "shipped", {}, size_queue=True) as (instance, name):
-            written = served_model_config(work / "shipped", name)
-            label = (f"TorchServe, as shipped (jobQueueSize {written.get('jobQueueSize', 'not set')}, batchSize "
-                     f"{written['batchSize']}, from {BUDGET_KEY} {budget_of(written):g} s)")
-            # As many clients as its queue holds: a batch's clients send again while the worker
-            # runs the next, and find room (more would meet 503s and send again at once, a storm
-            # that took the CPU: capacity read 1.7 requests/s with 32 clients and a queue of 16).
-            rows += measure(label, f"{instance.inference_url}/predictions/{name}", bodies,
-                            {**headers, **instance.auth()}, args, holds=written.get("jobQueueSize", CLIENTS))
-        if not args.shipped_only:
-            handler = {k: v for k, v in spec.model_config["handler"].items() if k != BUDGET_KEY}
-            with on_torchserve(work / "no_budget", {"handler": handler}) as (url, auth):
+        shipped = work / "shipped" / "model_store"
+        shipped.mkdir(parents=True)
+        name = archive_config(CONFIG, shipped, size_queue=True).stem
+        written = served_model_config(work / "shipped", name)
+        with on_torchserve(work / "no_budget", {"handler": unbudgeted, "batchSize": written["batchSize"]}) as (url, auth):
+            capacity = model_capacity("TorchServe", url, bodies, {**headers, **auth}, args)
+            if not args.shipped_only:
                 rows += measure("TorchServe, no budget (config.properties' job_queue_size 64)", url, bodies,
-                                {**headers, **auth}, args)
+                                {**headers, **auth}, args, capacity)
+        label = (f"TorchServe, as shipped (jobQueueSize {written.get('jobQueueSize', 'not set')}, batchSize "
+                 f"{written['batchSize']}, from {BUDGET_KEY} {budget_of(written):g} s)")
+        with serving_store(work / "shipped", [name]) as instance:
+            rows += measure(label, f"{instance.inference_url}/predictions/{name}", bodies,
+                            {**headers, **instance.auth()}, args, capacity)
 
     if "ray" in args.servers:
+        with on_ray_serve(handler_section=unbudgeted) as url:
+            capacity = model_capacity("Ray Serve", url, bodies, headers, args)
         with on_ray_serve() as url:
-            rows += measure("Ray Serve", url, bodies, headers, args)
+            rows += measure("Ray Serve", url, bodies, headers, args, capacity)
 
     shown = storm_table(rows) if args.retry_storm else table(rows)
     publish(args.out, args.name, rows, shown + "\n\n" + speed_line(speed_before, matmul_gflops()))
@@ -114,11 +124,18 @@ def torchserve_serving(workdir: Path, model_config: dict, config: Path = CONFIG,
     store = workdir / "model_store"
     store.mkdir(parents=True)
     name = archive_config(config, store, model_config or None, size_queue=size_queue).stem
-    instance = TorchServe(workdir / "server", store, ROOT / "config.properties", ports=Ports.free())
+    with serving_store(workdir, [name]) as instance:
+        yield instance, name
+
+
+@contextlib.contextmanager
+def serving_store(workdir: Path, names: list):
+    """A TorchServe of its own serving ``workdir/model_store``, ready for ``names``."""
+    instance = TorchServe(workdir / "server", workdir / "model_store", ROOT / "config.properties", ports=Ports.free())
     instance.start()
     try:
-        instance.wait_ready([name])
-        yield instance, name
+        instance.wait_ready(names)
+        yield instance
     finally:
         instance.stop()
 
@@ -136,28 +153,38 @@ def served_model_config(workdir: Path, name: str) -> dict:
 
 
 @contextlib.contextmanager
-def on_ray_serve(config: Path = CONFIG):
-    """``config`` served by Ray Serve on a private local cluster (every core): yields the URL."""
+def on_ray_serve(config: Path = CONFIG, handler_section: Optional[dict] = None):
+    """``config`` served by Ray Serve on a private local cluster (every core): yields the URL.
+    ``handler_section``: its ``handler:`` section instead of the config's."""
     from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
-    from handlers.servers.ray_serve import serve_configs
+    from handlers.servers.ray_serve import serve_specs
 
+    spec = load_spec(config)
+    if handler_section is not None:
+        spec = dataclasses.replace(spec, model_config={**spec.model_config, "handler": handler_section})
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
         port = start_local_cluster(temp_dir, 0, num_cpus=(os.cpu_count() or 2) + 1).port
         try:
-            [name] = serve_configs([config])
+            [name] = serve_specs([spec])
             yield f"http://127.0.0.1:{port}/predictions/{name}"
         finally:
             stop_local_cluster(temp_dir)
 
 
-def measure(server: str, url: str, bodies, headers, args, capacity=None, holds: int = CLIENTS) -> list:
-    """The server's capacity (closed loop, :data:`CLIENTS` clients, at most ``holds``: a server
-    that queues fewer answers the others' requests with 503s, which they send again at once;
-    ``capacity`` when already measured), then goodput at each load."""
-    if capacity is None:
-        clients = min(CLIENTS, holds)
-        print(f"{server}: capacity ({clients} clients)", file=sys.stderr, flush=True)
-        capacity = run_closed_loop(url, bodies, headers, clients, args.seconds).throughput
+def model_capacity(server: str, url: str, bodies, headers, args) -> float:
+    """Answers per second to :data:`CLIENTS` closed-loop clients of a server that refuses nothing
+    (served without a budget): the model's capacity there."""
+    print(f"{server}: capacity, no budget ({CLIENTS} clients)", file=sys.stderr, flush=True)
+    result = run_closed_loop(url, bodies, headers, CLIENTS, args.seconds)
+    refused = sum(count for status, count in result.statuses.items() if status != 200)
+    if refused:
+        print(f"{server}: capacity run: {refused} of {sum(result.statuses.values())} answers were not 200s "
+              f"({dict(result.statuses)})", file=sys.stderr, flush=True)
+    return result.throughput
+
+
+def measure(server: str, url: str, bodies, headers, args, capacity: float) -> list:
+    """Goodput at each load of ``capacity`` (or ``--retry-storm``'s rows)."""
     if getattr(args, "retry_storm", False):
         return storm_rows(server, url, bodies, headers, args, capacity)
     rows = []

@@ -41,11 +41,15 @@ def signature(batch: Any) -> list:
 
 class _Infer:
     """``handler.infer`` as a module for ``torch.export``: the model is registered so that its
-    parameters are lifted as the program's weights, not inlined as constants."""
+    parameters are lifted as the program's weights, not inlined as constants. Its output is
+    flattened to a tuple of leaves: a package cannot record every output type's structure
+    (``torch.return_types.topk`` has no serialised name); a worker takes it from eager's answer
+    to the same micro-batch at its start-up check (:meth:`Packages.strict`)."""
 
     @staticmethod
     def module(handler):
         import torch
+        from torch.utils._pytree import tree_flatten
 
         class Infer(torch.nn.Module):
             def __init__(self):
@@ -54,7 +58,7 @@ class _Infer:
                     self.model = handler.model
 
             def forward(self, batch):
-                return handler.infer(batch)
+                return tuple(tree_flatten(handler.infer(batch))[0])
 
         return Infer().eval()
 
@@ -90,19 +94,38 @@ class Packages:
     def __init__(self, handler, runners: dict, built_with: str):
         self._eager = handler.infer
         self._runners = runners  # signature (as JSON text) -> (size, the loaded package)
+        self._structures: dict = {}  # signature -> the output's structure, from eager's (strict)
         self.sizes = tuple(sorted(size for size, _ in runners.values()))
         self.built_with = built_with
 
     def __call__(self, batch: Any) -> Any:
-        found = self._runners.get(json.dumps(signature(batch)))
-        return self._eager(batch) if found is None else found[1](batch)
+        key = json.dumps(signature(batch))
+        found, structure = self._runners.get(key), self._structures.get(key)
+        if found is None or structure is None:
+            return self._eager(batch)
+        return self._unflatten(found[1](batch), structure)
 
     def strict(self, batch: Any) -> Any:
-        found = self._runners.get(json.dumps(signature(batch)))
+        from torch.utils._pytree import tree_flatten
+
+        key = json.dumps(signature(batch))
+        found = self._runners.get(key)
         if found is None:
             raise AotUnusable("the samples' micro-batches do not match the inputs the packages were built for "
                               f"(sizes {', '.join(map(str, self.sizes))}): archive the model again")
-        return found[1](batch)
+        structure = tree_flatten(self._eager(batch))[1]
+        leaves = found[1](batch)
+        if len(leaves) != structure.num_leaves:
+            raise AotUnusable(f"the package for micro-batch size {found[0]} answers {len(leaves)} tensors where "
+                              f"eager answers {structure.num_leaves}: archive the model again")
+        self._structures[key] = structure
+        return self._unflatten(leaves, structure)
+
+    @staticmethod
+    def _unflatten(leaves: Any, structure: Any) -> Any:
+        from torch.utils._pytree import tree_unflatten
+
+        return tree_unflatten(list(leaves), structure)
 
 
 def load_packages(handler) -> Optional[Packages]:
