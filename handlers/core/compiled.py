@@ -151,6 +151,7 @@ class Compiled:
     settings: CompileSettings
     cudagraphs: bool  # reduce-overhead on a GPU: each call starts a new CUDA-graph step
     seconds: float
+    source: str = "torch.compile"  # or "aot": the archive's AOTInductor packages
 
 
 def compile_buckets(handler, settings: CompileSettings, samples: list) -> Optional[Compiled]:
@@ -183,7 +184,7 @@ def compile_buckets(handler, settings: CompileSettings, samples: list) -> Option
     seconds = time.perf_counter() - started
     log.info("handler.compile: %s %s at micro-batch sizes %s, checked against eager, in %.1f s", type(handler).__name__,
              built.how, ", ".join(map(str, built.sizes)), seconds)
-    return Compiled(built.sizes, built.serve, settings, built.cudagraphs, seconds)
+    return Compiled(built.sizes, built.serve, settings, built.cudagraphs, seconds, built.source)
 
 
 @dataclass
@@ -193,6 +194,7 @@ class _Built:
     serve: Any  # the infer requests get: never compiles
     cudagraphs: bool
     how: str  # for the log line
+    source: str = "torch.compile"
 
 
 def _aot_packages(handler) -> Optional[_Built]:
@@ -204,7 +206,8 @@ def _aot_packages(handler) -> Optional[_Built]:
         log.warning("handler.compile.aot: the model's folder holds no AOTInductor packages (python -m handlers.archive "
                     "builds them into the .mar): compiling at start-up instead")
         return None
-    return _Built(loaded.sizes, loaded.strict, loaded, False, f"loaded AOTInductor packages ({loaded.built_with})")
+    return _Built(loaded.sizes, loaded.strict, loaded, False, f"loaded AOTInductor packages ({loaded.built_with})",
+                  "aot")
 
 
 def _compile(handler, settings: CompileSettings, sizes: tuple) -> _Built:

@@ -480,11 +480,13 @@ def replica_class(max_concurrent_batches: int) -> type:
 
         def runtime(self) -> dict:
             """What this replica runs on (for operators and tests): its device, torch's threads,
-            and the folder its model files were written to."""
+            the folder its model files were written to, and what start-up compiled (None: eager)."""
             import torch
 
+            compiled = self.handler.compiled
             return {"device": str(self.handler.device), "torch_threads": torch.get_num_threads(),
-                    "model_dir": self.model_dir}
+                    "model_dir": self.model_dir,
+                    "compiled": None if compiled is None else {"sizes": list(compiled.sizes), "source": compiled.source}}
 
         def __del__(self):
             """Ray Serve calls this when it stops the replica (scaled down, replaced, deleted,

@@ -30,6 +30,11 @@ ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = [{"id": "a", "x": [1, 2, 3, 4]}, {"id": "b", "x": [0.5, -1, 2.25, 8]}, {"id": "c", "x": [0, 0, 0, 0]}]
+# Quickstart with AOTInductor packages at micro-batch sizes 2 and 4, built into its .mar.
+AOT = "quickstart_aot"
+AOT_SECTION = {**yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())["model_config"]["handler"],
+               "compile": {"aot": True, "buckets": [2, 4]}}
+LOADED = "loaded AOTInductor packages"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +43,7 @@ def mars(tmp_path_factory):
     store = tmp_path_factory.mktemp("mar_store")
     build_legacy_mar(store)
     archive_config(ROOT / "archiver_configs" / "quickstart.yaml", store)
+    archive_config(ROOT / "archiver_configs" / "quickstart.yaml", store, {"handler": AOT_SECTION}, model_name=AOT)
     return store
 
 
@@ -63,7 +69,7 @@ def torchserve_mars(mars, tmp_path_factory):
                         ports=Ports.free())
     server.start()
     try:
-        server.wait_ready([NAME, "quickstart"])
+        server.wait_ready([NAME, "quickstart", AOT])
         yield server
     finally:
         server.stop()
@@ -82,7 +88,7 @@ def ray_mars(mars, upgraded_config):
     port = start_local_cluster(temp_dir, 0, num_cpus=4).port
     try:
         started = time.monotonic()
-        names = serve_specs([load_mar(mars / f"{name}.mar") for name in (NAME, "quickstart")]
+        names = serve_specs([load_mar(mars / f"{name}.mar") for name in (NAME, "quickstart", AOT)]
                             + [load_spec(upgraded_config)])
         assert startup_failures(names) == {}
         print(f"\nRay Serve: {names} deployed from their .mar in {time.monotonic() - started:.1f} s")
@@ -147,3 +153,26 @@ def test_a_lone_bad_request_gets_torchserves_status_and_message(torchserve_mars,
     theirs, ours = on_torchserve(torchserve_mars, NAME, bad), on_ray(ray_mars, NAME, bad)
     assert theirs.status_code == ours.status_code == 422, (theirs.text, ours.text)
     assert theirs.json()["message"] == ours.json()["message"] == "the request has no field 'x'"
+
+
+def test_an_aot_mar_loads_its_packages_and_answers_as_eager_on_both_servers(torchserve_mars, ray_mars):
+    """The quickstart .mar with AOTInductor packages: each server's worker loads them (TorchServe's
+    log says so, nothing compiled; the Ray replica's runtime says so) and a batch of requests, a bad
+    one among them, is answered as the eager archive answers it."""
+    bodies = [*QUICKSTART, {"id": "bad", "x": [1, 2]}, *QUICKSTART]
+    eager = [on_torchserve(torchserve_mars, "quickstart", body) for body in bodies]
+    assert [r.status_code for r in eager] == [200] * 3 + [400] + [200] * 3
+    for answer in (lambda i: on_torchserve(torchserve_mars, AOT, bodies[i]), lambda i: on_ray(ray_mars, AOT, bodies[i])):
+        together = concurrently(len(bodies), answer)  # micro-batches of the buckets' sizes
+        assert [r.status_code for r in together] == [r.status_code for r in eager]
+        for ours, theirs in zip(together, eager):  # the bad one's error, each other's own y
+            if theirs.status_code == 200:
+                assert ours.json()["id"] == theirs.json()["id"] and ours.json()["y"] == pytest.approx(theirs.json()["y"])
+            else:
+                assert ours.json() == theirs.json()
+    model_log = (torchserve_mars.workdir / "logs" / "model_log.log").read_text()
+    assert LOADED in model_log and "compiling at start-up" not in model_log
+    from ray import serve
+
+    runtime = serve.get_deployment_handle(AOT, app_name=AOT).runtime.remote().result(timeout_s=60)
+    assert runtime["compiled"] == {"sizes": [2, 4], "source": "aot"}
