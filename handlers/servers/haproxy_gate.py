@@ -52,10 +52,13 @@ _MESSAGE = ("overloaded: %[var(txn.mb_gate),field(4,:)] requests ahead at %[var(
 _RETURN = ("    http-request return status 503 content-type application/json hdr Retry-After 1 "
            "hdr X-Refused-By haproxy lf-string "
            "\"{\\\"code\\\": 503, \\\"type\\\": \\\"ServiceUnavailable\\\", \\\"message\\\": \\\"" + _MESSAGE + "\\\"}\"")
-# A refusal answered before its body is in closes the connection (HAProxy 2.8): wait briefly for a
-# body that fits HAProxy's buffer (16 KiB as Ray sets it), so that the client's connection carries
-# its next request, as after the replica's refusal. A larger body still closes it.
-_WAIT = "    http-request wait-for-body time 50ms"
+# A refusal answered before its body is in closes the connection (HAProxy 2.8): wait for a body
+# that fits HAProxy's buffer (16 KiB as Ray sets it), so that the client's connection carries its
+# next request, as after the replica's refusal; a larger one goes on at 16 KiB (and still closes
+# it). A wait that runs out is HAProxy's HTML 408 without Retry-After: 50 ms ran out for clients
+# starved of CPU in a retry storm (hundreds a second), so the wait is long, and the refusal is
+# the replica's 503 as soon as the first 16 KiB or the whole body is in.
+_WAIT = "    http-request wait-for-body time 1s at-least 16384"
 # Put after Ray's "acl routes" line in HAProxy's config. txn.mb_gate: the model's value (path
 # /predictions/<model>/...; "0" when none); txn.mb_left: ms it still holds; txn.mb_ms: the
 # client's timeout in ms ("1" -> 1000, "0.25" -> 250; a form HAProxy cannot read is left to the

@@ -176,3 +176,22 @@ def test_a_refusal_of_a_small_body_keeps_the_connection_for_the_next_request(hap
             assert answer.status == 503 and answer.getheader("Connection") != "close"
     finally:
         connection.close()
+
+
+def test_a_refused_client_whose_body_comes_late_still_gets_the_503_with_retry_after(haproxy):
+    """Regression (the retry storm on a loaded machine): a body not in within the gate's wait got
+    HAProxy's own HTML 408, without Retry-After, where the replica would have refused with a 503."""
+    port, admin, gate_map = haproxy
+    haproxy_gate._command(admin, f"add map {gate_map} {MODEL} {gate_value(1.0, 7, 10.0, 0.0, time.time() + 5)}")
+    body = b"x" * 40_000
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall((f"POST /predictions/{MODEL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\n"
+                            f"x-request-timeout-seconds: 0.5\r\nContent-Length: {len(body)}\r\n\r\n").encode())
+        time.sleep(0.3)  # a client starved of CPU: its body comes after the headers
+        try:
+            connection.sendall(body)
+        except OSError:
+            pass  # refused before the whole body was in: HAProxy may close while it is sent
+        answer = connection.recv(65536).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 503"), answer[:200]
+    assert "retry-after: 1" in answer.lower() and "x-refused-by: haproxy" in answer.lower()
