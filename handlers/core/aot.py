@@ -81,7 +81,9 @@ def build_packages(handler, sizes: tuple, samples: list, folder: Path) -> list:
             name = f"bucket_{size}.pt2"
             torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / name))
         entries[str(size)] = {"file": name, "inputs": signature(batch)}
-    index = {"torch": torch.__version__, "device": handler.device.type, "packages": entries}
+    # Inductor writes the CPU thread count into the code it generates: the worker's must match.
+    index = {"torch": torch.__version__, "device": handler.device.type, "threads": torch.get_num_threads(),
+             "packages": entries}
     (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return list(sizes)
 
@@ -132,7 +134,7 @@ def load_packages(handler) -> Optional[Packages]:
     """The packages in the handler's model folder, checked against this worker's torch and device
     (:class:`AotUnusable` says why not), or None when the folder has none."""
     import torch
-    import torch._inductor
+    from torch._inductor.package import load_package
 
     folder = Path(handler.model_dir) / AOT_FOLDER
     if not (folder / INDEX).is_file():
@@ -144,11 +146,17 @@ def load_packages(handler) -> Optional[Packages]:
     if index.get("device") != handler.device.type:
         raise AotUnusable(f"the archive's AOTInductor packages were built for {index.get('device')} and this worker "
                           f"runs on {handler.device.type}")
+    if handler.device.type == "cpu" and index.get("threads") != torch.get_num_threads():
+        raise AotUnusable(f"the archive's AOTInductor packages were built for {index.get('threads')} CPU thread(s) per "
+                          f"micro-batch and this worker runs {torch.get_num_threads()}: archive the model on a machine "
+                          "with the servers' cores, or set handler.torch_threads")
     runners = {}
     for size, entry in index.get("packages", {}).items():
         path = folder / entry["file"]
         try:
-            runner = torch._inductor.aoti_load_package(str(path))
+            # One runner per micro-batch on the model at once (inference_workers), sharing the
+            # weights: a package with one runs its calls one at a time.
+            runner = load_package(str(path), num_runners=handler.settings.inference_workers)
         except Exception as exc:  # noqa: BLE001 - a package that does not load: said in one line
             raise AotUnusable(f"{path.name} does not load: {type(exc).__name__}: {_first_line(exc)}") from None
         runners[json.dumps(entry["inputs"])] = (int(size), runner)

@@ -105,6 +105,7 @@ def test_inputs_the_packages_were_not_built_for_run_eager(aot_mar, tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("torch", "1.0.0", "built with torch 1.0.0 and this worker has torch"),
     ("device", "cuda", "built for cuda and this worker runs on cpu"),
+    ("threads", 99, "built for 99 CPU thread(s) per micro-batch and this worker runs"),
 ])
 def test_packages_for_another_torch_or_device_leave_the_worker_eager_said_in_one_line(
         aot_mar, tmp_path, caplog, field, value, message):
