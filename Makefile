@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-# torchvision needs its own torch release: the stock vision handlers' tests get a venv of their own.
+# torchvision needs its own torch release: the stock vision handlers' tests get a venv of their own,
+# with Ray too (the stock .mar on Ray Serve, tests/vision/test_stock_on_ray.py).
 VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
 VISION_INSTALLED := $(VISION_VENV)/.installed
@@ -50,7 +51,7 @@ vision-venv: $(VISION_INSTALLED)
 
 $(VISION_INSTALLED): pyproject.toml constraints-vision.txt scripts/deps.py
 	test -x $(VISION_PY) || $(PYTHON) -m venv $(VISION_VENV)
-	$(VISION_PY) scripts/deps.py serve vision test > $(VISION_VENV)/requirements.txt
+	$(VISION_PY) scripts/deps.py serve ray vision test > $(VISION_VENV)/requirements.txt
 	$(VISION_PY) -m pip install -q -c constraints-vision.txt -r $(VISION_VENV)/requirements.txt
 	touch $@
 
