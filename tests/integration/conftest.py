@@ -1,5 +1,8 @@
-"""One real TorchServe (Java) per test session, serving archives built by the real command."""
+"""One real TorchServe (Java) per test session, serving archives built by the real command; one
+private local Ray cluster shared by the modules marked ``shared_ray``."""
 
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,7 +96,34 @@ def flat_detector_declared(model_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def torchserve(model_store, fault_archive, readme_archive, flat_detector_declared, tmp_path_factory):
+def aot_archive(model_store):
+    """quickstart with AOTInductor packages at micro-batch sizes 2 and 4 (``handler.compile.aot``),
+    built into its ``.mar`` by the archive tool, beside the examples; returns its model name."""
+    import yaml
+
+    config = ROOT / "archiver_configs" / "quickstart.yaml"
+    handler = yaml.safe_load(config.read_text())["model_config"]["handler"]
+    name = "quickstart_aot"
+    archive_config(config, model_store, {"handler": {**handler, "compile": {"aot": True, "buckets": [2, 4]}}},
+                   model_name=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def legacy_archive(model_store, tmp_path_factory):
+    """tests/legacy_mar.py's archive (a stock TorchServe ``BaseHandler`` subclass, archived by the
+    real torch-model-archiver) beside the examples, as ``legacy``; returns the folder that holds
+    its sources (``legacy_src``) and the archive as built."""
+    from tests.legacy_mar import NAME, build_legacy_mar
+
+    folder = tmp_path_factory.mktemp("legacy_mar")
+    shutil.copy2(build_legacy_mar(folder), model_store / f"{NAME}.mar")  # the sources stay out of the store
+    return folder
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store, fault_archive, readme_archive, flat_detector_declared, legacy_archive, aot_archive,
+               tmp_path_factory):
     server = TorchServe(
         tmp_path_factory.mktemp("torchserve"), model_store, ROOT / "config.properties", ports=Ports.free()
     )
@@ -108,3 +138,89 @@ def torchserve(model_store, fault_archive, readme_archive, flat_detector_declare
 @pytest.fixture
 def unique():
     return lambda: uuid.uuid4().hex[:12]
+
+
+class SharedRay:
+    """A private local Ray cluster (loopback, dashboard off, HAProxy in front, its own temp dir
+    under /tmp: Ray's unix sockets live there), started on first use. Ray allows one cluster per
+    process, and each start costs 10-20 s on the 2-core machine: the modules marked
+    ``shared_ray`` deploy their applications on this one (and delete them at their end), run
+    one after another (:func:`pytest_collection_modifyitems`), and the cluster stops after the
+    last of their tests (:func:`pytest_runtest_teardown`)."""
+
+    # Logical CPUs: test_ray_serve's replicas reserve 9 (two examples 2 each, the rest 1), beside
+    # its tests' own deployments (one at a time); they share the machine's cores.
+    NUM_CPUS = 12
+    # How often Ray's processes hand their metrics to the metrics port (Ray's default: 10 s): the
+    # tests that read the handlers' metrics there wait a few of these for them to settle.
+    METRICS_REPORT_MS = "1000"
+
+    def __init__(self):
+        self.temp_dir = None
+        self.port = None
+        self.environment = None
+
+    def url(self) -> str:
+        """The HTTP ingress's base URL, the cluster started if it is not running."""
+        if self.temp_dir is None:
+            from handlers.servers.ray_cluster import start_local_cluster
+
+            temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+            self.environment = pytest.MonkeyPatch()
+            self.environment.setenv("RAY_metrics_report_interval_ms", self.METRICS_REPORT_MS)  # read as Ray starts
+            try:
+                # Port 0: the cluster picks its port and binds it, picking again should it be taken meanwhile.
+                self.port = start_local_cluster(temp_dir, 0, num_cpus=self.NUM_CPUS).port
+            except BaseException:
+                self.environment.undo()
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise
+            self.temp_dir = temp_dir
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.temp_dir is None:
+            return
+        from handlers.servers.ray_cluster import stop_local_cluster
+
+        try:
+            stop_local_cluster(self.temp_dir)
+        finally:
+            self.environment.undo()
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = self.port = None
+
+
+SHARED_RAY = SharedRay()
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """The :class:`SharedRay` of this session (``shared_ray.url()`` starts it)."""
+    return SHARED_RAY
+
+
+def _shares_ray(item) -> bool:
+    return item.get_closest_marker("shared_ray") is not None
+
+
+def pytest_collection_modifyitems(items):
+    """The tests of the modules marked ``shared_ray`` one after another, where the first of them was."""
+    sharing = [item for item in items if _shares_ray(item)]
+    if sharing:
+        first = items.index(sharing[0])
+        others = [item for item in items if not _shares_ray(item)]
+        items[:] = others[:first] + sharing + others[first:]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    try:
+        return (yield)  # the module's fixtures first: they delete their applications
+    finally:
+        if _shares_ray(item) and (nextitem is None or not _shares_ray(nextitem)):
+            SHARED_RAY.stop()
+
+
+def pytest_sessionfinish(session):
+    SHARED_RAY.stop()  # a session that ended early (-x, Ctrl-C)

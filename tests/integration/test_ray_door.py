@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import select
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from handlers.servers.ray_cluster import set_ray_environment
 
 from .helpers import concurrently
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.shared_ray, pytest.mark.timeout(600)]
 set_ray_environment()  # before Ray is imported: it reads these at import time
 ray = pytest.importorskip("ray")
 if not Path("/proc").is_dir():
@@ -34,15 +33,12 @@ CHUNK = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def door(tmp_path_factory):
-    """A private local cluster serving the fault handler (tests/integration/fault_handler.py:
-    ``"fault": "slow_model"`` holds its batch a second) as MODEL, with a body limit of LIMIT;
-    yields (port, the replica's pid)."""
-    import shutil
-
+def door(tmp_path_factory, shared_ray):
+    """The session's private local cluster (tests/integration/conftest.py SharedRay) serving the
+    fault handler (tests/integration/fault_handler.py: ``"fault": "slow_model"`` holds its batch a
+    second) as MODEL, with a body limit of LIMIT; yields (port, the replica's pid)."""
     from ray import serve
 
-    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
     from handlers.servers.ray_serve import MODEL_DIR_PREFIX, serve_configs
 
     folder = tmp_path_factory.mktemp("door")
@@ -54,17 +50,16 @@ def door(tmp_path_factory):
     config["model_config"].setdefault("handler", {})["request_budget_s"] = 0
     config.pop("samples", None)
     (folder / "door.yaml").write_text(yaml.safe_dump(config))
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    shared_ray.url()  # started, if it is not yet
+    port = shared_ray.port
     try:
-        port = start_local_cluster(temp_dir, 0, num_cpus=3).port
         serve_configs([folder / "door.yaml"])
         model_dir = serve.get_deployment_handle(MODEL, app_name=MODEL).runtime.remote().result(timeout_s=60)["model_dir"]
         pid = int(Path(model_dir).name[len(MODEL_DIR_PREFIX):].split("-")[0])  # the folder is named by pid
         answer_of(port, {"id": "warm", "x": [1, 2, 3, 4]})  # HAProxy knows the replica
         yield port, pid
     finally:
-        stop_local_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        serve.delete(MODEL)
 
 
 def answer_of(port: int, payload: dict, headers: dict = None, timeout: float = 60) -> requests.Response:

@@ -38,40 +38,53 @@ STOP_WITHIN_S = 10.0
 
 
 # The process that listens on --port: HAProxy by default, Ray's Python proxy as the fallback.
+# HAProxy's case runs as the first start of the port-0 test below (one start of the command fewer).
 INGRESSES = {"haproxy": ([], "HAProxy", "haproxy"),
              "python-proxy": (["--python-proxy"], "Ray's Python proxy", "ray::ProxyActor")}
 
 
-@pytest.mark.parametrize("ingress", INGRESSES)
-def test_the_cli_serves_on_loopback_only_and_stops_clean_within_10_s(tmp_path, ingress):
-    flags, printed, listener = INGRESSES[ingress]
+def test_the_cli_serves_on_loopback_only_behind_rays_python_proxy_and_stops_clean_within_10_s(tmp_path):
+    flags, printed, _ = INGRESSES["python-proxy"]
     port = free_port()
     with served(tmp_path, ["quickstart"], ["--port", str(port), *flags]) as (cli, output, started):
         output.wait_for(re.escape(f"serving on Ray Serve at http://127.0.0.1:{port}, {printed} in front"), timeout=480)
-        key = json.loads((tmp_path / "key.json").read_text())["inference"]["key"]
-        answer = answer_of(port, key)
-        assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, answer.text
+        assert_answers_on_loopback_only(cli, started, port, tmp_path, "python-proxy")
+        assert_stops_clean(cli, output, started, ray_dir_of(cli, started), tmp_path)
 
-        ray_dir = ray_temp_dir(cli.pid)
-        # HAProxy reloads (a new process takes the listeners over) when Ray's targets change: list
-        # again until the listing holds the port's owner.
-        deadline = time.monotonic() + 30
-        while True:
-            current = processes_started(cli.pid, ray_dir)
-            started.update(current)
-            listening = listening_sockets(current)
-            if any(row[4] == port for row in listening) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        print(f"\nRay temp dir {ray_dir}; {len(started)} processes started; listening sockets:")
-        for pid, name, kind, address, listen_port in sorted(listening, key=lambda row: (row[1], row[0], row[4])):
-            print(f"  {name:<28} pid {pid:<7} {kind} {address}:{listen_port}")
-        not_loopback = [row for row in listening if row[3] not in LOOPBACK]
-        assert not not_loopback, f"listening beyond loopback: {not_loopback}"
-        # A Ray actor's process title names the method it is running (ray::ProxyActor.receive_asgi_messages).
-        owners = {name.split(".")[0] for pid, name, kind, address, listen_port in listening if listen_port == port}
-        assert owners == {listener}, f"port {port} is served by {owners}, not {listener}"
-        assert_stops_clean(cli, output, started, ray_dir, tmp_path)
+
+def assert_answers_on_loopback_only(cli, started: dict, port: int, folder, ingress: str) -> None:
+    """The quickstart model answers on ``port``; every socket that the command's processes listen
+    on is on loopback, and ``port``'s is the ingress's (HAProxy, or Ray's Python proxy)."""
+    listener = INGRESSES[ingress][2]
+    key = json.loads((folder / "key.json").read_text())["inference"]["key"]
+    answer = answer_of(port, key)
+    assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, answer.text
+
+    ray_dir = ray_temp_dir(cli.pid)
+    # HAProxy reloads (a new process takes the listeners over) when Ray's targets change: list
+    # again until the listing holds the port's owner.
+    deadline = time.monotonic() + 30
+    while True:
+        current = processes_started(cli.pid, ray_dir)
+        started.update(current)
+        listening = listening_sockets(current)
+        if any(row[4] == port for row in listening) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print(f"\nRay temp dir {ray_dir}; {len(started)} processes started; listening sockets:")
+    for pid, name, kind, address, listen_port in sorted(listening, key=lambda row: (row[1], row[0], row[4])):
+        print(f"  {name:<28} pid {pid:<7} {kind} {address}:{listen_port}")
+    not_loopback = [row for row in listening if row[3] not in LOOPBACK]
+    assert not not_loopback, f"listening beyond loopback: {not_loopback}"
+    # A Ray actor's process title names the method it is running (ray::ProxyActor.receive_asgi_messages).
+    owners = {name.split(".")[0] for pid, name, kind, address, listen_port in listening if listen_port == port}
+    assert owners == {listener}, f"port {port} is served by {owners}, not {listener}"
+
+
+def ray_dir_of(cli, started: dict) -> str:
+    ray_dir = ray_temp_dir(cli.pid)
+    started.update(processes_started(cli.pid, ray_dir))
+    return ray_dir
 
 
 def test_a_sigterm_while_models_are_still_deploying_stops_clean_within_10_s(tmp_path):
@@ -104,14 +117,18 @@ while True:
     time.sleep(0.02)
 """
 CHURN_HOLD = 3000  # of the 28,232 ports of Linux's default range: a port picked there and bound
-# seconds later would be taken by then about one time in ten, and each start binds five.
-STARTS = 3  # 40 to 60 s each on the 2-core machine
+# seconds later would be taken by then about one time in ten, and each start binds five: with
+# ports picked there, two starts fail about two times in three. The port served on is checked
+# outside the range at each start (that alone fails ports picked there, every time).
+STARTS = 2  # 20 to 60 s each on the 2-core machine
 
 
 def test_starts_on_port_0_never_fail_by_chance_while_another_process_churns_ephemeral_ports(tmp_path):
     """Issue 30: ports picked free from the ephemeral range and bound later by HAProxy were taken
     first by chance; --port 0 made HAProxy die on "bind 127.0.0.1:0". Now the command picks its
-    ports outside that range, prints the one it serves on, and picks again should a bind fail."""
+    ports outside that range, prints the one it serves on, and picks again should a bind fail.
+    The first start is also HAProxy's loopback test: every socket the command's processes listen
+    on is on loopback, HAProxy owns the port, and SIGTERM stops it all clean within 10 s."""
     low, high = (int(word) for word in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     churn = subprocess.Popen([sys.executable, "-c", CHURN, str(CHURN_HOLD)], stdout=subprocess.PIPE, text=True)
     ports = []
@@ -124,12 +141,14 @@ def test_starts_on_port_0_never_fail_by_chance_while_another_process_churns_ephe
                 port = int(re.search(r"serving on Ray Serve at http://127\.0\.0\.1:(\d+),", output.text).group(1))
                 assert not low <= port <= high, f"port {port} picked from the ephemeral range {low}-{high}"
                 assert f"http://127.0.0.1:{port}/predictions/quickstart" in output.text  # the curl line names it
-                key = json.loads((folder / "key.json").read_text())["inference"]["key"]
-                answer = answer_of(port, key)
-                assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, answer.text
-                ray_dir = ray_temp_dir(cli.pid)
-                started.update(processes_started(cli.pid, ray_dir))
-                assert_stops_clean(cli, output, started, ray_dir, folder)
+                if start == 0:
+                    assert_answers_on_loopback_only(cli, started, port, folder, "haproxy")
+                else:
+                    key = json.loads((folder / "key.json").read_text())["inference"]["key"]
+                    answer = answer_of(port, key)
+                    assert answer.status_code == 200 and answer.json() == {"id": 1, "y": [3.0, 5.0, 7.0, 9.0]}, \
+                        answer.text
+                assert_stops_clean(cli, output, started, ray_dir_of(cli, started), folder)
                 ports.append(port)
             assert churn.poll() is None, "the churning process ended early"
     finally:

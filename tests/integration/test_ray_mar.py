@@ -1,57 +1,38 @@
 """``.mar`` archives on Ray Serve, from the archives themselves: a legacy one (a stock TorchServe
 ``BaseHandler`` subclass, archived by the real torch-model-archiver; tests/legacy_mar.py) and one of
-ours (quickstart). Each is served by a real TorchServe and by a real local Ray cluster (loopback,
-dashboard off, its own temp dir), both started and stopped by this module: the same inputs get
-the same answers; on Ray Serve a bad request in a batch gets its own error and its batch-mates 200.
+ours (quickstart). Each is served by the session's real TorchServe and by the session's real local
+Ray cluster (loopback, dashboard off, its own temp dir; tests/integration/conftest.py SharedRay), on
+which this module deploys them: the same inputs get the same answers; on Ray Serve a bad request in
+a batch gets its own error and its batch-mates 200.
 The legacy handler upgraded in an archiver config (one line) starts on Ray Serve too."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from handlers.packaging.archive import archive_config
 from handlers.servers.ray_cluster import set_ray_environment
-from scripts.torchserve_instance import Ports, TorchServe
-from tests.legacy_mar import GOOD, NAME, build_legacy_mar, expected
+from tests.legacy_mar import GOOD, NAME, expected
 
 from .helpers import concurrently
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.shared_ray, pytest.mark.timeout(900)]
 set_ray_environment()  # before Ray is imported: it reads these at import time
 ray = pytest.importorskip("ray")
 
-ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = [{"id": "a", "x": [1, 2, 3, 4]}, {"id": "b", "x": [0.5, -1, 2.25, 8]}, {"id": "c", "x": [0, 0, 0, 0]}]
-# Quickstart with AOTInductor packages at micro-batch sizes 2 and 4, built into its .mar.
-AOT = "quickstart_aot"
-AOT_SECTION = {**yaml.safe_load((ROOT / "archiver_configs" / "quickstart.yaml").read_text())["model_config"]["handler"],
-               "compile": {"aot": True, "buckets": [2, 4]}}
 LOADED = "loaded AOTInductor packages"
 
 
 @pytest.fixture(scope="module")
-def mars(tmp_path_factory):
-    """A model store holding the legacy archive and quickstart's."""
-    store = tmp_path_factory.mktemp("mar_store")
-    build_legacy_mar(store)
-    archive_config(ROOT / "archiver_configs" / "quickstart.yaml", store)
-    archive_config(ROOT / "archiver_configs" / "quickstart.yaml", store, {"handler": AOT_SECTION}, model_name=AOT)
-    return store
-
-
-@pytest.fixture(scope="module")
-def upgraded_config(mars):
+def upgraded_config(legacy_archive):
     """An archiver config whose handler file upgrades the legacy handler (docs/from_torchserve.md's
     one line), with the legacy archive's own handler and TorchScript model as its files."""
-    source = mars / f"{NAME}_src"  # what build_legacy_mar archived
+    source = legacy_archive / f"{NAME}_src"  # what build_legacy_mar archived
     (source / "upgraded.py").write_text("from legacy_handler import LegacyHandler\nfrom handlers import upgrade\n\n"
                                         "LegacyHandler = upgrade(LegacyHandler)\n")
     config = source / "upgraded.yaml"
@@ -64,38 +45,33 @@ def upgraded_config(mars):
 
 
 @pytest.fixture(scope="module")
-def torchserve_mars(mars, tmp_path_factory):
-    server = TorchServe(tmp_path_factory.mktemp("torchserve_mars"), mars, ROOT / "config.properties",
-                        ports=Ports.free())
-    server.start()
-    try:
-        server.wait_ready([NAME, "quickstart", AOT])
-        yield server
-    finally:
-        server.stop()
+def torchserve_mars(torchserve):
+    """The session's TorchServe: it serves both archives (``legacy`` and ``quickstart``) beside the others."""
+    return torchserve
 
 
 @pytest.fixture(scope="module")
-def ray_mars(mars, upgraded_config):
-    """The same two archives on Ray Serve, as ``python -m handlers.ray_serve legacy.mar quickstart.mar``."""
+def ray_mars(model_store, legacy_archive, aot_archive, upgraded_config, shared_ray):
+    """The same two archives (the files TorchServe serves) on Ray Serve, as ``python -m
+    handlers.ray_serve legacy.mar quickstart.mar`` deploys them; deleted at the module's end."""
+    from ray import serve
+
     from handlers.packaging.archive import load_spec
     from handlers.packaging.mar import load_mar
-    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
     from handlers.servers.ray_serve import serve_specs, startup_failures
 
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
-    # Port 0: the cluster picks its port and binds it (picking again should it be taken meanwhile).
-    port = start_local_cluster(temp_dir, 0, num_cpus=4).port
+    url = shared_ray.url()
+    names = [NAME, "quickstart", aot_archive, "upgraded"]
     try:
         started = time.monotonic()
-        names = serve_specs([load_mar(mars / f"{name}.mar") for name in (NAME, "quickstart", AOT)]
+        names = serve_specs([load_mar(model_store / f"{name}.mar") for name in (NAME, "quickstart", aot_archive)]
                             + [load_spec(upgraded_config)])
         assert startup_failures(names) == {}
         print(f"\nRay Serve: {names} deployed from their .mar in {time.monotonic() - started:.1f} s")
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        stop_local_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for name in names:
+            serve.delete(name)
 
 
 def on_torchserve(server, model, body, content_type="application/json"):
@@ -155,14 +131,15 @@ def test_a_lone_bad_request_gets_torchserves_status_and_message(torchserve_mars,
     assert theirs.json()["message"] == ours.json()["message"] == "the request has no field 'x'"
 
 
-def test_an_aot_mar_loads_its_packages_and_answers_as_eager_on_both_servers(torchserve_mars, ray_mars):
+def test_an_aot_mar_loads_its_packages_and_answers_as_eager_on_both_servers(torchserve_mars, ray_mars, aot_archive):
     """The quickstart .mar with AOTInductor packages: each server's worker loads them (TorchServe's
     log says so, nothing compiled; the Ray replica's runtime says so) and a batch of requests, a bad
     one among them, is answered as the eager archive answers it."""
     bodies = [*QUICKSTART, {"id": "bad", "x": [1, 2]}, *QUICKSTART]
     eager = [on_torchserve(torchserve_mars, "quickstart", body) for body in bodies]
     assert [r.status_code for r in eager] == [200] * 3 + [400] + [200] * 3
-    for answer in (lambda i: on_torchserve(torchserve_mars, AOT, bodies[i]), lambda i: on_ray(ray_mars, AOT, bodies[i])):
+    aot = aot_archive
+    for answer in (lambda i: on_torchserve(torchserve_mars, aot, bodies[i]), lambda i: on_ray(ray_mars, aot, bodies[i])):
         together = concurrently(len(bodies), answer)  # micro-batches of the buckets' sizes
         assert [r.status_code for r in together] == [r.status_code for r in eager]
         for ours, theirs in zip(together, eager):  # the bad one's error, each other's own y
@@ -174,5 +151,5 @@ def test_an_aot_mar_loads_its_packages_and_answers_as_eager_on_both_servers(torc
     assert LOADED in model_log and "compiling at start-up" not in model_log
     from ray import serve
 
-    runtime = serve.get_deployment_handle(AOT, app_name=AOT).runtime.remote().result(timeout_s=60)
+    runtime = serve.get_deployment_handle(aot, app_name=aot).runtime.remote().result(timeout_s=60)
     assert runtime["compiled"] == {"sizes": [2, 4], "source": "aot"}

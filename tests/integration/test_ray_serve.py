@@ -1,14 +1,12 @@
 """The example handlers, unchanged, on a real local Ray cluster (Ray Serve, loopback, dashboard off,
-its own temp dir), started and stopped by this module: the same answers as through TorchServe,
-the bad-input corpus with the same codes, an identity-checked load, and a replica killed under
-load."""
+its own temp dir: the session's, tests/integration/conftest.py SharedRay): the same answers as
+through TorchServe, the bad-input corpus with the same codes, an identity-checked load, and a
+replica killed under load."""
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,39 +24,33 @@ from .test_flat_detector import (assert_called_together, assert_each_request_got
                                  assert_one_call_per_request, contract_run)
 
 # Starting Ray and five replicas on a 2-core machine takes a few minutes: it counts in the first test.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.shared_ray, pytest.mark.timeout(900)]
 set_ray_environment()  # before Ray is imported: it reads these at import time
 ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("quickstart", "tabular", "digits", "text_embedding", "image_classifier")
+# Metrics reach Ray's metrics port every second here (SharedRay.METRICS_REPORT_MS): a count that
+# held still this long has settled.
+SETTLE_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def ray_serve(model_store, readme_handler_config, flat_detector_declared):
-    """One private Ray cluster for this module, serving every example config at
-    /predictions/<model>, as ``python -m handlers.ray_serve`` does; stopped at the end. (It needs
-    the model store only for the built artefacts.)"""
+def ray_serve(model_store, readme_handler_config, flat_detector_declared, shared_ray):
+    """The session's private Ray cluster, serving every example config at /predictions/<model>,
+    as ``python -m handlers.ray_serve`` does; they stay until the cluster stops.
+    (It needs the model store only for the built artefacts.)"""
     from handlers.servers.ray_serve import serve_configs
-    from handlers.servers.ray_cluster import start_local_cluster, stop_local_cluster
 
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live there
-    # Port 0: the cluster picks its port and binds it, picking again should it be taken meanwhile.
-    # Logical CPUs: the replicas reserve 9 (two examples 2 each, the rest 1), beside the test's own
-    # deployments (one at a time); they share the machine's cores.
-    port = start_local_cluster(temp_dir, 0, num_cpus=12).port
-    try:
-        configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in (*MODELS, "flat_detector")]
-        configs.append(readme_handler_config)
-        if not flat_detector_declared.refused:  # refused before issue 29's fix: its test says so
-            configs.append(flat_detector_declared.config)
-        started = time.monotonic()
-        serve_configs(configs)
-        print(f"\nRay Serve: {len(configs)} applications deployed in {time.monotonic() - started:.1f} s")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_local_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    url = shared_ray.url()
+    configs = [ROOT / "archiver_configs" / f"{model}.yaml" for model in (*MODELS, "flat_detector")]
+    configs.append(readme_handler_config)
+    if not flat_detector_declared.refused:  # refused before issue 29's fix: its test says so
+        configs.append(flat_detector_declared.config)
+    started = time.monotonic()
+    serve_configs(configs)
+    print(f"\nRay Serve: {len(configs)} applications deployed in {time.monotonic() - started:.1f} s")
+    return url
 
 
 def post(base, model, body, content_type, timeout=60):
@@ -436,7 +428,7 @@ def test_without_a_declaration_each_request_gets_its_own_boxes_on_ray_serve(ray_
     """Issue 29 on Ray Serve (test_flat_detector.py has the TorchServe side)."""
     from bench.detector_contract import ray_calls
 
-    tally, calls = contract_run(f"{ray_serve}/predictions/flat_detector", {}, ray_calls("flat_detector"), settle_s=6.0)
+    tally, calls = contract_run(f"{ray_serve}/predictions/flat_detector", {}, ray_calls("flat_detector"), settle_s=SETTLE_S)
     assert_each_request_got_its_own_boxes(tally)
     assert_one_call_per_request(calls)
 
@@ -447,6 +439,6 @@ def test_with_the_declaration_micro_batches_are_called_together_on_ray_serve(ray
     if flat_detector_declared.refused:
         pytest.fail(f"the declared config was refused: {flat_detector_declared.refused}")
     name = flat_detector_declared.name
-    tally, calls = contract_run(f"{ray_serve}/predictions/{name}", {}, ray_calls(name), settle_s=6.0)
+    tally, calls = contract_run(f"{ray_serve}/predictions/{name}", {}, ray_calls(name), settle_s=SETTLE_S)
     assert_each_request_got_its_own_boxes(tally)
     assert_called_together(calls)
