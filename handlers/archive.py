@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from handlers.packaging.archive import (ArchiveConfigError, ArchiveSpec, archive, archive_config, build_artefacts,
-                                        ineffective_settings, load_spec, self_test, sized_for_budget, time_batches,
-                                        SELF_TEST_NOT_RUN)
-from handlers.packaging.aot_packages import aot_settings, with_aot_packages
+from handlers.packaging.archive import (ArchiveConfigError, ArchiveSpec, archive, archive_config, aot_settings,
+                                        build_artefacts, ineffective_settings, load_spec, self_test, sized_for_budget,
+                                        time_batches, with_aot_packages, SELF_TEST_NOT_RUN)
 from handlers.packaging.queue_sizing import budget_of
 
 __all__ = ["ArchiveConfigError", "ArchiveSpec", "archive", "archive_config", "load_spec", "main"]

@@ -29,8 +29,8 @@ from typing import Optional
 
 import yaml
 
-from handlers.packaging.aot_packages import with_aot_packages
-from handlers.packaging.archive import PACKAGE_DIR, ArchiveConfigError, archive, build_artefacts, load_spec
+from handlers.packaging.archive import (PACKAGE_DIR, ArchiveConfigError, archive, build_artefacts, load_spec,
+                                        with_aot_packages)
 from handlers.packaging.mar import MarError, is_mar, load_mar
 from handlers.packaging.requirements import requirements_for
 

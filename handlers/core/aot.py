@@ -70,20 +70,29 @@ def build_packages(handler, sizes: tuple, samples: list, folder: Path) -> list:
     import torch
     import torch._inductor
 
+    from handlers.engine.settings import shared_threads, usable_cores
+
     folder.mkdir(parents=True, exist_ok=True)
     items = [handler._preprocess_request(sample.request) for sample in samples]
     module = _Infer.module(handler)
     entries = {}
-    for size in sizes:
-        with torch.no_grad():
-            batch = handler.collate([items[i % len(items)] for i in range(size)])
-            exported = torch.export.export(module, (batch,), strict=False)
-            name = f"bucket_{size}.pt2"
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / name))
-        entries[str(size)] = {"file": name, "inputs": signature(batch)}
-    # Inductor writes the CPU thread count into the code it generates: the worker's must match.
-    index = {"torch": torch.__version__, "device": handler.device.type, "threads": torch.get_num_threads(),
-             "packages": entries}
+    # Inductor writes the CPU thread count into the code it generates: that of a TorchServe worker
+    # of this model on this machine (not whatever this process last ran with); a worker that runs
+    # another count runs eager (load_packages).
+    threads = handler.config["torch_threads"] or shared_threads(usable_cores(), handler.settings.inference_workers)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for size in sizes:
+            with torch.no_grad():
+                batch = handler.collate([items[i % len(items)] for i in range(size)])
+                exported = torch.export.export(module, (batch,), strict=False)
+                name = f"bucket_{size}.pt2"
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / name))
+            entries[str(size)] = {"file": name, "inputs": signature(batch)}
+    finally:
+        torch.set_num_threads(before)
+    index = {"torch": torch.__version__, "device": handler.device.type, "threads": threads, "packages": entries}
     (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return list(sizes)
 

@@ -29,7 +29,8 @@ from handlers.engine.buckets import Buckets
 from handlers.engine.errors import BadRequest, InternalError, UnsupportedMediaType
 from handlers.engine.model_call import ModelCall
 from handlers.engine.scatter import ITEMS, SHARED, Batched, Scatter, declared_special, leaves_of, map_arrays
-from handlers.engine.settings import ConfigError, EngineSettings, ModelFiles, read_handler_settings, usable_cores
+from handlers.engine.settings import (ConfigError, EngineSettings, ModelFiles, read_handler_settings, shared_threads,
+                                      usable_cores)
 
 log = logging.getLogger(__name__)
 # TorchServe hands a form post (curl -d without a Content-Type) over as fields with no body.
@@ -63,16 +64,6 @@ def _abandoned(request: Any):
 
 def _to_cpu(leaf: Any) -> Any:
     return leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf
-
-
-def shared_threads(threads: int, inference_workers: int) -> int:
-    """torch's threads when ``inference_workers`` micro-batches run on the model at once and the
-    handler's ``torch_threads`` is 0: the ``threads`` torch would use, shared among them (at least
-    1 each). Each micro-batch's operators then run on threads of their own instead of all of them
-    waiting, at every operator, for the slowest of all the cores: on a 2-core machine another
-    process using 30% of a core cut ResNet-18 from 71 to 52 images/s with one micro-batch on 2
-    threads, and from 75 to 61 with two on 1 thread each. One worker: ``threads``, unchanged."""
-    return max(1, threads // max(1, inference_workers))
 
 
 class MicroBatchHandler:

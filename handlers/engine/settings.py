@@ -53,6 +53,16 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def shared_threads(threads: int, inference_workers: int) -> int:
+    """torch's threads when ``inference_workers`` micro-batches run on the model at once and the
+    handler's ``torch_threads`` is 0: the ``threads`` torch would use, shared among them (at least
+    1 each). Each micro-batch's operators then run on threads of their own instead of all of them
+    waiting, at every operator, for the slowest of all the cores: on a 2-core machine another
+    process using 30% of a core cut ResNet-18 from 71 to 52 images/s with one micro-batch on 2
+    threads, and from 75 to 61 with two on 1 thread each. One worker: ``threads``, unchanged."""
+    return max(1, threads // max(1, inference_workers))
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """How the batching engine runs one batch.

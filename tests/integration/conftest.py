@@ -104,8 +104,10 @@ def aot_archive(model_store):
     config = ROOT / "archiver_configs" / "quickstart.yaml"
     handler = yaml.safe_load(config.read_text())["model_config"]["handler"]
     name = "quickstart_aot"
-    archive_config(config, model_store, {"handler": {**handler, "compile": {"aot": True, "buckets": [2, 4]}}},
-                   model_name=name)
+    # One torch thread wherever it runs: packages are generated for the archiving process's thread
+    # count, and a Ray replica's follows the CPUs Ray gives it.
+    section = {**handler, "torch_threads": 1, "compile": {"aot": True, "buckets": [2, 4]}}
+    archive_config(config, model_store, {"handler": section}, model_name=name)
     return name
 
 

@@ -331,8 +331,8 @@ def test_a_replica_runs_torch_on_the_cpus_it_reserved(ray_serve):
         return serve.get_deployment_handle(name, app_name=name).runtime.remote().result(timeout_s=60)
 
     # 2 CPUs, shared by its 2 micro-batches on the model at once (inference_workers: 2)
-    assert {k: v for k, v in runtime("image_classifier").items() if k != "model_dir"} == {"device": "cpu",
-                                                                                         "torch_threads": 1}
+    assert {k: v for k, v in runtime("image_classifier").items() if k != "model_dir"} == {
+        "device": "cpu", "torch_threads": 1, "compiled": None}
     assert runtime("quickstart")["torch_threads"] == 1  # Ray's default reservation
 
 

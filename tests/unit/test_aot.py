@@ -141,6 +141,7 @@ def test_without_packages_an_aot_worker_compiles_at_start_up_and_says_so(tmp_pat
             assert [r.body for r in server.send(rows(3))] == affine(rows(3))
     assert "holds no AOTInductor packages" in caplog.text and "compiling at start-up instead" in caplog.text
     assert "compiled (backend eager" in caplog.text
+    torch._dynamo.reset()  # dynamo keeps it on infer's code object: not for other tests' backends
 
 
 def test_torchserves_pt2_export_section_is_read_as_aot():
