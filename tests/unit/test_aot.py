@@ -27,7 +27,10 @@ BUCKETS = [2, 4]
 
 def quickstart_handler_section(**compile_settings) -> dict:
     section = yaml.safe_load(CONFIG.read_text())["model_config"]["handler"]
-    return {**section, "audit_share": 0.0, "compile": {"aot": True, "buckets": BUCKETS, **compile_settings}}
+    # One torch thread, set by the worker itself: without it a worker in this process runs the
+    # count an earlier test left (packages are generated for a thread count: load_packages).
+    return {**section, "audit_share": 0.0, "torch_threads": 1,
+            "compile": {"aot": True, "buckets": BUCKETS, **compile_settings}}
 
 
 @pytest.fixture(scope="module")
