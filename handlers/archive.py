@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from handlers.packaging.archive import (ArchiveConfigError, ArchiveSpec, archive, archive_config, aot_settings,
-                                        build_artefacts, ineffective_settings, load_spec, self_test, sized_for_budget,
-                                        time_batches, with_aot_packages, SELF_TEST_NOT_RUN)
+                                        build_artefacts, ineffective_settings, load_spec, print_lines, self_test,
+                                        sized_for_budget, time_batches, with_aot_packages, SELF_TEST_NOT_RUN)
 from handlers.packaging.queue_sizing import budget_of
 
 __all__ = ["ArchiveConfigError", "ArchiveSpec", "archive", "archive_config", "load_spec", "main"]
@@ -33,12 +33,6 @@ __all__ = ["ArchiveConfigError", "ArchiveSpec", "archive", "archive_config", "lo
 def _print_errors(exc: ArchiveConfigError) -> None:
     for line in str(exc).splitlines():
         print(f"error: {line}", file=sys.stderr, flush=True)
-
-
-def _print_lines(lines: list, prefix: str) -> None:
-    for line in lines:
-        print(line if line.startswith("warning: ") else f"{prefix}{line}",
-              file=sys.stderr if line.startswith("warning: ") else sys.stdout, flush=True)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -86,7 +80,7 @@ def main(argv: Optional[list] = None) -> int:
                 failed = True
                 continue
             print(f"{spec.model_name}: {summary}", flush=True)
-            _print_lines(sized_for_budget(spec, plan)[1] if budgeted else [], "the archive would hold: ")
+            print_lines(sized_for_budget(spec, plan)[1] if budgeted else [], "the archive would hold: ")
             if summary.startswith(SELF_TEST_NOT_RUN):
                 not_run.append(spec.model_name)
         if failed:
@@ -115,11 +109,11 @@ def _archive_all(specs: list, args, aot_folder: Path) -> int:
             if aot_settings(spec) is not None:  # before timing: the batches are timed as the packages run them
                 print(f"{prefix}: compiling AOTInductor packages (handler.compile.aot)", flush=True)
             spec, lines = with_aot_packages(spec, aot_folder / spec.model_name)
-            _print_lines(lines, f"{prefix}: ")
+            print_lines(lines, f"{prefix}: ")
             if budget_of(spec.model_config) > 0:  # the queue from the budget: the model is started and timed
                 print(f"{prefix}: timing the model's batches for its queue", flush=True)
                 spec, lines = sized_for_budget(spec, time_batches(spec)[1])
-                _print_lines(lines, f"{prefix}: ")
+                print_lines(lines, f"{prefix}: ")
             print(f"{prefix}: archiving with torch-model-archiver", flush=True)
             written = archive(spec, args.model_store)
         except (ArchiveConfigError, subprocess.CalledProcessError) as exc:

@@ -30,7 +30,7 @@ from typing import Optional
 import yaml
 
 from handlers.packaging.archive import (PACKAGE_DIR, ArchiveConfigError, archive, build_artefacts, load_spec,
-                                        with_aot_packages)
+                                        print_lines, with_aot_packages)
 from handlers.packaging.mar import MarError, is_mar, load_mar
 from handlers.packaging.requirements import requirements_for
 
@@ -80,8 +80,7 @@ def export(source: Path, out: Path, host: str = "127.0.0.1", port: int = 8000, s
         build_artefacts(config)
         with tempfile.TemporaryDirectory(prefix="mbh-aot-") as aot_folder:
             config, lines = with_aot_packages(config, Path(aot_folder))
-            for line in lines:
-                print(line, file=sys.stderr if line.startswith("warning: ") else sys.stdout, flush=True)
+            print_lines(lines)
             mar = archive(config, models)
         spec = load_mar(mar)
     shutil.copytree(PACKAGE_DIR, out / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

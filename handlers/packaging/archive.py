@@ -618,13 +618,20 @@ def archive_config(path: Path, model_store: Path, model_config_updates: Optional
         spec = dataclasses.replace(spec, model_config={**spec.model_config, **model_config_updates})
     with tempfile.TemporaryDirectory(prefix="mbh-aot-") as aot_folder:
         spec, lines = with_aot_packages(spec, Path(aot_folder))
-        for line in lines:
-            print(line, file=sys.stderr if line.startswith("warning: ") else sys.stdout, flush=True)
+        print_lines(lines)
         if size_queue and budget_of(spec.model_config) > 0:
             spec, _ = sized_for_budget(spec, time_batches(spec)[1])
         if model_config_updates:  # over what sizing wrote, as given
             changes["model_config"] = {**spec.model_config, **model_config_updates}
         return archive(dataclasses.replace(spec, **changes), model_store)
+
+
+def print_lines(lines: list, prefix: str = "") -> None:
+    """The lines a step returns for the user: ``warning: ...`` on stderr as it is, the others on
+    stdout after ``prefix``."""
+    for line in lines:
+        warning = line.startswith("warning: ")
+        print(line if warning else f"{prefix}{line}", file=sys.stderr if warning else sys.stdout, flush=True)
 
 
 def _archiver() -> str:
