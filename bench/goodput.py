@@ -31,14 +31,12 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 from bench.cpu_split import cpu_snapshot, idle_share, machine_times, split
-from bench.loadgen import run_closed_loop, run_open_loop
+from bench.loadgen import run_closed_loop, run_open_loop, run_retry_storm
 from bench.machine import matmul_gflops, speed_line
 from bench.report import publish
 from bench.workloads import ROOT, WORK, WORKLOADS
@@ -202,65 +200,28 @@ def storm_rows(server: str, url: str, bodies, headers, args, capacity: float) ->
     rows = []
     for clients in args.clients:
         print(f"{server}: retry storm, {clients} clients", file=sys.stderr, flush=True)
-        result = run_retry_storm(url, bodies, headers, clients, args.seconds, args.client_timeout,
-                                 args.retry_after_ms / 1000.0)
+        result = storm_with_cpu(url, bodies, headers, clients, args.seconds, args.client_timeout,
+                                args.retry_after_ms / 1000.0)
         rows.append({"server": server, "clients": clients, "capacity_rps": round(capacity, 1), **result,
                      "in_time_share": round(result["in_time_rps"] / capacity, 2) if capacity else 0.0})
     return rows
 
 
-def run_retry_storm(url: str, bodies, headers: dict, clients: int, seconds: float, client_timeout_s: float = 1.0,
-                    retry_after_s: float = 0.05, warmup_s: float = 2.0) -> dict:
-    """``clients`` closed-loop clients for ``seconds`` (after ``warmup_s``): each waits
-    ``client_timeout_s`` at most for an answer (and says so in ``x-request-timeout-seconds``),
-    sends again ``retry_after_s`` after a refusal (any status but 200) or a give-up, at once
-    after an answer. Returns the counts and rates of answers in time, refusals and give-ups."""
-    import requests
+def storm_with_cpu(url: str, bodies, headers: dict, clients: int, seconds: float, client_timeout_s: float = 1.0,
+                   retry_after_s: float = 0.05) -> dict:
+    """:func:`bench.loadgen.run_retry_storm`'s summary, with where the machine's CPU went while
+    measuring: the busiest processes (one core = 1.0; the load generator, this process, named so)
+    and the machine's idle share."""
+    window = {}
 
-    request_headers = {**headers, "x-request-timeout-seconds": str(client_timeout_s)}
-    statuses, in_time, lock = Counter(), [0], threading.Lock()
-    measuring, stop = threading.Event(), threading.Event()
+    def read_cpu(measuring: bool) -> None:
+        window[measuring] = (time.perf_counter(), cpu_snapshot(), machine_times())
 
-    def client(index: int) -> None:
-        session, position = requests.Session(), index
-        while not stop.is_set():
-            body = bodies[position % len(bodies)]
-            position += clients
-            sent = time.perf_counter()
-            try:
-                status = session.post(url, data=body, headers=request_headers, timeout=client_timeout_s).status_code
-            except requests.RequestException:
-                status = 599  # gave up (or no connection)
-                session.close()
-                session = requests.Session()  # hung up: the next try opens a new connection
-            in_time_answer = status == 200 and time.perf_counter() - sent <= client_timeout_s
-            if measuring.is_set() and not stop.is_set():
-                with lock:
-                    statuses[status] += 1
-                    in_time[0] += in_time_answer
-            if status != 200:
-                stop.wait(retry_after_s)  # the retry's pause; ends early when the run stops
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    stop.wait(warmup_s)  # a timed window: the clients' own loops do the waiting on responses
-    cpu_before, stat_before = cpu_snapshot(), machine_times()
-    measuring.set()
-    started = time.perf_counter()
-    stop.wait(seconds)
-    stop.set()
-    elapsed = time.perf_counter() - started
-    processes, _ = split(cpu_before, cpu_snapshot(), elapsed)
-    idle = idle_share(stat_before, machine_times())
-    for thread in threads:
-        thread.join(client_timeout_s + 5)
-    refusals = sum(count for status, count in statuses.items() if status not in (200, 599))
-    return {"seconds": round(elapsed, 1), "sent": sum(statuses.values()), "in_time": in_time[0],
-            "in_time_rps": round(in_time[0] / elapsed, 1), "refusals": refusals,
-            "refusals_rps": round(refusals / elapsed, 1), "gave_up": statuses[599],
-            "statuses": dict(sorted(statuses.items())), "machine_idle": round(idle, 3),
-            # Where the CPU went meanwhile (one core = 1.0), the load generator (this process) included.
+    result = run_retry_storm(url, bodies, headers, clients, seconds, client_timeout_s, retry_after_s,
+                             on_measuring=read_cpu)
+    (started, cpu_before, stat_before), (ended, cpu_after, stat_after) = window[True], window[False]
+    processes, _ = split(cpu_before, cpu_after, ended - started)
+    return {**result.summary(), "machine_idle": round(idle_share(stat_before, stat_after), 3),
             "cpu": [(("load generator" if pid == os.getpid() else name), pid, round(share, 2))
                     for (pid, name), share in processes.most_common(6) if share >= 0.02]}
 

@@ -132,6 +132,12 @@ class Admission:
 # with bench/goodput.py on 2 cores (image classifier, 74 req/s, 1 s clients): 0.9 (a queue of 34)
 # answered 232 of 1051 requests late at 2x; 0.6 none.
 QUEUE_SHARE_OF_BUDGET = 0.6
+# The queue is sized for rounds this many times slower than timed: under a retry storm (clients
+# that send again at once when refused) TorchServe's frontend refuses 800-1,800 requests a second,
+# and the model gets what is left. Measured with bench/goodput.py --retry-storm on 2 cores (image
+# classifier, batches of 8, capacity 36 req/s): the worker got 1.16 cores and answered 22 a
+# second; a queue of two rounds (16) delivered 12 answers/s in time at 64 clients, one round 22.
+STORM_SLOWDOWN = 2.0
 
 
 def queue_size_for(budget_s: float, capacity_rps: float, batch_size: int, workers: int = 1) -> int:
@@ -144,7 +150,9 @@ def queue_size_for(budget_s: float, capacity_rps: float, batch_size: int, worker
     (image classifier, 66 req/s, batches of 16, 1 s clients), a queue of 7 delivered 46 answers/s
     in time at 2x and 43 at 4x, a queue of 16 delivered 58 and 50. The last queued request waits
     for the round in flight, then the rounds ahead of it and its own, so ``(1 + rounds) × round
-    time ≤ share × budget``, ``share`` being :data:`QUEUE_SHARE_OF_BUDGET` (the rest is slack).
+    time ≤ share × budget``, ``share`` being :data:`QUEUE_SHARE_OF_BUDGET` (the rest is slack), with
+    the round time at the speed a retry storm leaves the model: ``batch_size × workers /
+    capacity_rps`` × :data:`STORM_SLOWDOWN`.
 
     Never less than one round: a model too slow for two rounds within the budget needs a smaller
     batchSize (:func:`handlers.packaging.queue_sizing.plan_queue` picks one), not a queue shorter
@@ -152,6 +160,6 @@ def queue_size_for(budget_s: float, capacity_rps: float, batch_size: int, worker
     if budget_s <= 0 or capacity_rps <= 0:
         raise ValueError(f"budget_s and capacity_rps must be > 0, got {budget_s!r} and {capacity_rps!r}")
     round_size = batch_size * workers
-    round_s = round_size / capacity_rps
+    round_s = STORM_SLOWDOWN * round_size / capacity_rps
     rounds = int(QUEUE_SHARE_OF_BUDGET * budget_s / round_s + 1e-9) - 1
     return max(1, rounds) * round_size

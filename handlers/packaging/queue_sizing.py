@@ -83,7 +83,8 @@ def plan_queue(budget_s: float, batch_size: int, time_of: Callable[[int], float]
     waiting) within :data:`QUEUE_SHARE_OF_BUDGET` of the budget (1 when none is). The queue:
     whole rounds of ``batch × workers`` (under overload a worker then always finds a full batch
     waiting), as many as leave the last queued request answered within that share: the round in
-    flight, the rounds ahead, its own. At least one round: a queue shorter than a batch gives
+    flight, the rounds ahead, its own, each at the speed a retry storm leaves the model
+    (:data:`~handlers.engine.admission.STORM_SLOWDOWN` times slower than timed). At least one round: a queue shorter than a batch gives
     partial batches, each waiting maxBatchDelay for the rest, and refuses at 1x (a queue of 2 for
     batches of 16 on a slow day)."""
     if budget_s <= 0 or batch_size < 1 or workers < 1:

@@ -76,8 +76,10 @@ def test_the_queue_for_a_budget_is_whole_rounds_of_batches_answered_in_time():
     # clients that wait 1 s: one batch waits while one runs; a second would answer late.
     assert queue_size_for(1.0, 66.0, 16) == 16
     assert queue_size_for(1.0, 74.0, 16) == 16
-    assert queue_size_for(2.0, 46.0, 16) == 32  # rounds of 0.35 s: (1 + 2) × 0.35 ≤ 1.2
-    assert queue_size_for(1.0, 1000.0, 16, workers=2) == 544  # 17 rounds of 32
+    # Rounds sized at half the timed speed (a retry storm's): (1 + rounds) × 2 × round ≤ 0.6 × budget.
+    assert queue_size_for(2.0, 46.0, 16) == 16  # rounds of 0.35 s, 0.70 s in a storm: (1 + 1) × 0.70 > 1.2
+    assert queue_size_for(4.0, 46.0, 16) == 32  # (1 + 2) × 0.70 ≤ 2.4
+    assert queue_size_for(1.0, 1000.0, 16, workers=2) == 256  # 8 rounds of 32: (1 + 8) × 0.064 ≤ 0.6
     # Regression (issue 30): less than two rounds fit, and the queue was what fits of one round (2
     # for batches of 16 on a slow day), which refused at 1x. Now one round (plan_queue makes the
     # batch smaller: tests/unit/test_queue_sizing.py).
@@ -91,10 +93,10 @@ def test_the_queue_for_a_budget_is_whole_rounds_of_batches_answered_in_time():
 def test_the_last_queued_request_is_answered_within_the_share_of_the_budget(budget, capacity, batch, workers):
     """Whatever the model: a queue of whole rounds never exceeds the share of the budget for its
     last request (the round in flight, the rounds ahead, its own), and one more round would."""
-    from handlers.engine.admission import QUEUE_SHARE_OF_BUDGET, queue_size_for
+    from handlers.engine.admission import QUEUE_SHARE_OF_BUDGET, STORM_SLOWDOWN, queue_size_for
 
     queue = queue_size_for(budget, capacity, batch, workers)
-    round_size, round_s = batch * workers, batch * workers / capacity
+    round_size, round_s = batch * workers, STORM_SLOWDOWN * batch * workers / capacity
     share = QUEUE_SHARE_OF_BUDGET * budget
     assert queue >= round_size and queue % round_size == 0  # whole rounds, never less than one
     rounds = queue // round_size

@@ -86,3 +86,49 @@ def test_the_cpu_split_shares_each_process_and_thread_over_the_window_and_counts
     assert abs(processes[(2, "java")] - 0.1) < 1e-9
     assert abs(threads[(1, 3)] - 0.05) < 1e-9
     assert abs(idle_share([100, 0, 50, 40, 10], [160, 0, 70, 50, 10]) - 10 / 90) < 1e-9
+
+
+def test_the_retry_storm_pauses_after_refusals_gives_up_at_the_timeout_and_counts_answers_in_time():
+    """bench.goodput --retry-storm's clients, against a real local HTTP server: a refused client
+    sends again only after its pause, a slow answer is given up on, and only 200s in time count."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bench.loadgen import run_retry_storm
+
+    seen_timeouts = set()
+
+    class Server(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen_timeouts.add(self.headers.get("x-request-timeout-seconds"))
+            if self.path == "/slow":
+                time.sleep(0.4)
+            status = 503 if self.path == "/refuse" else 200
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        refused = run_retry_storm(f"{url}/refuse", [b"x" * 100], {}, clients=4, seconds=1.0, client_timeout_s=0.3,
+                                  retry_after_s=0.1, warmup_s=0.2)
+        slow = run_retry_storm(f"{url}/slow", [b"x"], {}, clients=2, seconds=1.0, client_timeout_s=0.2,
+                               retry_after_s=0.05, warmup_s=0.2)
+        fast = run_retry_storm(f"{url}/ok", [b"a", b"bb"], {}, clients=2, seconds=0.5, warmup_s=0.1)
+    finally:
+        server.shutdown()
+    # 4 clients, each at most once per 0.1 s pause (plus the answer's own time): at most ~44 in 1 s.
+    assert 12 <= refused.statuses[503] <= 48 and refused.in_time == 0
+    assert refused.summary()["refusals"] == refused.statuses[503] and set(refused.statuses) == {503}
+    assert slow.in_time == 0 and set(slow.statuses) == {599} and slow.summary()["gave_up"] == slow.statuses[599]
+    assert fast.in_time == fast.statuses[200] > 10 and set(fast.statuses) == {200}
+    assert seen_timeouts == {"0.3", "0.2", "1.0"}  # each request says how long its client waits
+    assert 0.9 <= refused.seconds <= 1.5

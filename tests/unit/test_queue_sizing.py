@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.engine.admission import QUEUE_SHARE_OF_BUDGET
+from handlers.engine.admission import QUEUE_SHARE_OF_BUDGET, STORM_SLOWDOWN
 from handlers.packaging.queue_sizing import (FRONTEND_BATCH_S, FRONTEND_REQUEST_S, MOST_TIMED, TIME_STEP_S,
                                              TIMED_BATCHES, budget_of, model_cost, on_cpu_share, plan_queue,
                                              run_queue_snapshot, served_time, smaller_sizes)
@@ -52,8 +52,10 @@ def test_a_model_too_slow_even_for_batches_of_one_gets_one_round_and_says_so():
 
 
 def test_a_fast_model_queues_many_rounds_and_workers_make_rounds_larger():
-    assert plan_queue(1.0, 64, times({64: 0.08})).job_queue_size == 6 * 64  # (1 + 6) × 0.08 ≤ 0.6
-    assert plan_queue(1.0, 16, times({16: 0.1}), workers=2).job_queue_size == 5 * 32  # (1 + 5) × 0.1 ≤ 0.6
+    # Rounds at half their timed speed (a retry storm's, STORM_SLOWDOWN): (1 + rounds) × 2 × round ≤ 0.6.
+    assert plan_queue(1.0, 64, times({64: 0.08})).job_queue_size == 2 * 64  # (1 + 2) × 0.16 ≤ 0.6
+    assert plan_queue(1.0, 16, times({16: 0.1}), workers=2).job_queue_size == 2 * 32  # (1 + 2) × 0.2 ≤ 0.6
+    assert plan_queue(3.0, 16, times({16: 0.1})).job_queue_size == 8 * 16  # (1 + 8) × 0.2 ≤ 1.8
 
 
 @pytest.mark.parametrize("budget, batch, workers", [(0, 16, 1), (-1, 16, 1), (1, 0, 1), (1, 16, 0)])
@@ -70,7 +72,8 @@ monotone_times = st.lists(st.floats(0.001, 5.0), min_size=8, max_size=8).map(sor
 def test_whole_rounds_never_below_one_and_the_largest_batch_that_fits(budget, batch, workers, costs):
     """Whatever the model (a larger batch never faster): the queue is whole rounds, at least one;
     the batch is the largest halving whose two batches fit the share of the budget; and with it,
-    the round in flight, the rounds ahead and the last request's own fit that share."""
+    the round in flight, the rounds ahead and the last request's own fit that share at a retry
+    storm's speed (STORM_SLOWDOWN), and one more round would not."""
     sizes = smaller_sizes(batch)
     table = dict(zip(sorted(sizes), costs))  # smallest size, smallest time
     plan = plan_queue(budget, batch, lambda size: table[size], workers)
@@ -79,10 +82,13 @@ def test_whole_rounds_never_below_one_and_the_largest_batch_that_fits(budget, ba
     assert plan.job_queue_size >= round_size and plan.job_queue_size % round_size == 0
     fitting = [size for size in sizes if 2 * table[size] <= share]
     assert plan.batch_size == (fitting[0] if fitting else 1)
-    if fitting:
-        rounds = plan.job_queue_size // round_size
-        assert (1 + rounds) * plan.batch_time_s <= share * (1 + 1e-9)
-        assert (2 + rounds) * plan.batch_time_s > share * (1 - 1e-9)
+    rounds = plan.job_queue_size // round_size
+    storm_round_s = STORM_SLOWDOWN * plan.batch_time_s
+    if 2 * storm_round_s <= share * (1 - 1e-9):  # more than one round fits at a storm's speed
+        assert (1 + rounds) * storm_round_s <= share * (1 + 1e-9)
+        assert (2 + rounds) * storm_round_s > share * (1 - 1e-9)
+    elif 2 * storm_round_s > share * (1 + 1e-9):
+        assert rounds == 1
 
 
 def test_the_batch_sizes_are_halvings_of_the_configs():
