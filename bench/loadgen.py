@@ -4,7 +4,6 @@ machine with the server."""
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import threading
 import time
@@ -222,17 +221,21 @@ class _Connections:
             reader, writer = connection
             writer.write(payload)
             try:
-                status_line = await reader.readline()
+                head = await reader.readuntil(b"\r\n\r\n")  # the status line and headers, in one call
+            except asyncio.IncompleteReadError as closed:
+                writer.close()
+                if closed.partial or not reused:
+                    raise
+                connection, reused = None, False  # the server had closed this idle connection: once more
+                continue
             except BaseException:  # given up on (cancelled) or broken: this connection goes
                 writer.close()
                 raise
-            if status_line or not reused:
-                break
-            writer.close()  # the server had closed this idle connection: once more on a new one
-            connection, reused = None, False
+            break
+        status_line, *header_lines = head[:-4].split(b"\r\n")
         status = int(status_line.split()[1])
         length, chunked, close = 0, False, False
-        while (line := await reader.readline()) not in (b"\r\n", b""):
+        for line in header_lines:
             name, _, value = line.partition(b":")
             name, value = name.strip().lower(), value.strip().lower()
             if name == b"content-length":
@@ -274,8 +277,8 @@ async def _open_loop(url: str, requests_bytes: list, rate: float, seconds: float
     async def one(index: int) -> None:
         sent = time.perf_counter()
         try:
-            status = await asyncio.wait_for(connections.send(requests_bytes[index % len(requests_bytes)]),
-                                            client_timeout_s)
+            async with asyncio.timeout(client_timeout_s):
+                status = await connections.send(requests_bytes[index % len(requests_bytes)])
         except _GAVE_UP:
             status = 599  # gave up (or no connection)
         elapsed = time.perf_counter() - sent
@@ -376,15 +379,15 @@ async def _retry_storm(url: str, payloads: list, clients: int, seconds: float, c
             position += clients
             sent = time.perf_counter()
             try:
-                status = await asyncio.wait_for(connections.send(payload), client_timeout_s)
+                async with asyncio.timeout(client_timeout_s):  # no task of its own, as wait_for makes
+                    status = await connections.send(payload)
             except _GAVE_UP:
                 status = 599
             if measuring.is_set() and not stop.is_set():
                 result.statuses[status] += 1
                 result.in_time += status == 200 and time.perf_counter() - sent <= client_timeout_s
             if status != 200:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), retry_after_s)  # the retry's pause; ends with the run
+                await asyncio.sleep(retry_after_s)  # the retry's pause
 
     tasks = [asyncio.create_task(client(index)) for index in range(clients)]
     await asyncio.sleep(warmup_s)
