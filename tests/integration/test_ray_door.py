@@ -216,3 +216,15 @@ def test_30_haproxy_refuses_for_a_busy_replica_with_its_own_503_and_never_for_an
     for i in range(5):
         answer = answer_of(port, {"id": f"after{i}", "x": [i, i, i, i]}, {"x-request-timeout-seconds": "1"})
         assert answer.status_code == 200 and answer.json()["id"] == f"after{i}", answer.text
+
+
+def test_haproxy_runs_one_thread_per_four_cores_beside_the_models(door, shared_ray):
+    """In a retry storm on 2 cores, Ray's 4 HAProxy threads took 0.18-0.19 cores where 1 took 0.12,
+    and the replica answered fewer in time (handlers.servers.ray_cluster.haproxy_threads). The
+    running HAProxy says how many it has, on the gate's admin socket."""
+    from handlers.servers.haproxy_gate import _command
+    from handlers.servers.ray_cluster import GATE_SOCKET_FILE, HAPROXY_FOLDER, haproxy_threads
+
+    info = _command(str(Path(shared_ray.temp_dir) / HAPROXY_FOLDER / GATE_SOCKET_FILE), "show info")
+    threads = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Nbthread:")]
+    assert threads == [str(haproxy_threads())], info[:500]

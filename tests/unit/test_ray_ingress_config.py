@@ -97,3 +97,14 @@ def test_the_replicas_are_not_niced_below_haproxy_and_the_clients(fake_haproxy, 
     assert node_environment("python", str(tmp_path / "ray"))["RAY_worker_niceness"] == "0"
     monkeypatch.setenv("RAY_worker_niceness", "5")
     assert node_environment("haproxy", str(tmp_path / "ray"))["RAY_worker_niceness"] == "5"
+
+
+def test_haproxy_gets_one_thread_per_four_cores_at_most_rays_four_unless_the_environment_says(fake_haproxy,
+                                                                                                tmp_path, monkeypatch):
+    from handlers.servers.ray_cluster import haproxy_threads
+
+    assert [haproxy_threads(cores) for cores in (1, 2, 7, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_NBTHREAD", raising=False)
+    assert node_environment("haproxy", str(tmp_path / "ray"))["RAY_SERVE_HAPROXY_NBTHREAD"] == str(haproxy_threads())
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "8")
+    assert node_environment("haproxy", str(tmp_path / "ray2"))["RAY_SERVE_HAPROXY_NBTHREAD"] == "8"
