@@ -244,12 +244,16 @@ class _Connections:
                 chunked = b"chunked" in value
             elif name == b"connection":
                 close = value == b"close"
-        if chunked:
-            while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
-                await reader.readexactly(size + 2)
-            await reader.readline()
-        elif length:
-            await reader.readexactly(length)
+        try:
+            if chunked:
+                while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+                    await reader.readexactly(size + 2)
+                await reader.readline()
+            elif length:
+                await reader.readexactly(length)
+        except BaseException:  # given up on, or broken, half way through the body
+            writer.close()
+            raise
         if close:
             writer.close()
         else:
