@@ -84,9 +84,9 @@ def plan_queue(budget_s: float, batch_size: int, time_of: Callable[[int], float]
     whole rounds of ``batch × workers`` (under overload a worker then always finds a full batch
     waiting), as many as leave the last queued request answered within that share: the round in
     flight, the rounds ahead, its own, each at the speed a retry storm leaves the model
-    (:data:`~handlers.engine.admission.STORM_SLOWDOWN` times slower than timed). At least one round: a queue shorter than a batch gives
-    partial batches, each waiting maxBatchDelay for the rest, and refuses at 1x (a queue of 2 for
-    batches of 16 on a slow day)."""
+    (:data:`~handlers.engine.admission.STORM_SLOWDOWN` times slower than timed). At least one
+    round: a queue shorter than a batch gives partial batches, each waiting maxBatchDelay for the
+    rest, and refuses at 1x (a queue of 2 for batches of 16 on a slow day)."""
     if budget_s <= 0 or batch_size < 1 or workers < 1:
         raise ValueError(f"budget_s, batch_size and workers must be > 0, got {budget_s!r}, {batch_size!r} and "
                          f"{workers!r}")

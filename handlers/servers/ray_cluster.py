@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from handlers.engine.settings import usable_cores
 from handlers.servers.haproxy_gate import GATE_MAP, GATE_SOCKET, GATE_SWITCH, gate_rules, socket_rule
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the handlers package
@@ -269,9 +270,7 @@ def haproxy_threads(cores: Optional[int] = None) -> int:
     clients, 1,700 refusals a second, ``python -m bench.goodput --retry-storm``): HAProxy took
     0.12 cores with 1 thread, 0.16 with 2 and 0.18-0.19 with Ray's 4, and the replica answered
     29.6 and 32.1 requests/s in time with 1 thread, 25.1 and 27.5 with 4."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // 4))
+    return max(1, min(4, (cores or usable_cores()) // 4))
 
 
 # Put after Ray's "acl routes" line with api_key: Ray answers /-/routes, the name of every model,
