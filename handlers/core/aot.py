@@ -70,7 +70,7 @@ def build_packages(handler, sizes: tuple, samples: list, folder: Path) -> list:
     import torch
     import torch._inductor
 
-    from handlers.engine.settings import shared_threads, usable_cores
+    from handlers.engine.settings import usable_cores
 
     folder.mkdir(parents=True, exist_ok=True)
     items = [handler._preprocess_request(sample.request) for sample in samples]
@@ -79,7 +79,7 @@ def build_packages(handler, sizes: tuple, samples: list, folder: Path) -> list:
     # Inductor writes the CPU thread count into the code it generates: that of a TorchServe worker
     # of this model on this machine (not whatever this process last ran with); a worker that runs
     # another count runs eager (load_packages).
-    threads = handler.config["torch_threads"] or shared_threads(usable_cores(), handler.settings.inference_workers)
+    threads = handler.worker_threads() or usable_cores()  # torch's default, one per core, in a fresh worker
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

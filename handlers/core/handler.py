@@ -203,9 +203,8 @@ class MicroBatchHandler:
         shared among the micro-batches. Raises ConfigError (``SelfTestFailed`` for a failed
         self-test)."""
         self.settings, self.config = self.read_config(section, server_timeout_s, server_timeout_name)
-        threads = self.config["torch_threads"]
-        if not threads and (cpus or self.settings.inference_workers > 1):
-            threads = shared_threads(cpus or usable_cores(), self.settings.inference_workers)
+        threads = self.worker_threads(cpus)
+        if threads and not self.config["torch_threads"]:
             log.info("torch uses %d thread(s) per micro-batch, %d micro-batch(es) on the model at once",
                      threads, self.settings.inference_workers)
         if threads:
@@ -256,6 +255,16 @@ class MicroBatchHandler:
         )
         self.initialized = True
         log.info("%s ready on %s with %s", type(self).__name__, self.device, self.settings)
+
+    def worker_threads(self, cpus: Optional[int] = None) -> int:
+        """torch's threads in a worker of this model on ``cpus`` cores (default: those the process
+        may run on), from its read settings: ``torch_threads``, else, when ``cpus`` is given or
+        several micro-batches run on the model at once, those cores shared among them
+        (:func:`~handlers.engine.settings.shared_threads`); 0 leaves torch's default."""
+        threads = self.config["torch_threads"]
+        if not threads and (cpus or self.settings.inference_workers > 1):
+            threads = shared_threads(cpus or usable_cores(), self.settings.inference_workers)
+        return threads
 
     def respond(self, requests: Sequence[Request]) -> tuple[list, BatchReport]:
         """Answer one batch: exactly one :class:`Response` per request, in order, and the batch's
