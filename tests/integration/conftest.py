@@ -123,7 +123,9 @@ def legacy_archive(model_store, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
+# Package scope: the server stops after the last integration test, so that the unit tests after
+# them (some timed against a deadline) have the 2 cores to themselves.
+@pytest.fixture(scope="package")
 def torchserve(model_store, fault_archive, readme_archive, flat_detector_declared, legacy_archive, aot_archive,
                tmp_path_factory):
     server = TorchServe(
