@@ -46,3 +46,12 @@ def archived_handler(model_store, tmp_path_factory):
     yield start
     for handler in started.values():
         handler.close()
+
+
+@pytest.fixture(scope="session")
+def aot_mar(tmp_path_factory):
+    """quickstart with AOTInductor packages built into its ``.mar`` (tests/aot_archive.py), once per
+    session (15-30 s here), shared by the unit tests and the servers'."""
+    from tests.aot_archive import build
+
+    return build(tmp_path_factory.mktemp("aot_store"))

@@ -96,19 +96,11 @@ def flat_detector_declared(model_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def aot_archive(model_store):
-    """quickstart with AOTInductor packages at micro-batch sizes 2 and 4 (``handler.compile.aot``),
-    built into its ``.mar`` by the archive tool, beside the examples; returns its model name."""
-    import yaml
-
-    config = ROOT / "archiver_configs" / "quickstart.yaml"
-    handler = yaml.safe_load(config.read_text())["model_config"]["handler"]
-    name = "quickstart_aot"
-    # One torch thread wherever it runs: packages are generated for the archiving process's thread
-    # count, and a Ray replica's follows the CPUs Ray gives it.
-    section = {**handler, "torch_threads": 1, "compile": {"aot": True, "buckets": [2, 4]}}
-    archive_config(config, model_store, {"handler": section}, model_name=name)
-    return name
+def aot_archive(model_store, aot_mar):
+    """The session's AOT archive (tests/conftest.py ``aot_mar``) beside the examples; returns its
+    model name."""
+    shutil.copy2(aot_mar, model_store / aot_mar.name)
+    return aot_mar.stem
 
 
 @pytest.fixture(scope="session")

@@ -7,37 +7,16 @@ import logging
 import os
 import shutil
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from handlers.core.aot import AOT_FOLDER, INDEX
-from handlers.packaging.archive import archive_config
 from handlers.testing import run_batch, start_archived_handler
+from tests.aot_archive import BUCKETS
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                                 reason="AOTInductor needs a C++ compiler")
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "archiver_configs" / "quickstart.yaml"
-BUCKETS = [2, 4]
-
-
-def quickstart_handler_section(**compile_settings) -> dict:
-    section = yaml.safe_load(CONFIG.read_text())["model_config"]["handler"]
-    # One torch thread, set by the worker itself: without it a worker in this process runs the
-    # count an earlier test left (packages are generated for a thread count: load_packages).
-    return {**section, "audit_share": 0.0, "torch_threads": 1,
-            "compile": {"aot": True, "buckets": BUCKETS, **compile_settings}}
-
-
-@pytest.fixture(scope="module")
-def aot_mar(tmp_path_factory):
-    """The quickstart model archived with AOTInductor packages at micro-batch sizes 2 and 4."""
-    store = tmp_path_factory.mktemp("store")
-    return archive_config(CONFIG, store, {"handler": quickstart_handler_section()}, root=ROOT)
 
 
 def started(mar, workdir):
