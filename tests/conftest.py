@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """What is alive as a test starts is frozen (gc.freeze): later collections leave it out. By
-    the unit tests a full run holds 800k objects (torch, Ray's driver, earlier tests' leftovers),
-    and a full collection over them stopped every thread of this process for up to 0.6 s, which
-    the tests timed against a deadline then counted against the engine."""
+    the unit tests a full run holds 0.9 million objects (torch, Ray's driver, earlier tests'
+    leftovers), and a full collection over them stopped every thread of this process for up to
+    1 s, which the tests timed against a deadline then counted against the engine. Cyclic garbage
+    left by earlier tests is never freed: the price, little in a test process."""
     gc.freeze()
 
 

@@ -188,7 +188,8 @@ def test_a_hung_model_call_answers_earlier_micro_batches_and_then_refuses_at_onc
             release.wait(30)
         return [2 * x + 1 for x in items]
 
-    engine_settings = EngineSettings(micro_batch_size=micro_batch_size, pool_size=2, deadline_s=HUNG_STAGE_DEADLINE_S / 2)
+    engine_settings = EngineSettings(micro_batch_size=micro_batch_size, pool_size=2,
+                                     deadline_s=HUNG_STAGE_DEADLINE_S / 2)
     engine = BatchEngine(float, infer, lambda y, x: {"x": x, "y": y}, engine_settings)
     try:
         report = engine.run(list(range(size)))
